@@ -1,0 +1,762 @@
+"""Datasets loading, tokenisation, packing, the offline stdlib corpus and the demo tokenizer.
+
+The pipeline is ``load_texts`` → ``build_blocks`` → ``next_token_batch``:
+
+* ``load_texts`` turns a dataset reference (``"stdlib-docs"``, a local file or directory, or a hub id)
+  into a ``datasets.Dataset`` with one document per row in the column ``text_column``.
+* ``build_blocks`` tokenises the documents, splits them into train / eval **by document** (seeded) and
+  packs each split into blocks of ``max_length + 1`` tokens: no padding, the remainder is dropped.
+* ``next_token_batch`` is the one place where next-token alignment happens.
+
+Everything offline comes from here too: ``stdlib_corpus`` (the ``pydoc`` text of standard-library
+modules) and ``train_demo_tokenizer`` (a byte-level BPE trained on it). Both are cached under
+``cache_root()`` (``$KAGGLEKD_CACHE`` or ``~/.cache/kagglekd``).
+"""
+
+from __future__ import annotations
+
+import codecs
+import hashlib
+import itertools
+import json
+import logging
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import datasets
+import numpy as np
+import torch
+
+from kagglekd.errors import ConfigError, DataError
+
+logger = logging.getLogger(__name__)
+
+STDLIB_DATASET = "stdlib-docs"
+EOS_TOKEN = "<|endoftext|>"
+PRE_TOKENIZERS = ("bytelevel", "whitespace-digits")
+
+# Bump when the corpus recipe changes so cached corpora are rebuilt.
+_CORPUS_VERSION = 1
+_TOKENIZER_VERSION = 1
+_FINGERPRINT_VERSION = 1
+
+# Local file types ``load_texts`` reads, mapped to the ``datasets`` builder that reads them.
+_BUILDERS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
+
+# A fixed, sorted list of standard-library modules whose pydoc text makes the demo corpus. Modules that
+# fail to import on a given platform / Python version are skipped, so the corpus is deterministic for a
+# given Python version. Left out on purpose: side effects or noise (antigravity opens a browser, this
+# prints, idlelib / tkinter / turtle* are GUI, test* are test suites, ensurepip / lib2to3 / distutils /
+# pydoc_data are tooling or data dumps, ast is a page of near-identical node classes, posix / nt* /
+# ntpath duplicate os / os.path, sre_* are deprecated aliases of re internals) and Windows-only modules.
+STDLIB_MODULES = (
+    "abc", "aifc", "argparse", "array", "asyncio", "atexit", "audioop", "base64", "bdb",
+    "binascii", "bisect", "builtins", "bz2", "cProfile", "calendar", "cgi", "cgitb", "chunk", "cmath",
+    "cmd", "code", "codecs", "codeop", "collections", "collections.abc", "colorsys", "compileall",
+    "concurrent.futures", "configparser", "contextlib", "contextvars", "copy", "copyreg", "crypt", "csv",
+    "ctypes", "curses", "curses.ascii", "dataclasses", "datetime", "dbm", "dbm.dumb", "decimal", "difflib",
+    "dis", "doctest", "email", "email.headerregistry", "email.message", "email.parser", "email.policy",
+    "email.utils", "enum", "errno", "faulthandler", "fcntl", "filecmp", "fileinput", "fnmatch",
+    "fractions", "ftplib", "functools", "gc", "getopt", "getpass", "gettext", "glob", "graphlib", "grp",
+    "gzip", "hashlib", "heapq", "hmac", "html", "html.parser", "http", "http.client", "http.cookiejar",
+    "http.cookies", "http.server", "imaplib", "imghdr", "importlib", "importlib.abc", "importlib.metadata",
+    "importlib.resources", "importlib.util", "inspect", "io", "ipaddress", "itertools", "json",
+    "json.decoder", "json.encoder", "keyword", "linecache", "locale", "logging", "logging.config",
+    "logging.handlers", "lzma", "mailbox", "mailcap", "marshal", "math", "mimetypes", "mmap",
+    "modulefinder", "multiprocessing", "multiprocessing.managers", "multiprocessing.pool",
+    "multiprocessing.shared_memory", "netrc", "nis", "nntplib", "numbers", "opcode", "operator",
+    "optparse", "os", "os.path", "ossaudiodev", "pathlib", "pdb", "pickle", "pickletools", "pipes",
+    "pkgutil", "platform", "plistlib", "poplib", "pprint", "profile", "pstats", "pty", "pwd",
+    "py_compile", "pyclbr", "pydoc", "pyexpat", "queue", "quopri", "random", "re", "readline", "reprlib",
+    "resource", "rlcompleter", "runpy", "sched", "secrets", "select", "selectors", "shelve", "shlex",
+    "shutil", "signal", "site", "smtplib", "sndhdr", "socket", "socketserver", "spwd", "sqlite3", "ssl",
+    "stat", "statistics", "string", "stringprep", "struct", "subprocess", "sunau", "symtable", "sys",
+    "sysconfig", "syslog", "tabnanny", "tarfile", "telnetlib", "tempfile", "termios", "textwrap",
+    "threading", "time", "timeit", "token", "tokenize", "tomllib", "trace", "traceback", "tracemalloc",
+    "tty", "types", "typing", "unicodedata", "unittest", "unittest.mock", "urllib.error", "urllib.parse",
+    "urllib.request", "urllib.robotparser", "uu", "uuid", "venv", "warnings", "wave", "weakref",
+    "webbrowser", "wsgiref.handlers", "wsgiref.simple_server", "wsgiref.util", "xdrlib", "xml.dom.minidom",
+    "xml.etree.ElementTree", "xml.sax", "xml.sax.handler", "xmlrpc.client", "xmlrpc.server", "zipapp",
+    "zipfile", "zipimport", "zlib", "zoneinfo",
+)  # fmt: skip
+
+# Runs in a fresh interpreter (see ``stdlib_corpus``): importing ~200 modules into the caller's process
+# would leave side effects behind, and a fixed PYTHONHASHSEED plus an empty environment make the text
+# deterministic (some defaults render ``os.environ`` or hash-ordered sets). Reads module names from
+# stdin, writes one JSON record per line to argv[1].
+_RENDER_SCRIPT = r"""
+import contextlib, importlib, io, json, pydoc, re, sys, sysconfig, warnings
+
+DROPPED_SECTIONS = {"DATA", "FILE", "MODULE REFERENCE", "VERSION", "AUTHOR", "CREDITS", "DATE"}
+SECTION = re.compile(r"^[A-Z][A-Z ]+$")
+PATHS = sorted({p for p in (sysconfig.get_paths().get("stdlib"), sys.prefix, sys.base_prefix,
+                            sys.exec_prefix, sys.executable) if p and len(p) > 1}, key=len, reverse=True)
+
+def clean(text):
+    kept, dropping = [], False
+    for line in text.split("\n"):
+        if SECTION.match(line):
+            dropping = line in DROPPED_SECTIONS
+        if not dropping:
+            kept.append(line)
+    text = "\n".join(kept)
+    text = re.sub(r" at 0x[0-9a-fA-F]+", "", text)
+    text = re.sub(r"environ\(\{.*?\}\)", "environ({...})", text)
+    for path in PATHS:
+        text = text.replace(path, "<python>")
+    return text.strip() + "\n"
+
+names = json.load(sys.stdin)
+with open(sys.argv[1], "w", encoding="utf-8") as out:
+    for name in names:
+        try:
+            with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), \
+                    contextlib.redirect_stderr(io.StringIO()):
+                warnings.simplefilter("ignore")
+                module = importlib.import_module(name)
+                text = pydoc.render_doc(module, renderer=pydoc.plaintext)
+        except BaseException:  # a module that cannot import here is skipped, by design
+            continue
+        out.write(json.dumps({"module": name, "text": clean(text)}, ensure_ascii=False) + "\n")
+"""
+
+
+def cache_root() -> Path:
+    """The kit's cache directory: ``$KAGGLEKD_CACHE`` if set, else ``~/.cache/kagglekd`` (created)."""
+    root = os.environ.get("KAGGLEKD_CACHE")
+    path = Path(root).expanduser() if root else Path.home() / ".cache" / "kagglekd"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temp file + rename, so readers never see half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+@contextmanager
+def staged_directory(final: str | os.PathLike) -> Iterator[Path]:
+    """Yield an empty temp directory beside ``final``; on success rename it to ``final`` atomically.
+
+    Readers never see a half-written directory. If ``final`` already exists when the rename happens
+    (a concurrent build finished first), that one is kept and the staged copy is discarded.
+    """
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.", suffix=".tmp"))
+    try:
+        yield staging
+        try:
+            os.rename(staging, final)
+        except OSError:
+            if not final.is_dir():
+                raise
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+
+
+# ----------------------------------------------------------------------------- stdlib corpus
+
+
+def stdlib_corpus(cache_dir: str | os.PathLike | None = None) -> Path:
+    """Build (once) the offline demo corpus and return the path of its JSONL file.
+
+    One ``{"module": name, "text": pydoc_text}`` record per importable module of ``STDLIB_MODULES``:
+    real English prose and code signatures that nobody in this project wrote. The DATA / FILE sections
+    (values of module globals, install paths) are dropped and memory addresses scrubbed, so the text is
+    the same on every run of a given Python version. About 4 MB; building it takes a few seconds.
+    """
+    directory = Path(cache_dir) if cache_dir is not None else cache_root() / "corpus"
+    version = f"{sys.version_info.major}.{sys.version_info.minor}"
+    path = directory / f"stdlib-docs-py{version}-v{_CORPUS_VERSION}.jsonl"
+    if path.exists():
+        return path
+    directory.mkdir(parents=True, exist_ok=True)
+    logger.info("Building the stdlib-docs corpus from pydoc text of %d modules", len(STDLIB_MODULES))
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    # An almost empty environment: nothing of the caller's (paths, tokens) can leak into the text.
+    env = {"PYTHONHASHSEED": "0", "PYTHONIOENCODING": "utf-8", "LANG": "C.UTF-8", "PATH": os.defpath}
+    try:
+        with tempfile.TemporaryDirectory() as workdir:
+            result = subprocess.run(
+                [sys.executable, "-I", "-c", _RENDER_SCRIPT, tmp],
+                input=json.dumps(sorted(STDLIB_MODULES)),
+                capture_output=True,
+                text=True,
+                env=env,
+                cwd=workdir,
+                timeout=600,
+            )
+        if result.returncode != 0:
+            raise RuntimeError(f"building the stdlib corpus failed:\n{result.stderr[-2000:]}")
+        os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+    with path.open(encoding="utf-8") as handle:
+        modules = sum(1 for _ in handle)
+    logger.info("stdlib-docs corpus: %d modules, %.1f MB -> %s", modules, path.stat().st_size / 1e6, path)
+    return path
+
+
+def _iter_corpus_texts(corpus_path: Path, text_column: str = "text"):
+    """Yield the documents of a JSONL corpus (the ``text`` field) or of a plain-text file (the whole file)."""
+    with Path(corpus_path).open(encoding="utf-8") as handle:
+        if Path(corpus_path).suffix == ".jsonl":
+            for line in handle:
+                if line.strip():
+                    yield json.loads(line)[text_column]
+        else:
+            yield handle.read()
+
+
+# ----------------------------------------------------------------------------- demo tokenizer
+
+
+def _build_bpe(pre_tokenizer: str, vocab_size: int):
+    """An untrained ``tokenizers.Tokenizer`` and its trainer for one of ``PRE_TOKENIZERS``.
+
+    * ``"bytelevel"``: GPT-2 style. Text is mapped to bytes (shown as printable characters, ``Ġ`` = space),
+      so every string is representable without an unknown token.
+    * ``"whitespace-digits"``: SentencePiece / Llama style. Spaces become ``▁`` and start a word, every
+      digit is its own pre-token, and characters outside the vocabulary fall back to ``<0xNN>`` byte tokens.
+      Same corpus, different segmentation: the pair exercises cross-tokenizer distillation.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    if pre_tokenizer == "bytelevel":
+        tokenizer = Tokenizer(models.BPE())
+        tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tokenizer.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(
+            vocab_size=vocab_size,
+            min_frequency=2,
+            special_tokens=[EOS_TOKEN],
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+            show_progress=False,
+        )
+        return tokenizer, trainer
+    if pre_tokenizer == "whitespace-digits":
+        byte_tokens = [f"<0x{i:02X}>" for i in range(256)]
+        tokenizer = Tokenizer(models.BPE(byte_fallback=True))
+        tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+            [
+                pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first"),
+                pre_tokenizers.Digits(individual_digits=True),
+            ]
+        )
+        tokenizer.decoder = decoders.Sequence(
+            [decoders.ByteFallback(), decoders.Metaspace(replacement="▁", prepend_scheme="first")]
+        )
+        # The byte tokens are trained in as "special" so they get ids; they are turned into ordinary
+        # vocabulary entries afterwards (see train_demo_tokenizer), as in Llama's tokenizer.
+        trainer = trainers.BpeTrainer(
+            vocab_size=vocab_size,
+            min_frequency=2,
+            special_tokens=[EOS_TOKEN, *byte_tokens],
+            show_progress=False,
+        )
+        return tokenizer, trainer
+    raise ConfigError(
+        f"Unknown pre_tokenizer {pre_tokenizer!r}; choose one of {', '.join(PRE_TOKENIZERS)}.",
+        field="tokenizer",
+    )
+
+
+def _demote_byte_tokens(tokenizer):
+    """Keep ``<0xNN>`` byte-fallback tokens as plain vocabulary entries, not special tokens.
+
+    Special tokens are dropped by ``decode(skip_special_tokens=True)``, which would lose every character
+    spelled with byte fallback.
+    """
+    from tokenizers import Tokenizer
+
+    state = json.loads(tokenizer.to_str())
+    state["added_tokens"] = [t for t in state["added_tokens"] if t["content"] == EOS_TOKEN]
+    return Tokenizer.from_str(json.dumps(state))
+
+
+def train_demo_tokenizer(
+    corpus_path: str | os.PathLike,
+    vocab_size: int = 4096,
+    out_dir: str | os.PathLike | None = None,
+    *,
+    pre_tokenizer: str = "bytelevel",
+) -> Path:
+    """Train a BPE tokenizer on a corpus and save it so ``AutoTokenizer.from_pretrained(dir)`` loads it.
+
+    ``corpus_path`` is a JSONL file with a ``text`` field (like ``stdlib_corpus()``) or a plain-text file.
+    ``<|endoftext|>`` (id 0) is the bos, eos, unk and pad token; encoding adds no special tokens.
+    ``pre_tokenizer`` is ``"bytelevel"`` (GPT-2 style) or ``"whitespace-digits"`` (Metaspace + single digits
+    + byte fallback, Llama style). Both round-trip any UTF-8 text. Cached: with ``out_dir=None`` the
+    tokenizer lives in ``cache_root()/tokenizers/<corpus>-<pre_tokenizer>-v<vocab_size>`` and an existing
+    one is returned at once. Returns the directory.
+    """
+    from transformers import PreTrainedTokenizerFast
+
+    corpus_path = Path(corpus_path)
+    if not corpus_path.is_file():
+        raise DataError(f"Tokenizer corpus {corpus_path} does not exist.", path=str(corpus_path))
+    if out_dir is None:
+        name = f"{corpus_path.stem}-{pre_tokenizer}-v{vocab_size}-t{_TOKENIZER_VERSION}"
+        out_dir = cache_root() / "tokenizers" / name
+    out_dir = Path(out_dir)
+    if (out_dir / "tokenizer.json").exists():
+        return out_dir
+
+    tokenizer, trainer = _build_bpe(pre_tokenizer, vocab_size)
+    logger.info("Training a %s BPE tokenizer (vocab %d) on %s", pre_tokenizer, vocab_size, corpus_path)
+    tokenizer.train_from_iterator(_iter_corpus_texts(corpus_path), trainer=trainer)
+    if pre_tokenizer == "whitespace-digits":
+        tokenizer = _demote_byte_tokens(tokenizer)
+    wrapped = PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer,
+        bos_token=EOS_TOKEN,
+        eos_token=EOS_TOKEN,
+        unk_token=EOS_TOKEN,
+        pad_token=EOS_TOKEN,
+        clean_up_tokenization_spaces=False,
+        model_max_length=1_000_000_000,  # documents are packed, never truncated by the tokenizer
+    )
+    with staged_directory(out_dir) as staging:
+        wrapped.save_pretrained(staging)
+    logger.info("Saved tokenizer (%d tokens) to %s", len(wrapped), out_dir)
+    return out_dir
+
+
+def demo_tokenizer(vocab_size: int = 4096, *, pre_tokenizer: str = "bytelevel") -> Path:
+    """The stdlib-docs corpus plus a tokenizer trained on it, both cached. Returns the tokenizer dir."""
+    return train_demo_tokenizer(stdlib_corpus(), vocab_size, pre_tokenizer=pre_tokenizer)
+
+
+# ----------------------------------------------------------------------------- loading texts
+
+
+def _looks_like_hub_id(reference: str) -> bool:
+    """``name`` or ``owner/name`` without a path prefix or a data-file extension."""
+    if reference.startswith(("/", ".", "~")) or Path(reference).suffix.lower() in _BUILDERS:
+        return False
+    return re.fullmatch(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?", reference) is not None
+
+
+def _check_utf8(path: Path) -> None:
+    """Raise DataError naming ``path`` and the first bad byte offset unless the file is valid UTF-8."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    offset = 0
+    with path.open("rb") as handle:
+        while chunk := handle.read(1 << 20):
+            try:
+                decoder.decode(chunk)
+            except UnicodeDecodeError as err:
+                raise DataError(
+                    f"{path} is not valid UTF-8 text (first bad byte at offset {offset + err.start}). "
+                    f"Re-encode it as UTF-8, e.g. `iconv -f latin1 -t utf-8 {path.name} > fixed.txt`, "
+                    "or re-save it as UTF-8 in your editor.",
+                    path=str(path),
+                ) from None
+            offset += len(chunk)
+        try:
+            decoder.decode(b"", final=True)
+        except UnicodeDecodeError:
+            raise DataError(
+                f"{path} is not valid UTF-8 text (it ends inside a multi-byte character). "
+                "Re-encode it as UTF-8.",
+                path=str(path),
+            ) from None
+
+
+def _load_file(path: Path) -> datasets.Dataset:
+    """One local data file as a Dataset. ``.txt``: one document per blank-line-separated paragraph group."""
+    builder = _BUILDERS.get(path.suffix.lower())
+    if builder is None:
+        raise DataError(
+            f"{path} has an unsupported extension {path.suffix!r}; use one of "
+            f"{', '.join(sorted(_BUILDERS))}, or a directory saved with Dataset.save_to_disk.",
+            path=str(path),
+        )
+    if path.stat().st_size == 0:
+        raise DataError(
+            f"{path} is empty: add text to it or point `dataset` to another file.", path=str(path)
+        )
+    if builder != "parquet":
+        _check_utf8(path)
+    options = {"sample_by": "paragraph"} if builder == "text" else {}
+    try:
+        loaded = datasets.load_dataset(
+            builder, data_files=str(path), split="train", cache_dir=str(cache_root() / "datasets"), **options
+        )
+    except Exception as err:  # a parser error of any kind: report the file and the parser's words
+        raise DataError(
+            f"Could not read {path} as {builder}: {type(err).__name__}: {err}", path=str(path)
+        ) from err
+    return loaded
+
+
+def _load_directory(path: Path, split: str, text_column: str) -> datasets.Dataset:
+    """A ``save_to_disk`` directory (Dataset or DatasetDict), or a folder of data files concatenated."""
+    if (path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists():
+        loaded = datasets.load_from_disk(str(path))
+        if isinstance(loaded, datasets.DatasetDict):
+            if split not in loaded:
+                raise DataError(
+                    f"{path} holds splits {sorted(loaded)} but not {split!r}; "
+                    "set `dataset_split` to one of them.",
+                    path=str(path),
+                )
+            loaded = loaded[split]
+        return loaded
+    files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in _BUILDERS)
+    if not files:
+        raise DataError(
+            f"Directory {path} contains no data files ({', '.join(sorted(_BUILDERS))}) and is not a "
+            "directory saved with Dataset.save_to_disk; point `dataset` to your data.",
+            path=str(path),
+        )
+    parts = []
+    for file in files:
+        part = _load_file(file)
+        _check_text_column(part, text_column, str(file))
+        parts.append(part.select_columns([text_column]))
+    return datasets.concatenate_datasets(parts)
+
+
+def _load_hub(reference: str, dataset_config: str | None, split: str) -> datasets.Dataset:
+    try:
+        return datasets.load_dataset(reference, dataset_config, split=split)
+    except Exception as err:
+        raise DataError(
+            f"Could not load dataset {reference!r} (config {dataset_config!r}, split {split!r}) from the "
+            f"Hugging Face hub: {type(err).__name__}: {err}. No local file or directory of that name "
+            "exists either. Kaggle kernels usually run offline: attach the data as a Kaggle dataset "
+            "(Add Input -> Datasets) and set `dataset` to its local path under /kaggle/input (a "
+            ".jsonl/.json/.parquet/.csv/.txt file, or a directory saved with Dataset.save_to_disk), "
+            f"or use dataset={STDLIB_DATASET!r} for the built-in offline corpus.",
+            path=reference,
+        ) from err
+
+
+def _check_text_column(dataset: datasets.Dataset, text_column: str, source: str) -> None:
+    if text_column not in dataset.column_names:
+        raise DataError(
+            f"{source} has no column {text_column!r}; its columns are {dataset.column_names}. "
+            "Set `text_column` to the column that holds the text.",
+            path=source,
+        )
+    feature = dataset.features[text_column]
+    if getattr(feature, "dtype", None) not in ("string", "large_string"):
+        raise DataError(
+            f"Column {text_column!r} of {source} holds {feature}, not text. "
+            "Set `text_column` to a column of strings.",
+            path=source,
+        )
+
+
+def load_texts(
+    dataset: str | os.PathLike,
+    *,
+    text_column: str = "text",
+    dataset_config: str | None = None,
+    split: str = "train",
+    subset_size: int | None = None,
+) -> datasets.Dataset:
+    """Load documents as a ``datasets.Dataset`` whose column ``text_column`` holds one document per row.
+
+    ``dataset`` (the config field ``dataset``) is one of
+
+    * ``"stdlib-docs"``: the offline pydoc corpus (one module per document; column ``text``);
+    * a local file: ``.jsonl`` / ``.json`` / ``.parquet`` / ``.csv`` (one row per document) or ``.txt``
+      (**one document per blank-line-separated paragraph group**, so a single text file still gives
+      many documents for the train / eval split); must be UTF-8;
+    * a local directory: saved with ``Dataset.save_to_disk`` / ``DatasetDict.save_to_disk`` (then
+      ``split`` picks the split), or a folder of the files above (read in sorted order, concatenated);
+    * otherwise a hub id, loaded with ``datasets.load_dataset(dataset, dataset_config, split=split)``.
+
+    ``dataset_config`` and ``split`` apply to hub ids (and ``split`` to saved DatasetDicts); local files
+    are read whole. Empty or whitespace-only documents are dropped. ``subset_size`` keeps the first N
+    documents (the order of the source, so the choice is reproducible and cheap).
+    Raises DataError naming the file / column and the fix for: a missing or empty file, a file that is not
+    UTF-8, a missing text column, no documents, or a hub dataset that cannot be loaded offline.
+    """
+    reference = os.fspath(dataset)
+    if subset_size is not None and subset_size < 1:
+        raise ConfigError(
+            f"dataset_subset_size must be a positive number of documents or null, got {subset_size}.",
+            field="dataset_subset_size",
+        )
+    path = Path(reference).expanduser()
+    if reference == STDLIB_DATASET:
+        corpus = stdlib_corpus()
+        loaded = datasets.load_dataset(
+            "json", data_files=str(corpus), split="train", cache_dir=str(cache_root() / "datasets")
+        )
+    elif path.is_file():
+        loaded = _load_file(path)
+    elif path.is_dir():
+        loaded = _load_directory(path, split, text_column)
+    elif _looks_like_hub_id(reference):
+        loaded = _load_hub(reference, dataset_config, split)
+    else:
+        raise DataError(
+            f"Data file {path} does not exist. Check the `dataset` path (Kaggle inputs live under "
+            "/kaggle/input/...; find them with glob rather than a hard-coded path).",
+            path=str(path),
+        )
+
+    _check_text_column(loaded, text_column, reference)
+    nonblank = loaded.filter(
+        lambda batch: [isinstance(t, str) and t.strip() != "" for t in batch[text_column]],
+        batched=True,
+        desc="Dropping empty documents",
+    )
+    if len(nonblank) == 0:
+        raise DataError(
+            f"{reference} contains no documents (no non-empty {text_column!r} values); add text or point "
+            "`dataset` to the right file.",
+            path=reference,
+        )
+    if len(nonblank) < len(loaded):
+        logger.info("Dropped %d empty documents from %s", len(loaded) - len(nonblank), reference)
+    if subset_size is not None and subset_size < len(nonblank):
+        nonblank = nonblank.select(range(subset_size))
+    logger.info("Loaded %d documents from %s", len(nonblank), reference)
+    return nonblank
+
+
+# ----------------------------------------------------------------------------- packing
+
+
+@dataclass
+class Blocks:
+    """Packed token blocks ready for next-token training.
+
+    ``train`` / ``eval`` are int64 tensors ``[N, max_length + 1]``: one extra token per block, because
+    ``next_token_batch`` turns a block into ``max_length`` inputs and their ``max_length`` targets.
+    ``info`` describes the build: documents, tokens, blocks per split, source, tokenizer vocab size.
+    """
+
+    train: torch.Tensor
+    eval: torch.Tensor
+    info: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def block_size(self) -> int:
+        """Tokens per block, ``max_length + 1``."""
+        return int(self.train.shape[1])
+
+
+def _split_documents(
+    lengths: np.ndarray, eval_fraction: float, block_size: int, seed: int
+) -> tuple[list[int], list[int]]:
+    """Seeded document-level split: return (train_indices, eval_indices), each sorted.
+
+    Eval takes ``round(eval_fraction * documents)`` documents (at least 1 when ``eval_fraction > 0`` and
+    there are 2+ documents), and keeps taking documents until it holds one whole block, as long as the
+    train split keeps one block too. A split can only ever see whole documents: no eval text leaks into
+    training through a shared block.
+    """
+    documents = len(lengths)
+    if eval_fraction <= 0 or documents < 2:
+        return list(range(documents)), []
+    order = np.random.default_rng(seed).permutation(documents)
+    wanted = min(documents - 1, max(1, round(eval_fraction * documents)))
+    total = int(lengths.sum())
+    eval_tokens = 0
+    taken = 0
+    for position, index in enumerate(order[: documents - 1]):
+        enough_docs = position >= wanted
+        enough_tokens = eval_tokens >= block_size or total - eval_tokens - lengths[index] < block_size
+        if enough_docs and enough_tokens:
+            break
+        eval_tokens += int(lengths[index])
+        taken = position + 1
+    eval_set = sorted(int(i) for i in order[:taken])
+    train_set = sorted(int(i) for i in order[taken:])
+    return train_set, eval_set
+
+
+def _pack(split: datasets.Dataset, block_size: int, name: str) -> torch.Tensor:
+    """Concatenate a split's token lists and cut them into ``[N, block_size]`` blocks (remainder dropped)."""
+    if len(split) == 0:
+        return torch.empty((0, block_size), dtype=torch.int64)
+
+    def group(batch):
+        tokens = list(itertools.chain.from_iterable(batch["input_ids"]))
+        usable = len(tokens) - len(tokens) % block_size
+        return {"block": [tokens[i : i + block_size] for i in range(0, usable, block_size)]}
+
+    # One batch per split: the remainder (< one block) is dropped once, not once per map batch.
+    packed = split.map(
+        group, batched=True, batch_size=None, remove_columns=split.column_names, desc=f"Packing {name}"
+    )
+    if len(packed) == 0:
+        return torch.empty((0, block_size), dtype=torch.int64)
+    return torch.from_numpy(np.asarray(packed.with_format("numpy")["block"], dtype=np.int64))
+
+
+def build_blocks(
+    texts: datasets.Dataset,
+    tokenizer,
+    *,
+    max_length: int,
+    text_column: str = "text",
+    eval_fraction: float = 0.05,
+    seed: int = 0,
+    num_proc: int | None = None,
+    source: str | None = None,
+) -> Blocks:
+    """Tokenise documents, split train / eval by document, and pack each split into blocks.
+
+    Each document is encoded without special tokens and followed by the tokenizer's eos token (the
+    document separator). The seeded document split happens before packing (``_split_documents``); each
+    split is then packed into blocks of ``max_length + 1`` tokens with no padding, dropping the last
+    partial block. ``source`` is recorded in ``info`` (``load_texts``'s ``dataset`` argument).
+
+    Raises DataError when a split cannot fill one block (each needs ``max_length + 1`` tokens): lower
+    ``max_length``, add text, or (for the eval split) change ``eval_fraction``.
+    """
+    if max_length < 1:
+        raise ConfigError(f"max_length must be at least 1, got {max_length}.", field="max_length")
+    if not 0 <= eval_fraction < 1:
+        raise ConfigError(f"eval_fraction must be in [0, 1), got {eval_fraction}.", field="eval_fraction")
+    _check_text_column(texts, text_column, source or "the dataset")
+    block_size = max_length + 1
+    eos_id = tokenizer.eos_token_id
+    if eos_id is None:
+        logger.warning("Tokenizer has no eos token: documents are packed without a separator")
+
+    def tokenize(batch):
+        encoded = tokenizer(batch[text_column], add_special_tokens=False, verbose=False)["input_ids"]
+        if eos_id is not None:
+            encoded = [ids + [eos_id] for ids in encoded]
+        return {"input_ids": encoded, "length": [len(ids) for ids in encoded]}
+
+    tokenized = texts.map(
+        tokenize, batched=True, remove_columns=texts.column_names, num_proc=num_proc, desc="Tokenizing"
+    )
+    lengths = np.asarray(tokenized["length"], dtype=np.int64)
+    train_docs, eval_docs = _split_documents(lengths, eval_fraction, block_size, seed)
+    train = _pack(tokenized.select(train_docs), block_size, "train")
+    evaluation = _pack(tokenized.select(eval_docs), block_size, "eval")
+
+    total = int(lengths.sum())
+    train_tokens = int(lengths[train_docs].sum()) if train_docs else 0
+    eval_tokens = int(lengths[eval_docs].sum()) if eval_docs else 0
+    needs_eval = eval_fraction > 0
+    if len(train) == 0 or (needs_eval and len(evaluation) == 0):
+        raise DataError(
+            f"Too little text to form one block of max_length + 1 = {block_size} tokens in each split: "
+            f"the corpus has {total} tokens in {len(lengths)} documents (train split {train_tokens} tokens "
+            f"in {len(train_docs)} documents, eval split {eval_tokens} tokens in {len(eval_docs)} "
+            f"documents); at least {block_size} per split are needed"
+            + (f", {2 * block_size} in all" if needs_eval else "")
+            + ". Lower `max_length`, add text to the dataset, or change `eval_fraction`.",
+            path=source,
+        )
+    info = {
+        "source": source,
+        "documents": len(lengths),
+        "train_documents": len(train_docs),
+        "eval_documents": len(eval_docs),
+        "tokens": total,
+        "train_tokens": train_tokens,
+        "eval_tokens": eval_tokens,
+        "train_blocks": len(train),
+        "eval_blocks": len(evaluation),
+        "block_size": block_size,
+        "max_length": max_length,
+        "eval_fraction": eval_fraction,
+        "seed": seed,
+        "vocab_size": len(tokenizer),
+    }
+    logger.info(
+        "Packed %d documents (%d tokens) into %d train / %d eval blocks of %d tokens",
+        len(lengths), total, len(train), len(evaluation), block_size,
+    )  # fmt: skip
+    return Blocks(train=train, eval=evaluation, info=info)
+
+
+def next_token_batch(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Split ``[B, L + 1]`` blocks into ``input_ids [B, L]`` and ``labels [B, L]``, both contiguous.
+
+    The one place next-token alignment happens: ``labels[b, t]`` is the target of position ``t``, i.e.
+    the token that follows ``input_ids[b, t]``. Losses compare ``logits[:, t]`` with ``labels[:, t]``
+    and never shift again.
+    """
+    return blocks[:, :-1].contiguous(), blocks[:, 1:].contiguous()
+
+
+# ----------------------------------------------------------------------------- fingerprints
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """A stable hash of what decides token ids: the fast tokenizer's full JSON, else its vocabulary."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        payload = backend.to_str()
+    else:
+        payload = json.dumps(sorted(tokenizer.get_vocab().items()))
+    special = json.dumps([tokenizer.bos_token_id, tokenizer.eos_token_id, len(tokenizer)])
+    return hashlib.sha256((payload + special).encode("utf-8")).hexdigest()[:16]
+
+
+def _source_identity(source: str) -> Any:
+    """What identifies a data source beyond its name: the Python version for stdlib-docs, sizes for files."""
+    if source == STDLIB_DATASET:
+        return [STDLIB_DATASET, f"py{sys.version_info.major}.{sys.version_info.minor}", _CORPUS_VERSION]
+    path = Path(source).expanduser()
+    if path.is_file():
+        return [str(path.resolve()), path.stat().st_size]
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.is_file())
+        return [str(path.resolve()), [[str(p.relative_to(path)), p.stat().st_size] for p in files]]
+    return [source]
+
+
+def dataset_fingerprint(
+    *,
+    source: str,
+    tokenizer,
+    max_length: int,
+    eval_fraction: float,
+    seed: int,
+    subset_size: int | None = None,
+    text_column: str = "text",
+    dataset_config: str | None = None,
+    split: str = "train",
+) -> str:
+    """A stable hex digest of everything that decides the packed blocks, for cache manifests.
+
+    Local sources are identified by resolved path and file sizes (edit a file in a way that keeps its
+    size and you must clear the cache by hand); "stdlib-docs" by the Python version.
+    """
+    key = {
+        "version": _FINGERPRINT_VERSION,
+        "source": _source_identity(str(source)),
+        "dataset_config": dataset_config,
+        "split": split,
+        "text_column": text_column,
+        "subset_size": subset_size,
+        "tokenizer": tokenizer_fingerprint(tokenizer),
+        "max_length": max_length,
+        "eval_fraction": eval_fraction,
+        "seed": seed,
+    }
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode("utf-8")).hexdigest()[:16]

@@ -1,0 +1,127 @@
+"""The embedded default: offline corpus, tiny MoE teacher, tiny student, KD vs CE-only on identical data.
+
+``python -m kagglekd demo`` (what ``make demo`` runs) builds the stdlib-docs corpus and tokenizer, pretrains
+the tiny Qwen3-MoE teacher once (cached), distils the tiny student with the ``tiny-cpu`` preset, trains the
+same student CE-only with the same data, steps and seed, and writes ``runs/demo/``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from kagglekd.config import DistillConfig
+from kagglekd.metrics import format_table
+
+log = logging.getLogger(__name__)
+
+RESULT_COLUMNS = ["model", "eval_ppl", "top1_agreement", "train_time_s", "tokens_per_s"]
+
+
+def run_demo(
+    output_dir: str | Path = "runs/demo",
+    max_steps: int | None = None,
+    preset: str = "tiny-cpu",
+    echo: Callable[[str], None] | None = None,
+) -> dict:
+    """Run the KD student and its CE-only twin; return (and write) ``results.json``."""
+    from kagglekd import models, plots
+    from kagglekd.trainer import Distiller
+
+    echo = echo or log.info
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    base = DistillConfig.load(preset)
+    if max_steps is not None:
+        base = base.replace(max_steps=max_steps)
+
+    started = time.perf_counter()
+    echo("1/4 teacher: pretrained tiny Qwen3-MoE (built and cached on first use)")
+    models.resolve_model(base.teacher_model, vocab_size=len(models.load_tokenizer(base.student_model)))
+
+    echo("2/4 KD student")
+    kd_config = base.replace(output_dir=str(out / "kd"), resume="never")
+    kd = Distiller(kd_config, callbacks=[plots.LiveChart(out / "kd")])
+    kd_summary = kd.train()
+
+    echo("3/4 CE-only student (same data, steps and seed)")
+    ce_config = base.replace(output_dir=str(out / "ce"), resume="never", alpha_kd=0.0, alpha_ce=1.0)
+    ce = Distiller(ce_config, callbacks=[plots.LiveChart(out / "ce")])
+    ce_summary = ce.train()
+
+    echo("4/4 evaluation on the held-out blocks")
+    kd_eval = kd.evaluate()
+    ce_eval = kd.evaluate(model=ce.accelerator.unwrap_model(ce.student))
+    teacher_ppl = kd.teacher_perplexity()
+    results = {
+        "teacher_ppl": teacher_ppl,
+        "ce_student_ppl": ce_eval["ppl"],
+        "kd_student_ppl": kd_eval["ppl"],
+        "kd_top1_agreement": kd_eval["top1_agreement"],
+        "ce_top1_agreement": ce_eval["top1_agreement"],
+        "eval_tokens": kd_eval["tokens"],
+        "optimizer_steps": kd_summary["optimizer_steps"],
+        "kd_train_time_s": kd_summary["wall_time_s"],
+        "ce_train_time_s": ce_summary["wall_time_s"],
+        "kd_tokens_per_s": kd_summary["tokens_per_s"],
+        "ce_tokens_per_s": ce_summary["tokens_per_s"],
+        "total_time_s": time.perf_counter() - started,
+        "kd_beats_ce": kd_eval["ppl"] < ce_eval["ppl"],
+    }
+    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    rows = [
+        {"model": "teacher (tiny Qwen3-MoE)", "eval_ppl": teacher_ppl, "top1_agreement": 1.0},
+        {"model": "student, CE only", "eval_ppl": ce_eval["ppl"], "top1_agreement": ce_eval["top1_agreement"],
+         "train_time_s": ce_summary["wall_time_s"], "tokens_per_s": ce_summary["tokens_per_s"]},
+        {"model": "student, KD", "eval_ppl": kd_eval["ppl"], "top1_agreement": kd_eval["top1_agreement"],
+         "train_time_s": kd_summary["wall_time_s"], "tokens_per_s": kd_summary["tokens_per_s"]},
+    ]
+    _write_plots(out, results)
+    table = format_table(rows, RESULT_COLUMNS)
+    (out / "results.md").write_text(table + "\n")
+    echo("\n" + table)
+    verdict = "beats" if results["kd_beats_ce"] else "does NOT beat"
+    echo(f"\nKD student {verdict} the CE-only student on held-out perplexity "
+         f"({results['kd_student_ppl']:.3f} vs {results['ce_student_ppl']:.3f}).")
+    echo(f"written: {out / 'results.json'}, {out / 'results.md'}, plots {out / '*.png'} "
+         f"(total {results['total_time_s'] / 60:.1f} min)")
+    return results
+
+
+def _write_plots(out: Path, results: dict) -> None:
+    from kagglekd import plots
+    from kagglekd.metrics import read_history
+
+    plots.plot_history(read_history(out / "kd"), path=out / "kd_history.png")
+    plots.plot_history(read_history(out / "ce"), path=out / "ce_history.png")
+    plots.plot_eval_comparison(
+        {"teacher": results["teacher_ppl"], "CE-only student": results["ce_student_ppl"],
+         "KD student": results["kd_student_ppl"]},
+        path=out / "eval_ppl.png", title="Held-out perplexity (lower is better)",
+    )
+
+
+def evaluate_run(run_dir: Path) -> list[dict]:
+    """Evaluate ``run_dir/student`` (and the teacher) on the run's held-out blocks; write eval.json."""
+    from transformers import AutoModelForCausalLM
+
+    from kagglekd.errors import ConfigError
+    from kagglekd.trainer import Distiller
+
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.json").exists() or not (run_dir / "student" / "config.json").exists():
+        raise ConfigError(f"--run {run_dir}: expected a finished run directory with config.json and student/.")
+    config = DistillConfig.from_json(run_dir / "config.json")
+    distiller = Distiller(config, output_dir=run_dir, write_run_dir=False).setup()
+    student = AutoModelForCausalLM.from_pretrained(run_dir / "student").to(distiller.device)
+    metrics = distiller.evaluate(model=student, with_ema=False)
+    rows = [{"model": "student", "eval_ppl": metrics["ppl"], "top1_agreement": metrics.get("top1_agreement"),
+             "eval_tokens": metrics["tokens"]}]
+    if distiller.teacher is not None:
+        rows.insert(0, {"model": "teacher", "eval_ppl": distiller.teacher_perplexity(), "top1_agreement": 1.0,
+                        "eval_tokens": metrics["tokens"]})
+    (run_dir / "eval.json").write_text(json.dumps(rows, indent=2, default=str) + "\n")
+    return rows

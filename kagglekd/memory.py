@@ -1,0 +1,451 @@
+"""Memory planner: predicted peak memory of one distillation step per GPU profile, before anything loads.
+
+Parameter counts are exact: the model config is instantiated on the ``meta`` device (shapes, no storage)
+with ``AutoModelForCausalLM.from_config`` and its parameters are summed (SmolLM-135M: 134,515,008).
+Everything else is an estimate from tensor shapes, per GPU (under DDP every process holds both models):
+
+=====================  ==================================================================================
+part                   bytes
+=====================  ==================================================================================
+runtime_overhead       CUDA context + cuBLAS/cuDNN workspace, 0.4 GiB per GPU; on CPU 0.125 GiB of allocator arenas
+                       and thread-pool buffers a first training step adds (calibrated on the CPU measurement below).
+teacher_weights        teacher parameters x 2 (fp16 on GPU; fp32 = 4 on CPU).
+student_weights        student parameters x 4 (fp32 master weights).
+student_grads          student parameters x 4.
+optimizer_states       student parameters x 8 (AdamW exp_avg + exp_avg_sq in fp32).
+autocast_copies        student parameters x 2 (fp16 copies autocast caches for the step; 0 on CPU).
+student_activations    tensors saved for backward, per token per decoder layer (Llama/Qwen block):
+                       ``2h(8+b) + b(2 h_q + 2 kv + 4 i)`` with b = 2 under fp16 autocast, 4 in fp32
+                       (residual stream + RMSNorm outputs, q/k/v, attention output, SwiGLU gate/up/act/prod);
+                       with gradient checkpointing only each layer's input (4h per token) plus one layer.
+attention_maps         only when attention transfer is on: asking for attention maps forces eager attention,
+                       so [B, H, T, T] probabilities are kept for every student layer (saved for backward)
+                       and returned for every teacher layer.
+teacher_activations    teacher forward without grad: one layer's transient tensors; all hidden states
+                       when the feature loss is on; the whole saved graph under SAR (router gradients).
+student_logits         the student's [B, T, V_s] logits (activation dtype) and their gradient: 2 x b x V_s.
+teacher_logits         the teacher's [B, T, V_t] logits in its dtype, alive until top-k/KD is taken.
+kd_intermediates       per loss chunk of ``min(loss_chunk_size, B*T)`` tokens: student fp32 logits,
+                       log-probs and their gradient (3 x V_s x 4) plus teacher fp32 log-probs and probs
+                       (2 x V_t x 4, or the top-k + tail bucket). Full-vocab KD is the chunk = B*T case.
+sar_router_states      SAR: teacher router weights' grads + AdamW states + fp32 master copy.
+=====================  ==================================================================================
+
+Verdict: ``fits`` below 85 % of the GPU's usable capacity, ``tight`` from 85 % (allocator fragmentation and
+the transient peaks this model does not see can tip it over), ``OOM`` above 100 %.
+
+Validation on CPU (``tests/test_memory.py::test_prediction_matches_measured_peak_on_cpu``): a subprocess
+records its resident set size (``VmRSS`` from ``/proc/self/status``) after importing torch, then builds a
+teacher/student pair, runs one teacher forward, one student forward/backward with a chunk-free KD + CE
+loss and one AdamW step, and reads the peak resident set size (``VmHWM``). Fixed costs (importing the
+modeling code, a warm-up step of a 1-layer model that initialises the CPU kernels) happen before the baseline.
+The measured delta (peak - baseline) is compared with ``plan_memory(..., gpu="cpu")``; the test requires a
+ratio within 0.5x-2x for a tiny (0.6 M student / 6 M teacher) and a mid-size (~8 M / ~30 M) pair.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+from kagglekd.config import PRESETS_DIR, DistillConfig
+
+GiB = 1024**3
+TIGHT_FRACTION = 0.85
+CUDA_OVERHEAD_BYTES = int(0.4 * GiB)
+CPU_OVERHEAD_BYTES = int(0.125 * GiB)
+
+
+@dataclass(frozen=True)
+class GpuProfile:
+    """What the planner and diagnostics know about one machine type."""
+
+    name: str
+    capacity_bytes: int  # usable memory per device
+    devices: int
+    compute_capability: tuple[int, int] | None
+    native_bf16: bool
+    supported: bool  # by the PyTorch of the current Kaggle image
+    peak_flops: float  # per device, fp16/bf16 tensor cores (fp32 on CPU); for time estimates only
+    description: str
+
+
+def _cpu_ram_bytes() -> int:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 24 * GiB
+
+
+GPU_PROFILES: dict[str, GpuProfile] = {
+    "T4": GpuProfile("T4", 15 * GiB, 1, (7, 5), False, True, 65e12, "one NVIDIA T4 (sm_75, fp16 tensor cores)"),
+    "T4x2": GpuProfile(
+        "T4x2",
+        15 * GiB,
+        2,
+        (7, 5),
+        False,
+        True,
+        65e12,
+        "Kaggle T4 x2 (per GPU 15 GiB; under DDP each GPU holds both models)",
+    ),
+    "P100": GpuProfile(
+        "P100",
+        16 * GiB,
+        1,
+        (6, 0),
+        False,
+        False,
+        18.7e12,
+        "NVIDIA P100 (sm_60): the current Kaggle PyTorch has no sm_60 kernels",
+    ),
+    "A100": GpuProfile("A100", 40 * GiB, 1, (8, 0), True, True, 312e12, "NVIDIA A100 40 GB (sm_80, bf16)"),
+    "L4": GpuProfile("L4", int(22.5 * GiB), 1, (8, 9), True, True, 121e12, "NVIDIA L4 (sm_89, bf16)"),
+    "cpu": GpuProfile("cpu", _cpu_ram_bytes(), 1, None, False, True, 1e11, "CPU only (system RAM)"),
+}
+
+
+def gpu_profile(name: str) -> GpuProfile:
+    """The profile called ``name`` (case-insensitive: t4x2, T4X2, a100, CPU ...)."""
+    for key, profile in GPU_PROFILES.items():
+        if key.lower() == str(name).lower():
+            return profile
+    raise KeyError(f"unknown GPU profile '{name}'; one of {', '.join(GPU_PROFILES)}")
+
+
+# ---- model cards and configs ----------------------------------------------------------------------------
+def card_path(model_id: str) -> Path:
+    """``presets/card-<safe-name>.json``: the hub id lower-cased, '/' and '.' replaced by '-'."""
+    safe = model_id.strip().lower().replace("/", "--").replace(".", "-")
+    return PRESETS_DIR / f"card-{safe}.json"
+
+
+def load_card(model_id: str) -> dict | None:
+    """The model card of a hub id (published config.json facts + ``tokenizer_family``), or None."""
+    path = card_path(model_id)
+    if not path.exists():
+        return None
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def card_names() -> list[str]:
+    return sorted(json.loads(p.read_text())["model_id"] for p in PRESETS_DIR.glob("card-*.json"))
+
+
+def config_from_card(card: dict):
+    """A real transformers config built from a card's config fields (keys starting with '_' are notes)."""
+    from transformers import AutoConfig
+
+    fields = {k: v for k, v in card["config"].items() if not k.startswith("_")}
+    model_type = fields.pop("model_type")
+    return AutoConfig.for_model(model_type, **fields)
+
+
+TINY_PRESETS = ("tiny-moe", "tiny-random-moe", "tiny-random-dense")
+
+
+def resolve_model_config(name: str, vocab_size: int | None = None):
+    """(transformers config, source) for a tiny preset, a local directory or a carded hub id; (None, reason)."""
+    if name in TINY_PRESETS:
+        try:
+            from kagglekd import models
+        except ImportError as err:  # models.py not present yet
+            return None, f"kagglekd.models is not importable ({err})"
+        vocab = vocab_size or 4096
+        maker = models.tiny_dense_config if name == "tiny-random-dense" else models.tiny_moe_config
+        return maker(vocab), "tiny preset"
+    path = Path(name).expanduser()
+    if (path / "config.json").exists():
+        from transformers import AutoConfig
+
+        return AutoConfig.from_pretrained(str(path)), f"local {path}/config.json"
+    card = load_card(name)
+    if card is not None:
+        return config_from_card(card), f"model card {card_path(name).name}"
+    return None, "no model card and not a local directory with config.json"
+
+
+# ---- parameter counts -----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ParamCount:
+    total: int
+    embedding: int  # input embedding (+ untied output head)
+    expert: int  # parameters inside MoE expert weights
+    active: int  # parameters one token passes through (experts scaled by top-k / num_experts)
+    router: int  # MoE router (gate) weights
+
+
+def count_parameters(model_config) -> ParamCount:
+    """Exact parameter counts by instantiating ``model_config`` on the meta device (no memory used)."""
+    return _count_cached(model_config.to_json_string(use_diff=False))
+
+
+@lru_cache(maxsize=64)
+def _count_cached(config_json: str) -> ParamCount:
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    data = json.loads(config_json)
+    model_type = data.pop("model_type")
+    config = AutoConfig.for_model(model_type, **data)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    total = embedding = expert = router = 0
+    for name, param in model.named_parameters():  # tied weights are yielded once
+        count = param.numel()
+        total += count
+        if "embed_tokens" in name or name.startswith("lm_head"):
+            embedding += count
+        elif ".experts." in name:
+            expert += count
+        elif name.endswith("mlp.gate.weight") or ".router." in name:
+            router += count
+    experts, top_k = _moe_shape(config)
+    active = total - expert + (expert * top_k // experts if experts else 0)
+    return ParamCount(total, embedding, expert, active, router)
+
+
+def _moe_shape(config) -> tuple[int, int]:
+    experts = getattr(config, "num_experts", None) or getattr(config, "num_local_experts", None) or 0
+    top_k = getattr(config, "num_experts_per_tok", None) or 0
+    return int(experts), int(top_k)
+
+
+@dataclass(frozen=True)
+class Shape:
+    """The dimensions the activation model needs, read from a transformers config."""
+
+    hidden: int
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    intermediate: int  # per token MLP width actually computed (top-k experts x expert width for MoE)
+    vocab: int
+    max_positions: int | None
+    experts: int
+    top_k: int
+
+    @classmethod
+    def of(cls, cfg) -> Shape:
+        heads = cfg.num_attention_heads
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+        experts, top_k = _moe_shape(cfg)
+        if experts:
+            intermediate = top_k * (getattr(cfg, "moe_intermediate_size", None) or cfg.intermediate_size)
+        else:
+            intermediate = cfg.intermediate_size
+        return cls(
+            cfg.hidden_size,
+            cfg.num_hidden_layers,
+            heads,
+            getattr(cfg, "num_key_value_heads", None) or heads,
+            head_dim,
+            intermediate,
+            cfg.vocab_size,
+            getattr(cfg, "max_position_embeddings", None),
+            experts,
+            top_k,
+        )
+
+    def saved_bytes_per_token_layer(self, b: int) -> int:
+        """Bytes one decoder layer saves for backward per token (see the module docstring)."""
+        h, hq, kv = self.hidden, self.heads * self.head_dim, self.kv_heads * self.head_dim
+        return 2 * h * (8 + b) + b * (2 * hq + 2 * kv + 4 * self.intermediate)
+
+
+# ---- the plan -------------------------------------------------------------------------------------------
+@dataclass
+class MemoryPlan:
+    gpu: str
+    parts: dict[str, int]
+    capacity: int
+    batch_size: int
+    max_length: int
+    gradient_checkpointing: bool
+    kd_mode: str  # "full", "chunked" or "top-k"
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def total(self) -> int:
+        return sum(self.parts.values())
+
+    @property
+    def fraction(self) -> float:
+        return self.total / self.capacity
+
+    @property
+    def verdict(self) -> str:
+        if self.fraction > 1.0:
+            return "OOM"
+        return "tight" if self.fraction >= TIGHT_FRACTION else "fits"
+
+    def summary(self) -> str:
+        return (
+            f"{self.total / GiB:.2f} GiB of {self.capacity / GiB:.1f} GiB per device on {self.gpu} "
+            f"({self.fraction:.0%}, {self.verdict}) at batch_size {self.batch_size}, max_length {self.max_length}"
+        )
+
+    def to_dict(self) -> dict:
+        return {
+            "gpu": self.gpu,
+            "parts": dict(self.parts),
+            "total": self.total,
+            "capacity": self.capacity,
+            "fraction": self.fraction,
+            "verdict": self.verdict,
+            "batch_size": self.batch_size,
+            "max_length": self.max_length,
+            "gradient_checkpointing": self.gradient_checkpointing,
+            "kd_mode": self.kd_mode,
+            "notes": list(self.notes),
+        }
+
+
+def plan_memory(
+    config: DistillConfig,
+    *,
+    gpu: str | GpuProfile,
+    teacher_cfg,
+    student_cfg,
+    gradient_checkpointing: bool = False,
+    sar: bool = False,
+    batch_size: int | None = None,
+    max_length: int | None = None,
+) -> MemoryPlan:
+    """Predicted peak bytes per device of one training step of ``config`` on ``gpu``.
+
+    ``teacher_cfg``/``student_cfg`` are transformers configs (see ``resolve_model_config``). ``batch_size`` and
+    ``max_length`` override the config's (used by ``largest_fitting``).
+    """
+    profile = gpu if isinstance(gpu, GpuProfile) else gpu_profile(gpu)
+    on_gpu = profile.name != "cpu"
+    amp = on_gpu and config.use_amp
+    b = 2 if amp else 4  # activation bytes
+    bt = 2 if on_gpu else 4  # teacher weights/activations bytes
+    batch = batch_size or config.batch_size
+    length = max_length or config.max_length
+    tokens = batch * length
+    teacher, student = Shape.of(teacher_cfg), Shape.of(student_cfg)
+    t_params, s_params = count_parameters(teacher_cfg), count_parameters(student_cfg)
+
+    parts: dict[str, int] = {}
+    parts["runtime_overhead"] = CUDA_OVERHEAD_BYTES if on_gpu else CPU_OVERHEAD_BYTES
+    parts["teacher_weights"] = t_params.total * bt
+    parts["student_weights"] = s_params.total * 4
+    parts["student_grads"] = s_params.total * 4
+    parts["optimizer_states"] = s_params.total * 8
+    parts["autocast_copies"] = s_params.total * 2 if amp else 0
+
+    per_layer = student.saved_bytes_per_token_layer(b)
+    edges = 3 * student.hidden * 4  # embedding output, final norm, lm_head input
+    if gradient_checkpointing:
+        parts["student_activations"] = tokens * (student.layers * student.hidden * 4 + per_layer + edges)
+    else:
+        parts["student_activations"] = tokens * (student.layers * per_layer + edges)
+
+    attention = config.alpha_attention > 0
+    parts["attention_maps"] = (
+        batch * length * length * b * (student.layers * student.heads)
+        + batch * length * length * bt * (teacher.layers * teacher.heads)
+        if attention
+        else 0
+    )
+
+    if sar:
+        teacher_act = tokens * teacher.layers * teacher.saved_bytes_per_token_layer(bt)
+    else:
+        teacher_act = tokens * bt * (4 * teacher.hidden + 2 * teacher.intermediate)  # one layer's transients
+        if config.alpha_feature > 0:
+            teacher_act += tokens * bt * teacher.hidden * (teacher.layers + 1)
+    parts["teacher_activations"] = teacher_act
+
+    parts["student_logits"] = tokens * student.vocab * b * 2  # the model's [B, T, V_s] logits and their gradient
+    if config.alpha_kd > 0:
+        parts["teacher_logits"] = tokens * teacher.vocab * bt
+        chunk = min(config.loss_chunk_size, tokens)
+        teacher_width = (config.kd_top_k + 1) if config.kd_top_k else teacher.vocab
+        parts["kd_intermediates"] = chunk * (3 * student.vocab * 4 + 2 * teacher_width * 4)
+        kd_mode = "top-k" if config.kd_top_k else ("full" if chunk == tokens else "chunked")
+    else:
+        parts["teacher_logits"] = 0
+        chunk = min(config.loss_chunk_size, tokens)
+        parts["kd_intermediates"] = chunk * 3 * student.vocab * 4  # CE only
+        kd_mode = "none"
+    parts["sar_router_states"] = t_params.router * 16 if sar else 0
+
+    notes = []
+    if attention:
+        notes.append("attention transfer forces eager attention: [B,H,T,T] maps for every layer are kept")
+    if not profile.supported:
+        notes.append(f"{profile.name} is not supported by the current Kaggle PyTorch (no sm_60 kernels)")
+    return MemoryPlan(
+        profile.name, parts, profile.capacity_bytes, batch, length, gradient_checkpointing, kd_mode, notes
+    )
+
+
+def largest_fitting(
+    config: DistillConfig,
+    *,
+    gpu: str | GpuProfile,
+    teacher_cfg,
+    student_cfg,
+    gradient_checkpointing: bool = False,
+    sar: bool = False,
+    limit: float = TIGHT_FRACTION,
+) -> dict[str, int]:
+    """Largest ``batch_size`` (at the config's max_length) and ``max_length`` (at its batch size) whose plan
+    stays below ``limit`` of capacity (default: the 'fits' verdict). 0 when nothing fits."""
+    kw: dict[str, Any] = dict(
+        gpu=gpu,
+        teacher_cfg=teacher_cfg,
+        student_cfg=student_cfg,
+        gradient_checkpointing=gradient_checkpointing,
+        sar=sar,
+    )
+
+    def ok_batch(value: int) -> bool:
+        return plan_memory(config, batch_size=value, **kw).fraction < limit
+
+    def ok_length(value: int) -> bool:
+        return plan_memory(config, max_length=value, **kw).fraction < limit
+
+    positions = Shape.of(student_cfg).max_positions or 1 << 20
+    teacher_positions = Shape.of(teacher_cfg).max_positions or 1 << 20
+    return {
+        "batch_size": _largest(ok_batch, 1, 4096),
+        "max_length": _largest(ok_length, 8, min(positions, teacher_positions)),
+    }
+
+
+def _largest(ok, low: int, high: int) -> int:
+    """Largest value in [low, high] with ok(value) (ok is monotone: true then false); 0 if none."""
+    if not ok(low):
+        return 0
+    if ok(high):
+        return high
+    while high - low > 1:
+        mid = (low + high) // 2
+        if ok(mid):
+            low = mid
+        else:
+            high = mid
+    return low
+
+
+def format_bytes(n: float) -> str:
+    return f"{n / GiB:.2f} GiB" if n >= 0.1 * GiB else f"{n / 1024**2:.1f} MiB"
+
+
+def flops_per_token(teacher_cfg, student_cfg, max_length: int) -> float:
+    """Training FLOPs per token: 6 N_student + 2 N_teacher (forward only) over active parameters, plus
+    attention (12 L h T for the student forward+backward, 4 L h T for the teacher forward).
+    The usual dense-transformer approximation; embeddings counted as they pass through the lm_head."""
+    s, t = Shape.of(student_cfg), Shape.of(teacher_cfg)
+    s_active, t_active = count_parameters(student_cfg).active, count_parameters(teacher_cfg).active
+    attention = 12 * s.layers * s.heads * s.head_dim * max_length + 4 * t.layers * t.heads * t.head_dim * max_length
+    return 6 * s_active + 2 * t_active + attention

@@ -1,0 +1,431 @@
+"""Load teacher / student models and tokenizers: hub ids, local paths, and the tiny offline presets.
+
+Model references (the config fields ``teacher_model`` / ``student_model``):
+
+* ``"tiny-random-moe"`` / ``"tiny-random-dense"``: a Qwen3-MoE / Llama model of the tiny shapes below with
+  seeded random weights, saved once into the cache; for smoke tests.
+* ``"tiny-moe"``: the tiny Qwen3-MoE **pretrained** on the stdlib-docs corpus (``pretrain_tiny_moe``):
+  the embedded demo's teacher. Trained once (a few CPU minutes) and cached.
+* a local directory with a ``config.json`` (a Kaggle model / dataset mount, a checkpoint).
+* anything else: a hub id, handed to ``from_pretrained`` (needs internet, or a populated HF cache).
+
+Tiny models are built from the real ``transformers`` config classes and go through
+``save_pretrained`` / ``from_pretrained``, so the real loading code runs everywhere.
+Works on transformers 4.5x and 5.x.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from pathlib import Path
+
+import torch
+import transformers
+from packaging.version import Version
+from tqdm.auto import tqdm
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Qwen3MoeConfig
+
+from kagglekd import data
+from kagglekd.errors import ConfigError
+
+logger = logging.getLogger(__name__)
+
+TINY_RANDOM_MOE = "tiny-random-moe"
+TINY_RANDOM_DENSE = "tiny-random-dense"
+TINY_MOE = "tiny-moe"
+TINY_MODELS = (TINY_MOE, TINY_RANDOM_MOE, TINY_RANDOM_DENSE)
+
+# The demo tokenizer's <|endoftext|> id (see data.train_demo_tokenizer).
+DEMO_EOS_ID = 0
+
+# ``dtype=`` replaced ``torch_dtype=`` in from_pretrained in 4.56; 5.x deprecates the old name.
+_DTYPE_KWARG = "dtype" if Version(transformers.__version__) >= Version("4.56") else "torch_dtype"
+
+# Pretraining recipe of the "tiny-moe" teacher. Bump _PRETRAIN_VERSION when it changes (new cache dir).
+_PRETRAIN_VERSION = 1
+PRETRAIN_STEPS = 600
+PRETRAIN_MAX_LENGTH = 128
+PRETRAIN_EVAL_FRACTION = 0.05
+
+
+# ----------------------------------------------------------------------------- tiny configs
+
+
+def tiny_moe_config(vocab_size: int = 4096) -> Qwen3MoeConfig:
+    """The demo teacher's shape: a 4-layer Qwen3-MoE, 4 experts, top-2 routing (6.04 M parameters at 4096).
+
+    hidden 256, 4 heads of 64 with 2 KV heads, every layer sparse (``decoder_sparse_step=1``, so the dense
+    ``intermediate_size`` is unused), expert width 256, untied embeddings.
+    """
+    return Qwen3MoeConfig(
+        vocab_size=vocab_size,
+        hidden_size=256,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=64,
+        intermediate_size=512,
+        moe_intermediate_size=256,
+        num_experts=4,
+        num_experts_per_tok=2,
+        decoder_sparse_step=1,
+        norm_topk_prob=True,
+        output_router_logits=False,
+        max_position_embeddings=512,
+        tie_word_embeddings=False,
+        bos_token_id=DEMO_EOS_ID,
+        eos_token_id=DEMO_EOS_ID,
+    )
+
+
+def tiny_dense_config(vocab_size: int = 4096) -> LlamaConfig:
+    """The demo student's shape: a 3-layer Llama, hidden 96, tied embeddings (0.64 M parameters at 4096).
+
+    4 heads of 24 with 2 KV heads, MLP width 192. No ``pad_token_id``: it would freeze that embedding row.
+    """
+    return LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=96,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=24,
+        intermediate_size=192,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+        bos_token_id=DEMO_EOS_ID,
+        eos_token_id=DEMO_EOS_ID,
+    )
+
+
+def _seeded_model(config, seed: int) -> torch.nn.Module:
+    """``AutoModelForCausalLM.from_config`` with a fixed seed, leaving the caller's RNG state untouched."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(config)
+    return model.float()
+
+
+def tiny_random_moe(vocab_size: int = 4096, seed: int = 0) -> torch.nn.Module:
+    """A ``Qwen3MoeForCausalLM`` of ``tiny_moe_config`` shape with seeded random weights."""
+    return _seeded_model(tiny_moe_config(vocab_size), seed)
+
+
+def tiny_random_dense(vocab_size: int = 4096, seed: int = 0) -> torch.nn.Module:
+    """A ``LlamaForCausalLM`` of ``tiny_dense_config`` shape with seeded random weights."""
+    return _seeded_model(tiny_dense_config(vocab_size), seed)
+
+
+def count_parameters(model: torch.nn.Module) -> int:
+    """Number of distinct parameters (tied weights counted once)."""
+    return sum(p.numel() for p in model.parameters())
+
+
+# ----------------------------------------------------------------------------- resolving references
+
+
+def _model_field(role: str | None) -> str:
+    return f"{role}_model" if role else "teacher_model/student_model"
+
+
+def _save_with_tokenizer(model: torch.nn.Module, vocab_size: int, out_dir: Path) -> None:
+    """``save_pretrained`` the model and the demo tokenizer into ``out_dir``."""
+    tokenizer = AutoTokenizer.from_pretrained(data.demo_tokenizer(vocab_size))
+    if len(tokenizer) > vocab_size:
+        raise ConfigError(f"demo tokenizer has {len(tokenizer)} tokens, more than vocab_size {vocab_size}.")
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+
+
+def resolve_model(
+    name_or_path: str | os.PathLike, *, vocab_size: int = 4096, seed: int = 0, role: str | None = None
+) -> Path | str:
+    """Turn a model reference into something ``from_pretrained`` takes: a local directory or a hub id.
+
+    Tiny presets are built (or pretrained) once into ``cache_root()/models`` and returned from there;
+    a local directory is returned as is (it must hold a ``config.json``); anything else is returned
+    unchanged as a hub id. ``role`` ("teacher" / "student") names the config field in errors.
+    """
+    reference = os.fspath(name_or_path)
+    if reference in (TINY_RANDOM_MOE, TINY_RANDOM_DENSE):
+        out_dir = data.cache_root() / "models" / f"{reference}-v{vocab_size}-s{seed}"
+        if not (out_dir / "config.json").exists():
+            build = tiny_random_moe if reference == TINY_RANDOM_MOE else tiny_random_dense
+            with data.staged_directory(out_dir) as staging:
+                _save_with_tokenizer(build(vocab_size, seed), vocab_size, staging)
+            logger.info("Saved %s to %s", reference, out_dir)
+        return out_dir
+    if reference == TINY_MOE:
+        return pretrain_tiny_moe(vocab_size=vocab_size, seed=seed)
+    path = Path(reference).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ConfigError(
+                f"{_model_field(role)} points to {path}, which has no config.json. Give the directory that "
+                "holds config.json and the weights (look one level down in a Kaggle model mount).",
+                field=_model_field(role),
+            )
+        return path
+    if path.exists() or reference.startswith(("/", ".", "~")) or reference.count("/") > 1:
+        raise ConfigError(
+            f"{_model_field(role)} = {reference!r} looks like a local path but is not a directory. "
+            "Give the directory that holds config.json and the weights.",
+            field=_model_field(role),
+        )
+    return reference
+
+
+def _offline_model_error(reference: str, field: str, err: Exception) -> ConfigError:
+    return ConfigError(
+        f"Could not load {field} {reference!r}: {type(err).__name__}: {err}. Kaggle kernels usually run "
+        "offline: attach the model as a Kaggle model or dataset (Add Input) and set "
+        f"`{field}` to its local directory under /kaggle/input, or use one of {', '.join(TINY_MODELS)}.",
+        field=field,
+    )
+
+
+def load_model(
+    name_or_path: str | os.PathLike,
+    *,
+    role: str,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | None = None,
+    vocab_size: int = 4096,
+    seed: int = 0,
+) -> torch.nn.Module:
+    """Load a causal LM for ``role`` ("teacher" or "student") onto ``device``.
+
+    ``dtype=None`` means float32 on both transformers lines (5.x would otherwise keep the checkpoint's
+    dtype). The teacher comes back in eval mode with ``requires_grad=False`` on every parameter; the
+    student in train mode. A hub id that cannot be loaded (offline) raises ConfigError naming the field.
+    """
+    if role not in ("teacher", "student"):
+        raise ValueError(f"role must be 'teacher' or 'student', got {role!r}")
+    field = _model_field(role)
+    resolved = resolve_model(name_or_path, vocab_size=vocab_size, seed=seed, role=role)
+    kwargs = {_DTYPE_KWARG: dtype or torch.float32}
+    try:
+        model = AutoModelForCausalLM.from_pretrained(resolved, **kwargs)
+    except (OSError, ValueError) as err:
+        if isinstance(resolved, Path):
+            raise
+        raise _offline_model_error(str(resolved), field, err) from err
+    model.to(device)
+    if role == "teacher":
+        model.eval()
+        model.requires_grad_(False)
+    else:
+        model.train()
+    logger.info(
+        "Loaded %s %s (%s, %.2f M parameters) on %s in %s",
+        role, name_or_path, type(model).__name__, count_parameters(model) / 1e6, device, model.dtype,
+    )  # fmt: skip
+    return model
+
+
+def load_tokenizer(name_or_path: str | os.PathLike, *, vocab_size: int = 4096, field: str = "tokenizer"):
+    """``AutoTokenizer`` for a model reference; tiny-* names give the demo tokenizer.
+
+    A tokenizer without a pad token gets ``pad = eos`` (packing needs no padding; this only keeps
+    padding-based utilities working). Hub failures raise ConfigError naming ``field``.
+    """
+    reference = os.fspath(name_or_path)
+    if reference in TINY_MODELS:
+        source: Path | str = data.demo_tokenizer(vocab_size)
+    else:
+        source = Path(reference).expanduser() if Path(reference).expanduser().is_dir() else reference
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source)
+    except (OSError, ValueError) as err:
+        if isinstance(source, Path):
+            raise
+        raise _offline_model_error(reference, field, err) from err
+    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
+        tokenizer.pad_token = tokenizer.eos_token
+        logger.info("Tokenizer %s has no pad token; using eos %r as pad", reference, tokenizer.eos_token)
+    return tokenizer
+
+
+# ----------------------------------------------------------------------------- precision
+
+
+def precision_for(device: str | torch.device, capability: tuple[int, int] | None = None) -> dict:
+    """Mixed-precision plan for a device.
+
+    ==================  ==============  ===============  =============  =============
+    device              autocast_dtype  use_grad_scaler  teacher_dtype  student_dtype
+    ==================  ==============  ===============  =============  =============
+    CPU / other         None            False            float32        float32
+    CUDA cc >= 8.0      bfloat16        False            bfloat16       float32
+    CUDA cc <  8.0      float16         True             float16        float32
+    ==================  ==============  ===============  =============  =============
+
+    bf16 is gated on compute capability, never ``torch.cuda.is_bf16_supported()`` (True on a T4, which
+    only emulates it). The student keeps float32 master weights. ``capability`` overrides the query
+    (so the table can be tested on CPU); giving it implies a CUDA device.
+    """
+    device = torch.device(device)
+    if device.type != "cuda" and capability is None:
+        return {
+            "autocast_dtype": None,
+            "use_grad_scaler": False,
+            "teacher_dtype": torch.float32,
+            "student_dtype": torch.float32,
+        }
+    if capability is None:
+        capability = torch.cuda.get_device_capability(device)
+    if tuple(capability) >= (8, 0):
+        return {
+            "autocast_dtype": torch.bfloat16,
+            "use_grad_scaler": False,
+            "teacher_dtype": torch.bfloat16,
+            "student_dtype": torch.float32,
+        }
+    return {
+        "autocast_dtype": torch.float16,
+        "use_grad_scaler": True,
+        "teacher_dtype": torch.float16,
+        "student_dtype": torch.float32,
+    }
+
+
+# ----------------------------------------------------------------------------- tiny teacher pretraining
+
+
+@torch.no_grad()
+def evaluate_perplexity(model: torch.nn.Module, blocks: torch.Tensor, batch_size: int = 32) -> float:
+    """exp(token-weighted mean next-token cross-entropy) of ``model`` over ``[N, L + 1]`` blocks."""
+    was_training = model.training
+    model.eval()
+    total_loss, total_tokens = 0.0, 0
+    for start in range(0, len(blocks), batch_size):
+        input_ids, labels = data.next_token_batch(blocks[start : start + batch_size])
+        logits = model(input_ids=input_ids).logits.float()
+        total_loss += torch.nn.functional.cross_entropy(
+            logits.flatten(0, 1), labels.flatten(), reduction="sum"
+        ).item()
+        total_tokens += labels.numel()
+    model.train(was_training)
+    return math.exp(total_loss / max(total_tokens, 1))
+
+
+def _train_cross_entropy(
+    model: torch.nn.Module,
+    train_blocks: torch.Tensor,
+    *,
+    steps: int,
+    batch_size: int,
+    lr: float,
+    warmup_steps: int,
+    seed: int,
+    desc: str,
+) -> float:
+    """Plain next-token CE training: AdamW, cosine schedule with warmup, clip 1.0, seeded batch order.
+
+    Returns the last step's loss. Used to pretrain the tiny teacher (the distillation trainer lives in
+    ``trainer.py``).
+    """
+    if steps < 1:
+        raise ConfigError(f"pretraining needs at least 1 step, got {steps}.")
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.1)
+    scheduler = transformers.get_scheduler(
+        "cosine", optimizer, num_warmup_steps=warmup_steps, num_training_steps=steps
+    )
+    generator = torch.Generator().manual_seed(seed)
+    order, position = torch.randperm(len(train_blocks), generator=generator), 0
+    progress = tqdm(range(steps), desc=desc, unit="step")
+    for step in progress:
+        if position + batch_size > len(order):  # next epoch: a fresh seeded order
+            order, position = torch.randperm(len(train_blocks), generator=generator), 0
+        input_ids, labels = data.next_token_batch(train_blocks[order[position : position + batch_size]])
+        position += batch_size
+        logits = model(input_ids=input_ids).logits
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), labels.flatten())
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        scheduler.step()
+        progress.set_postfix(loss=f"{loss.item():.3f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
+        if (step + 1) % 100 == 0 or step + 1 == steps:
+            logger.info("%s step %d/%d loss %.4f", desc, step + 1, steps, loss.item())
+    model.eval()
+    return loss.item()
+
+
+def pretrain_tiny_moe(
+    *,
+    vocab_size: int = 4096,
+    seed: int = 0,
+    steps: int = PRETRAIN_STEPS,
+    batch_size: int = 16,
+    lr: float = 2e-3,
+    warmup_steps: int | None = None,
+    max_length: int = PRETRAIN_MAX_LENGTH,
+    eval_fraction: float = PRETRAIN_EVAL_FRACTION,
+) -> Path:
+    """Pretrain the tiny Qwen3-MoE teacher on stdlib-docs (CE only) once; return its cached directory.
+
+    AdamW + cosine schedule with warmup (``transformers.get_scheduler``), gradient clipping at 1.0,
+    seeded initialisation and batch order. The teacher trains only on the train split of
+    ``build_blocks(seed=seed, eval_fraction=eval_fraction)``: distil with the same seed and eval fraction
+    so the student's eval documents stay unseen by the teacher. The directory holds the model, the demo
+    tokenizer and ``pretrain.json`` (steps, seconds, eval perplexity, data fingerprint). A second call with
+    the same arguments returns the directory at once.
+    """
+    name = f"{TINY_MOE}-v{vocab_size}-s{seed}-n{steps}-b{batch_size}-lr{lr:g}-p{_PRETRAIN_VERSION}"
+    out_dir = data.cache_root() / "models" / name
+    if (out_dir / "pretrain.json").exists():
+        return out_dir
+
+    tokenizer = AutoTokenizer.from_pretrained(data.demo_tokenizer(vocab_size))
+    texts = data.load_texts(data.STDLIB_DATASET)
+    blocks = data.build_blocks(
+        texts, tokenizer, max_length=max_length, eval_fraction=eval_fraction, seed=seed,
+        source=data.STDLIB_DATASET,
+    )  # fmt: skip
+    model = tiny_random_moe(vocab_size, seed)
+    logger.info(
+        "Pretraining %s: %.2f M parameters, %d steps of %d x %d tokens", TINY_MOE,
+        count_parameters(model) / 1e6, steps, batch_size, max_length,
+    )  # fmt: skip
+    started = time.perf_counter()
+    warmup = warmup_steps if warmup_steps is not None else max(1, steps // 20)
+    final_loss = _train_cross_entropy(
+        model, blocks.train, steps=steps, batch_size=batch_size, lr=lr, warmup_steps=warmup, seed=seed,
+        desc=f"pretrain {TINY_MOE}",
+    )  # fmt: skip
+    seconds = time.perf_counter() - started
+    eval_ppl = evaluate_perplexity(model, blocks.eval)
+    logger.info("Pretrained %s in %.0f s: eval perplexity %.2f", TINY_MOE, seconds, eval_ppl)
+
+    report = {
+        "steps": steps,
+        "batch_size": batch_size,
+        "lr": lr,
+        "warmup_steps": warmup,
+        "max_length": max_length,
+        "seed": seed,
+        "eval_fraction": eval_fraction,
+        "seconds": round(seconds, 1),
+        "eval_perplexity": eval_ppl,
+        "final_train_loss": final_loss,
+        "parameters": count_parameters(model),
+        "data_fingerprint": data.dataset_fingerprint(
+            source=data.STDLIB_DATASET,
+            tokenizer=tokenizer,
+            max_length=max_length,
+            eval_fraction=eval_fraction,
+            seed=seed,
+        ),  # fmt: skip
+        "data": blocks.info,
+    }
+    with data.staged_directory(out_dir) as staging:
+        _save_with_tokenizer(model, vocab_size, staging)
+        (staging / "pretrain.json").write_text(json.dumps(report, indent=2), encoding="utf-8")
+    return out_dir

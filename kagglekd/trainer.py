@@ -1,0 +1,634 @@
+"""Distiller: setup, train, evaluate, checkpoint and resume, on accelerate.
+
+One optimizer step = one accumulation window of micro-batches. Every loss component is a sum over valid
+target tokens divided by the window's valid-target count (summed over ranks), so bs 4 x GA 1 and
+bs 1 x GA 4 give the same gradients. A skipped step (non-finite loss or gradient) still counts as a step:
+the data position and the LR plan advance, so the LR logged is always ``plan.lr_at(step)``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import random
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from kagglekd import data, losses, models
+from kagglekd.alignment import classify_vocab_pair
+from kagglekd.config import DistillConfig
+from kagglekd.errors import ConfigError, KaggleKDError
+from kagglekd.metrics import EvalTotals, HistoryWriter
+from kagglekd.schedule import SchedulePlan, build_scheduler, plan_schedule
+
+log = logging.getLogger(__name__)
+
+COMPONENTS = ("kd", "ce")
+STATE_FILE = "trainer_state.json"
+
+
+class TrainingStopped(KaggleKDError):
+    """The run stopped itself (too many non-finite steps); ``report`` is what failure_report.json holds."""
+
+    def __init__(self, message: str, report: dict):
+        super().__init__(message)
+        self.report = report
+
+
+@dataclass
+class Window:
+    """The micro-batches of one optimizer step and where they came from."""
+
+    step: int
+    epoch: int
+    micro_batches: list[torch.Tensor]  # each [b, max_length + 1] token blocks
+    block_indices: list[int]
+
+
+class Distiller:
+    """Distils ``config.teacher_model`` into ``config.student_model``.
+
+    ``Distiller(config).train()`` is the whole job; ``setup()`` runs on first use. Callbacks are objects with
+    any of ``on_log(metrics)``, ``on_eval(metrics)``, ``on_end(summary)``.
+    """
+
+    def __init__(self, config: DistillConfig, callbacks=(), output_dir: str | Path | None = None,
+                 write_run_dir: bool = True):
+        self.config = config
+        self.write_run_dir = write_run_dir
+        self.callbacks = list(callbacks)
+        self.output_dir = Path(output_dir or config.output_dir)
+        self._ready = False
+
+    # ---- setup -----------------------------------------------------------------------------------------
+    def setup(self) -> Distiller:
+        if self._ready:
+            return self
+        cfg = self.config
+        self._check_supported()
+        self._setup_accelerator()
+        self._setup_models()
+        self._setup_data()
+        self.plan: SchedulePlan = plan_schedule(cfg, self.batches_per_epoch)
+        self._setup_optimizer()
+        self._setup_run_dir()
+        self._ready = True
+        return self
+
+    def _check_supported(self) -> None:
+        cfg = self.config
+        for name in ("alpha_feature", "alpha_attention"):
+            if getattr(cfg, name) > 0:
+                raise ConfigError(
+                    f"{name} = {getattr(cfg, name)}: this version of kagglekd trains KD + CE only; feature and "
+                    f"attention transfer are not available yet. Set {name} to 0.",
+                    field=name,
+                )
+
+    def _setup_accelerator(self) -> None:
+        from accelerate import Accelerator
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.precision = models.precision_for(device)
+        if not self.config.use_amp or self.precision["autocast_dtype"] is None:
+            mixed = "no"
+        else:
+            mixed = "bf16" if self.precision["autocast_dtype"] == torch.bfloat16 else "fp16"
+        self.accelerator = Accelerator(mixed_precision=mixed, cpu=device == "cpu")
+        self.device = self.accelerator.device
+        self.world = self.accelerator.num_processes
+        self.rank = self.accelerator.process_index
+        self.is_main = self.accelerator.is_main_process
+
+    def _setup_models(self) -> None:
+        cfg = self.config
+        self.tokenizer = models.load_tokenizer(cfg.tokenizer or cfg.student_model)
+        vocab = len(self.tokenizer)
+        self.needs_teacher = cfg.alpha_kd > 0
+        self.teacher = None
+        if self.needs_teacher:
+            teacher_tokenizer = models.load_tokenizer(cfg.teacher_tokenizer or cfg.teacher_model)
+            self.vocab_relation = classify_vocab_pair(teacher_tokenizer, self.tokenizer)
+            if self.vocab_relation == "different":
+                raise ConfigError(
+                    f"teacher {cfg.teacher_model} and student {cfg.student_model} have different vocabularies: "
+                    "token id i means a different token on each side, so comparing their logits (or truncating "
+                    "the wider one) trains the student on noise. Use a teacher/student pair that shares a "
+                    "tokenizer; cross-tokenizer distillation is not available in this version.",
+                    field="teacher_model",
+                )
+            self.teacher = models.load_model(
+                cfg.teacher_model, role="teacher", device=self.device, dtype=self.precision["teacher_dtype"],
+                vocab_size=vocab, seed=cfg.seed,
+            )
+        torch.manual_seed(cfg.seed)
+        self.student = models.load_model(
+            cfg.student_model, role="student", device=self.device, dtype=torch.float32, vocab_size=vocab,
+            seed=cfg.seed,
+        )
+        self.student.train()
+        self.student_vocab = self.student.get_output_embeddings().weight.shape[0]
+
+    def _setup_data(self) -> None:
+        cfg = self.config
+        texts = data.load_texts(
+            cfg.dataset, text_column=cfg.text_column, dataset_config=cfg.dataset_config, split=cfg.dataset_split,
+            subset_size=cfg.dataset_subset_size,
+        )
+        self.blocks = data.build_blocks(
+            texts, self.tokenizer, max_length=cfg.max_length, text_column=cfg.text_column,
+            eval_fraction=cfg.eval_fraction, seed=cfg.seed,
+        )
+        global_batch = cfg.batch_size * self.world
+        self.batches_per_epoch = math.ceil(len(self.blocks.train) / global_batch)
+        eval_blocks = self.blocks.eval
+        if cfg.eval_max_blocks is not None:
+            eval_blocks = eval_blocks[: cfg.eval_max_blocks]
+        self.eval_blocks = eval_blocks
+
+    def _setup_optimizer(self) -> None:
+        cfg = self.config
+        decay, no_decay = [], []
+        for name, param in self.student.named_parameters():
+            if param.requires_grad:
+                (no_decay if param.ndim < 2 or "norm" in name.lower() else decay).append(param)
+        groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        optimizer = torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2))
+        self.student, self.optimizer = self.accelerator.prepare(self.student, optimizer)
+        # Not prepared: accelerate would step a prepared scheduler once per process, bending the plan.
+        self.scheduler = build_scheduler(self.optimizer.optimizer, self.plan)
+        self.ema = None
+        if cfg.ema_decay is not None:
+            from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+            self.ema = AveragedModel(
+                self.accelerator.unwrap_model(self.student), multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay),
+                use_buffers=True,
+            )
+            horizon = 1.0 / (1.0 - cfg.ema_decay)
+            if self.plan.optimizer_steps < 3 * horizon:
+                log.warning(
+                    "ema_decay %.4g averages over ~%d steps but the run has %d: the EMA weights will still be "
+                    "mostly the initial ones. Lower ema_decay (e.g. %.3g) or train longer.",
+                    cfg.ema_decay, horizon, self.plan.optimizer_steps, 1 - 3 / max(self.plan.optimizer_steps, 3),
+                )
+
+    def _setup_run_dir(self) -> None:
+        self.state = {"step": 0, "best_ppl": math.inf, "evals_without_improvement": 0, "skipped": 0,
+                      "consecutive_skips": 0, "stopped_early": False, "last_eval": None}
+        self.history = HistoryWriter(self.output_dir / "history.csv")
+        if not self.is_main or not self.write_run_dir:
+            return
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        self.config.to_json(self.output_dir / "config.json")
+        _write_json(self.output_dir / "plan.json", self.plan.to_dict())
+        _write_json(self.output_dir / "data.json", self.blocks.info)
+
+    # ---- the step --------------------------------------------------------------------------------------
+    def _teacher_logits(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """[B, T, V_teacher] logits, no grad. Extra teacher rows beyond the shared vocabulary get -inf."""
+        with torch.no_grad():
+            logits = self.teacher(input_ids=input_ids).logits
+        if logits.shape[-1] != self.student_vocab:
+            logits = _match_vocab(logits, self.student_vocab)
+        return logits
+
+    def _loss_step(self, micro_batch: torch.Tensor, num_items: int) -> tuple[torch.Tensor, dict]:
+        """Loss of one micro-batch, already divided by the window's valid-target count."""
+        cfg = self.config
+        input_ids, labels = data.next_token_batch(micro_batch.to(self.device))
+        with self.accelerator.autocast():
+            student_logits = self.student(input_ids=input_ids).logits
+        parts: dict[str, torch.Tensor] = {}
+        if cfg.alpha_ce > 0:
+            parts["ce"] = losses.ce_loss(student_logits, labels, num_items=num_items, chunk_size=cfg.loss_chunk_size)
+        if cfg.alpha_kd > 0:
+            teacher_logits = self._teacher_logits(input_ids)
+            parts["kd"] = losses.kd_loss(
+                student_logits, teacher_logits, labels, temperature=cfg.temperature, divergence=cfg.divergence,
+                beta=cfg.jsd_beta, skew_alpha=cfg.skew_alpha, top_k=cfg.kd_top_k, scale_t2=cfg.kd_scale_t2,
+                num_items=num_items, chunk_size=cfg.loss_chunk_size,
+            )
+        weights = {"kd": cfg.alpha_kd, "ce": cfg.alpha_ce}
+        total = sum(weights[name] * value for name, value in parts.items())
+        return total, {name: value.detach() for name, value in parts.items()}
+
+    def _window_backward(self, window: Window) -> dict:
+        """Forward and backward over one accumulation window; gradients are left in ``.grad``."""
+        local = sum(int((mb[:, 1:] != -100).sum()) for mb in window.micro_batches)
+        counts = torch.tensor([local], device=self.device, dtype=torch.long)
+        num_items = int(self.accelerator.reduce(counts, reduction="sum").item()) if self.world > 1 else local
+        sums = {name: 0.0 for name in COMPONENTS}
+        loss_sum = 0.0
+        for index, micro_batch in enumerate(window.micro_batches):
+            last = index == len(window.micro_batches) - 1
+            context = self.accelerator.no_sync(self.student) if not last else _nullcontext()
+            with context:
+                loss, parts = self._loss_step(micro_batch, num_items)
+                # DDP averages gradients over ranks; the loss is already a global mean, so undo that average.
+                self.accelerator.backward(loss * self.world)
+            loss_sum += float(loss.detach())
+            for name, value in parts.items():
+                sums[name] += float(value)
+        return {"loss": loss_sum, "tokens": num_items, **sums}
+
+    def _optimizer_step(self) -> tuple[float, bool]:
+        """Clip, check, step. Returns (grad_norm, skipped)."""
+        max_norm = self.config.max_grad_norm if self.config.max_grad_norm is not None else math.inf
+        grad_norm = float(self.accelerator.clip_grad_norm_(self.student.parameters(), max_norm))
+        scaler = self.accelerator.scaler is not None
+        if not math.isfinite(grad_norm) and not scaler:
+            self.optimizer.zero_grad(set_to_none=True)
+            return grad_norm, True
+        # Under fp16 the GradScaler skips the update itself (and lowers its scale); we only count it.
+        self.optimizer.step()
+        skipped = scaler and self.accelerator.optimizer_step_was_skipped
+        self.optimizer.zero_grad(set_to_none=True)
+        if not skipped and self.ema is not None:
+            self.ema.update_parameters(self.accelerator.unwrap_model(self.student))
+        return grad_norm, bool(skipped)
+
+    # ---- data order ------------------------------------------------------------------------------------
+    def _epoch_order(self, epoch: int) -> torch.Tensor:
+        generator = torch.Generator().manual_seed(self.config.seed * 1_000_003 + epoch)
+        return torch.randperm(len(self.blocks.train), generator=generator)
+
+    def _windows(self, start_step: int):
+        """Windows from ``start_step`` on; the position in the data is a pure function of the step."""
+        cfg = self.config
+        ga, bs = cfg.gradient_accumulation_steps, cfg.batch_size
+        per_epoch, global_batch = self.plan.steps_per_epoch, bs * self.world
+        for step in range(start_step, self.plan.optimizer_steps):
+            epoch, step_in_epoch = divmod(step, per_epoch)
+            order = self._epoch_order(epoch)
+            first = step_in_epoch * ga
+            batches, indices = [], []
+            for batch_index in range(first, min(first + ga, self.batches_per_epoch)):
+                rows = order[batch_index * global_batch : (batch_index + 1) * global_batch]
+                rows = rows[self.rank :: self.world]
+                if len(rows) == 0:
+                    continue
+                batches.append(self.blocks.train[rows])
+                indices.extend(int(r) for r in rows)
+            yield Window(step=step, epoch=epoch, micro_batches=batches, block_indices=indices)
+
+    # ---- train -----------------------------------------------------------------------------------------
+    def train(self, max_steps: int | None = None) -> dict:
+        """Run (or continue) training; ``max_steps`` stops early after that many optimizer steps in total."""
+        self.setup()
+        self._maybe_resume()
+        stop_at = self.plan.optimizer_steps if max_steps is None else min(max_steps, self.plan.optimizer_steps)
+        start = time.perf_counter()
+        start_step = self.state["step"]
+        bar = tqdm(total=stop_at, initial=start_step, desc="distil", unit="step", disable=not self.is_main,
+                   dynamic_ncols=True)
+        for window in self._windows(start_step):
+            if window.step >= stop_at or self.state["stopped_early"]:
+                break
+            row = self._train_step(window)
+            bar.update(1)
+            bar.set_postfix(loss=f"{row['loss']:.3f}", lr=f"{row['lr']:.2e}", tok_s=f"{row['tokens_per_s']:.0f}")
+            self._after_step(row, window)
+        bar.close()
+        summary = self._finish(time.perf_counter() - start, stop_at)
+        return summary
+
+    def _train_step(self, window: Window) -> dict:
+        step_start = time.perf_counter()
+        lr = self.optimizer.optimizer.param_groups[0]["lr"]
+        sums = self._window_backward(window)
+        grad_norm, skipped = self._optimizer_step()
+        if not math.isfinite(sums["loss"]):
+            skipped = True
+        self.scheduler.step()
+        elapsed = time.perf_counter() - step_start
+        row = {"step": window.step, "epoch": window.step / self.plan.steps_per_epoch, "lr": lr,
+               "loss": sums["loss"], "grad_norm": grad_norm, "tokens": sums["tokens"],
+               "tokens_per_s": sums["tokens"] / elapsed if elapsed > 0 else float("nan")}
+        weights = {"kd": self.config.alpha_kd, "ce": self.config.alpha_ce}
+        for name in COMPONENTS:
+            active = weights[name] > 0
+            row[name] = sums[name] if active else float("nan")
+            row[f"w_{name}"] = weights[name] * sums[name] if active else float("nan")
+            row[f"share_{name}"] = row[f"w_{name}"] / sums["loss"] if active and sums["loss"] else float("nan")
+        if skipped:
+            self.state["skipped"] += 1
+            self.state["consecutive_skips"] += 1
+            log.warning("step %d skipped: non-finite loss %.4g or grad norm %.4g", window.step, sums["loss"], grad_norm)
+        else:
+            self.state["consecutive_skips"] = 0
+        row["skipped"] = self.state["skipped"]
+        self.state["step"] = window.step + 1
+        return row
+
+    def _after_step(self, row: dict, window: Window) -> None:
+        cfg = self.config
+        step_done = self.state["step"]
+        if self.is_main:
+            self.history.append(row)
+            if step_done % cfg.log_steps == 0:
+                self._emit("on_log", row)
+        if self.state["consecutive_skips"] >= cfg.max_consecutive_skips:
+            self._stop_non_finite(row, window)
+        last = step_done == self.plan.optimizer_steps
+        if (cfg.eval_steps and step_done % cfg.eval_steps == 0) or last:
+            self._eval_and_record(row)
+        # A checkpoint taken inside a run of skipped steps would not be "the last good one".
+        if cfg.save_steps and step_done % cfg.save_steps == 0 and not last and not self.state["consecutive_skips"]:
+            self.save_checkpoint()
+
+    def _eval_and_record(self, row: dict) -> None:
+        metrics = self.evaluate()
+        values = {"eval_ppl": metrics["ppl"], "eval_kd": metrics.get("kd", float("nan")),
+                  "eval_top1_agreement": metrics.get("top1_agreement", float("nan"))}
+        if "ppl_ema" in metrics:
+            values["eval_ppl_ema"] = metrics["ppl_ema"]
+        previous = self.state["last_eval"]
+        if previous is not None and row["lr"] > 0 and abs(previous - metrics["ppl"]) <= 1e-7 * max(1.0, previous):
+            log.warning(
+                "eval perplexity %.6f is identical to the previous eval while LR = %.3g: the weights being "
+                "evaluated are not the ones training (frozen copy?) or the eval data is wrong.",
+                metrics["ppl"], row["lr"],
+            )
+        self.state["last_eval"] = metrics["ppl"]
+        if self.is_main:
+            self.history.update_last(values)
+            self._emit("on_eval", {"step": row["step"], **values})
+        self._early_stopping(metrics["ppl"])
+
+    def _early_stopping(self, ppl: float) -> None:
+        cfg = self.config
+        if ppl < self.state["best_ppl"] - cfg.early_stopping_min_delta:
+            self.state["best_ppl"] = ppl
+            self.state["evals_without_improvement"] = 0
+            return
+        if self.state["step"] <= self.plan.warmup_steps:
+            return  # never judge a run that is still warming up
+        self.state["evals_without_improvement"] += 1
+        patience = cfg.early_stopping_patience
+        if patience is not None and self.state["evals_without_improvement"] >= patience:
+            log.info("early stopping: %d evals without improving on perplexity %.4f", patience,
+                     self.state["best_ppl"])
+            self.state["stopped_early"] = True
+
+    def _stop_non_finite(self, row: dict, window: Window) -> None:
+        report = {
+            "reason": f"{self.state['consecutive_skips']} optimizer steps in a row had a non-finite loss or gradient",
+            "step": window.step, "epoch": window.epoch, "components": {k: row.get(k) for k in ("loss", *COMPONENTS)},
+            "grad_norm": row["grad_norm"], "batch_indices": window.block_indices, "skipped_total": self.state["skipped"],
+            "last_checkpoint": str(self.latest_checkpoint()) if self.latest_checkpoint() else None,
+            "fix": "lower learning_rate, check the data around these blocks, or raise max_consecutive_skips.",
+        }
+        if self.is_main:
+            _write_json(self.output_dir / "failure_report.json", report)
+        raise TrainingStopped(f"training stopped at step {window.step}: {report['reason']}; see "
+                              f"{self.output_dir / 'failure_report.json'}", report)
+
+    def _finish(self, wall_time: float, stop_at: int) -> dict:
+        if self.state["step"] == self.plan.optimizer_steps or self.state["stopped_early"]:
+            if self.is_main:
+                self.save_student(self.output_dir / "student")
+        rows = self.history.rows
+        tokens = sum(r["tokens"] for r in rows[-max(1, self.state["step"]):])
+        summary = {
+            "optimizer_steps": self.state["step"], "planned_steps": self.plan.optimizer_steps,
+            "skipped": self.state["skipped"], "stopped_early": self.state["stopped_early"], "wall_time_s": wall_time,
+            "tokens_per_s": _median([r["tokens_per_s"] for r in rows]) if rows else float("nan"),
+            "eval_ppl": rows[-1].get("eval_ppl", float("nan")) if rows else float("nan"),
+            "eval_top1_agreement": rows[-1].get("eval_top1_agreement", float("nan")) if rows else float("nan"),
+            "train_tokens": tokens,
+        }
+        if self.is_main:
+            _write_json(self.output_dir / "summary.json", summary)
+            self._emit("on_end", summary)
+        return summary
+
+    # ---- eval ------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self, model: torch.nn.Module | None = None, with_ema: bool = True) -> dict:
+        """Perplexity, KD loss and top-1 agreement of ``model`` (default: the student now training)."""
+        self.setup()
+        cfg = self.config
+        model = model or self.accelerator.unwrap_model(self.student)
+        totals = self._eval_model(model, with_teacher=self.teacher is not None)
+        out = {"ppl": totals.ppl, "tokens": totals.tokens}
+        if self.teacher is not None:
+            out.update(kd=totals.kd, top1_agreement=totals.top1_agreement)
+        if with_ema and self.ema is not None:
+            out["ppl_ema"] = self._eval_model(self.ema.module, with_teacher=False).ppl
+        del cfg
+        return out
+
+    @torch.no_grad()
+    def teacher_perplexity(self) -> float:
+        self.setup()
+        if self.teacher is None:
+            return float("nan")
+        return self._eval_model(self.teacher, with_teacher=False, autocast=False).ppl
+
+    def _eval_model(self, model, with_teacher: bool, autocast: bool = True) -> EvalTotals:
+        cfg = self.config
+        was_training = model.training
+        model.eval()
+        totals = EvalTotals()
+        rows = self.eval_blocks[self.rank :: self.world]
+        for start in range(0, len(rows), cfg.batch_size):
+            input_ids, labels = data.next_token_batch(rows[start : start + cfg.batch_size].to(self.device))
+            with self.accelerator.autocast() if autocast else _nullcontext():
+                logits = model(input_ids=input_ids).logits
+            logits = _match_vocab(logits, self.student_vocab) if logits.shape[-1] != self.student_vocab else logits
+            tokens = losses.valid_count(labels)
+            ce_sum = float(losses.ce_loss(logits, labels, num_items=1, chunk_size=cfg.loss_chunk_size))
+            kd_sum, agree = 0.0, 0
+            if with_teacher:
+                teacher_logits = self._teacher_logits(input_ids)
+                kd_sum = float(losses.kd_loss(
+                    logits, teacher_logits, labels, temperature=cfg.temperature, divergence=cfg.divergence,
+                    beta=cfg.jsd_beta, skew_alpha=cfg.skew_alpha, top_k=cfg.kd_top_k, scale_t2=cfg.kd_scale_t2,
+                    num_items=1, chunk_size=cfg.loss_chunk_size,
+                ))
+                valid = labels != -100
+                agree = int(((logits.argmax(-1) == teacher_logits.argmax(-1)) & valid).sum())
+            totals.add(tokens, ce_sum, kd_sum, agree)
+        if self.world > 1:
+            packed = torch.tensor([totals.tokens, totals.ce_sum, totals.kd_sum, totals.agree], device=self.device,
+                                  dtype=torch.float64)
+            packed = self.accelerator.reduce(packed, reduction="sum")
+            totals = EvalTotals(int(packed[0]), float(packed[1]), float(packed[2]), int(packed[3]))
+        model.train(was_training)
+        return totals
+
+    # ---- checkpoints -----------------------------------------------------------------------------------
+    @property
+    def checkpoint_dir(self) -> Path:
+        return self.output_dir / "checkpoints"
+
+    def latest_checkpoint(self) -> Path | None:
+        return latest_checkpoint(self.checkpoint_dir)
+
+    def save_checkpoint(self) -> Path:
+        """checkpoints/step-N/: written to a temp dir and renamed, so a killed write is never picked up."""
+        step = self.state["step"]
+        final = self.checkpoint_dir / f"step-{step}"
+        tmp = self.checkpoint_dir / f".tmp-step-{step}-{os.getpid()}"
+        self.accelerator.wait_for_everyone()
+        if self.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        self.accelerator.wait_for_everyone()
+        try:
+            self.accelerator.save_state(str(tmp))
+            if self.is_main:
+                extra = {"scheduler": self.scheduler.state_dict(), "rng_python": random.getstate(),
+                         "rng_numpy": np.random.get_state()}
+                if self.ema is not None:
+                    extra["ema"] = self.ema.state_dict()
+                torch.save(extra, tmp / "kagglekd_extra.pt")
+                _write_json(tmp / STATE_FILE, {**self.state, "history": self.history.rows,
+                                               "plan_steps": self.plan.optimizer_steps})
+                if final.exists():
+                    shutil.rmtree(final)
+                os.replace(tmp, final)
+                self._prune_checkpoints()
+        except OSError as err:
+            if self.is_main:
+                shutil.rmtree(tmp, ignore_errors=True)
+            previous = self.latest_checkpoint()
+            raise KaggleKDError(
+                f"could not write checkpoint {final} ({err.strerror or err}); "
+                f"{'the previous checkpoint ' + str(previous) + ' is intact' if previous else 'no earlier checkpoint'}"
+                ". Free space in the output dir (Kaggle keeps 20 GB in /kaggle/working) or lower save_total_limit."
+            ) from err
+        self.accelerator.wait_for_everyone()
+        log.info("checkpoint %s", final)
+        return final
+
+    def _prune_checkpoints(self) -> None:
+        done = sorted(complete_checkpoints(self.checkpoint_dir), key=_step_of)
+        for old in done[: -self.config.save_total_limit]:
+            shutil.rmtree(old, ignore_errors=True)
+
+    def load_checkpoint(self, path: str | Path) -> None:
+        path = Path(path)
+        if not (path / STATE_FILE).exists():
+            raise ConfigError(f"resume: {path} is not a complete kagglekd checkpoint (no {STATE_FILE}).", "resume")
+        state = json.loads((path / STATE_FILE).read_text())
+        if state.get("plan_steps") != self.plan.optimizer_steps:
+            raise ConfigError(
+                f"resume: checkpoint {path} belongs to a run of {state.get('plan_steps')} optimizer steps, this "
+                f"config plans {self.plan.optimizer_steps}. Resume with the same config or start a new output_dir.",
+                "resume",
+            )
+        self.accelerator.load_state(str(path))
+        extra = torch.load(path / "kagglekd_extra.pt", weights_only=False)
+        self.scheduler.load_state_dict(extra["scheduler"])
+        random.setstate(extra["rng_python"])
+        np.random.set_state(extra["rng_numpy"])
+        if self.ema is not None and "ema" in extra:
+            self.ema.load_state_dict(extra["ema"])
+        history = state.pop("history")
+        state.pop("plan_steps", None)
+        self.state.update(state)
+        if self.is_main:
+            self.history.reset(history)
+        log.info("resumed from %s at step %d", path, self.state["step"])
+
+    def _maybe_resume(self) -> None:
+        if self.state["step"] > 0:
+            return  # already running in this process
+        resume = self.config.resume
+        if resume == "never":
+            if self.is_main and (self.output_dir / "history.csv").exists():
+                self.history.reset([])
+            return
+        path = self.latest_checkpoint() if resume == "auto" else Path(resume)
+        if path is None:
+            if self.is_main:
+                self.history.reset([])
+            return
+        self.load_checkpoint(path)
+
+    # ---- export ----------------------------------------------------------------------------------------
+    def save_student(self, path: str | Path) -> Path:
+        """``save_pretrained`` of the student alone (never teacher tensors) plus its tokenizer."""
+        path = Path(path)
+        tmp = path.with_name(path.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        model = self.accelerator.unwrap_model(self.student)
+        model.save_pretrained(tmp)
+        self.tokenizer.save_pretrained(tmp)
+        shutil.rmtree(path, ignore_errors=True)
+        os.replace(tmp, path)
+        return path
+
+    def _emit(self, event: str, payload: dict) -> None:
+        for callback in self.callbacks:
+            handler = getattr(callback, event, None)
+            if handler is not None:
+                handler(dict(payload))
+
+
+# ---- helpers ---------------------------------------------------------------------------------------------
+def _step_of(path: Path) -> int:
+    return int(path.name.split("-")[-1])
+
+
+def complete_checkpoints(directory: Path) -> list[Path]:
+    if not directory.is_dir():
+        return []
+    return [p for p in directory.glob("step-*") if p.is_dir() and (p / STATE_FILE).exists()]
+
+
+def latest_checkpoint(directory: Path) -> Path | None:
+    done = complete_checkpoints(Path(directory))
+    return max(done, key=_step_of) if done else None
+
+
+def _match_vocab(logits: torch.Tensor, vocab: int) -> torch.Tensor:
+    """Make the last dim ``vocab`` wide when one side only has unused padding rows (classified "padded").
+
+    Rows past the shared vocabulary are dropped from a wider teacher; a narrower one is padded with -inf
+    (probability 0), never with zeros (which would be probability mass on tokens that do not exist).
+    """
+    width = logits.shape[-1]
+    if width > vocab:
+        return logits[..., :vocab]
+    pad = logits.new_full((*logits.shape[:-1], vocab - width), float("-inf"))
+    return torch.cat([logits, pad], dim=-1)
+
+
+def _median(values: list[float]) -> float:
+    finite = sorted(v for v in values if isinstance(v, (int, float)) and math.isfinite(v))
+    return finite[len(finite) // 2] if finite else float("nan")
+
+
+def _write_json(path: Path, payload: dict) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=2, default=_json_default) + "\n")
+    tmp.replace(path)
+
+
+def _json_default(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, (np.integer, np.floating)):
+        return value.item()
+    if isinstance(value, tuple):
+        return list(value)
+    return str(value)
+
+
+class _nullcontext:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False

@@ -1,0 +1,279 @@
+"""Memory planner: exact parameter counts, the parts' arithmetic, verdicts, and predicted vs measured peak on CPU."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from transformers import LlamaConfig, Qwen3MoeConfig
+
+from kagglekd.config import DistillConfig
+from kagglekd.memory import (
+    GPU_PROFILES,
+    GiB,
+    card_names,
+    config_from_card,
+    count_parameters,
+    gpu_profile,
+    largest_fitting,
+    load_card,
+    plan_memory,
+    resolve_model_config,
+)
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+SMOLLM = "HuggingFaceTB/SmolLM-135M"
+HUIHUI = "huihui-ai/Huihui-MoE-1B-A0.6B"
+
+
+def smollm_from_published_facts() -> LlamaConfig:
+    return LlamaConfig(
+        hidden_size=576,
+        intermediate_size=1536,
+        num_hidden_layers=30,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        vocab_size=49152,
+        tie_word_embeddings=True,
+        max_position_embeddings=2048,
+    )
+
+
+def test_smollm_135m_parameter_count_is_exact():
+    assert count_parameters(smollm_from_published_facts()).total == 134_515_008
+    assert count_parameters(config_from_card(load_card(SMOLLM))).total == 134_515_008
+
+
+def test_every_card_builds_a_config_and_matches_its_recorded_count():
+    names = card_names()
+    assert {
+        SMOLLM,
+        HUIHUI,
+        "huihui-ai/Huihui-MoE-1.2B-A0.6B",
+        "Qwen/Qwen3-0.6B",
+        "HuggingFaceTB/SmolLM2-360M",
+        "HuggingFaceTB/SmolLM2-135M",
+    } <= set(names)
+    for name in names:
+        card = load_card(name)
+        assert card["tokenizer_family"] and card["_source"]
+        counts = count_parameters(config_from_card(card))
+        assert counts.total == card["parameters"], name
+        assert counts.active <= counts.total
+
+
+def test_moe_active_parameters_scale_experts_by_top_k():
+    counts = count_parameters(config_from_card(load_card("huihui-ai/Huihui-MoE-1.2B-A0.6B")))
+    assert counts.total == 1_280_200_704  # the published 1.28B
+    assert counts.active == counts.total - counts.expert + counts.expert // 3
+
+
+def test_unknown_model_has_no_card():
+    assert load_card("someone/never-heard-of-it") is None
+    cfg, reason = resolve_model_config("someone/never-heard-of-it")
+    assert cfg is None and "config.json" in reason
+
+
+def _pair():
+    return resolve_model_config(HUIHUI)[0], resolve_model_config(SMOLLM)[0]
+
+
+def test_parts_follow_the_documented_arithmetic():
+    teacher, student = _pair()
+    config = DistillConfig(batch_size=4, max_length=384, alpha_kd=0.7, alpha_ce=0.3)
+    plan = plan_memory(config, gpu="T4", teacher_cfg=teacher, student_cfg=student)
+    n_s, n_t = 134_515_008, 1_280_200_704
+    assert plan.parts["teacher_weights"] == 2 * n_t
+    assert plan.parts["student_weights"] == plan.parts["student_grads"] == 4 * n_s
+    assert plan.parts["optimizer_states"] == 8 * n_s
+    assert plan.parts["runtime_overhead"] == int(0.4 * GiB)
+    assert plan.parts["teacher_logits"] == 4 * 384 * 151936 * 2
+    assert plan.parts["attention_maps"] == 0
+    assert plan.total == sum(plan.parts.values())
+    assert plan.capacity == 15 * GiB and plan.fraction == plan.total / plan.capacity
+    cpu = plan_memory(config, gpu="cpu", teacher_cfg=teacher, student_cfg=student)
+    assert cpu.parts["runtime_overhead"] == int(0.125 * GiB) and cpu.parts["teacher_weights"] == 4 * n_t
+
+
+def test_attention_transfer_checkpointing_and_topk_move_the_right_parts():
+    teacher, student = _pair()
+    base = DistillConfig(batch_size=4, max_length=384)
+    kw = dict(gpu="T4x2", teacher_cfg=teacher, student_cfg=student)
+    plain = plan_memory(base, **kw)
+    attention = plan_memory(base.replace(alpha_attention=0.1, attention_layers=2), **kw)
+    assert attention.parts["attention_maps"] == 4 * 384 * 384 * 2 * (30 * 9 + 28 * 16)
+    checkpointed = plan_memory(base, gradient_checkpointing=True, **kw)
+    assert checkpointed.parts["student_activations"] < plain.parts["student_activations"] / 5
+    topk = plan_memory(base.replace(kd_top_k=256), **kw)
+    assert topk.parts["kd_intermediates"] < plain.parts["kd_intermediates"] and topk.kd_mode == "top-k"
+    full = plan_memory(base.replace(loss_chunk_size=4 * 384), **kw)
+    assert full.kd_mode == "full" and full.parts["kd_intermediates"] > plain.parts["kd_intermediates"]
+    sar = plan_memory(base, sar=True, **kw)
+    assert sar.parts["teacher_activations"] > 10 * plain.parts["teacher_activations"]
+    assert sar.parts["sar_router_states"] > 0
+
+
+def test_verdicts_and_largest_fitting():
+    teacher, student = _pair()
+    config = DistillConfig(batch_size=4, max_length=384)
+    kw = dict(teacher_cfg=teacher, student_cfg=student)
+    assert plan_memory(config, gpu="A100", **kw).verdict == "fits"
+    assert plan_memory(config.replace(batch_size=64), gpu="T4", **kw).verdict == "OOM"
+    best = largest_fitting(config, gpu="T4", **kw)
+    assert plan_memory(config.replace(batch_size=best["batch_size"]), gpu="T4", **kw).fraction < 0.85
+    assert plan_memory(config.replace(batch_size=best["batch_size"] + 1), gpu="T4", **kw).fraction >= 0.85
+    assert plan_memory(config.replace(max_length=best["max_length"]), gpu="T4", **kw).fraction < 0.85
+    tight = [b for b in range(1, 64) if plan_memory(config.replace(batch_size=b), gpu="T4", **kw).verdict == "tight"]
+    assert tight, "some batch size lands in the 85-100 % band"
+    assert largest_fitting(config, gpu="A100", **kw)["batch_size"] > best["batch_size"]
+
+
+def test_gpu_profiles():
+    assert set(GPU_PROFILES) == {"T4", "T4x2", "P100", "A100", "L4", "cpu"}
+    assert gpu_profile("t4x2").devices == 2 and not gpu_profile("T4").native_bf16
+    assert not gpu_profile("P100").supported and gpu_profile("P100").compute_capability == (6, 0)
+    assert gpu_profile("A100").native_bf16 and gpu_profile("L4").capacity_bytes == int(22.5 * GiB)
+    with pytest.raises(KeyError):
+        gpu_profile("H100")
+
+
+# ---- predicted vs measured on CPU -------------------------------------------------------------------------
+MEASURE = r"""
+import json, sys
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig, Qwen3MoeConfig
+from kagglekd import losses
+
+def rss(key):
+    for line in open("/proc/self/status"):
+        if line.startswith(key):
+            return int(line.split()[1]) * 1024
+
+spec = json.loads(sys.argv[1])
+torch.manual_seed(0)
+teacher_cfg, student_cfg = Qwen3MoeConfig(**spec["teacher"]), LlamaConfig(**spec["student"])
+batch, length, chunk = spec["batch"], spec["length"], spec["chunk"]
+ids = torch.randint(0, spec["student"]["vocab_size"], (batch, length + 1))
+# Warm up: import the modeling code and initialise the CPU kernels (fixed costs, not part of a step).
+warm = AutoModelForCausalLM.from_config(LlamaConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1,
+    num_attention_heads=2, intermediate_size=32))
+AutoModelForCausalLM.from_config(Qwen3MoeConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1,
+    num_attention_heads=2, num_key_value_heads=1, head_dim=8, moe_intermediate_size=16, num_experts=2,
+    num_experts_per_tok=1))
+warm(input_ids=ids[:1, :8] % 64).logits.sum().backward()
+torch.optim.AdamW(warm.parameters()).step()
+del warm
+baseline = rss("VmRSS")
+teacher = AutoModelForCausalLM.from_config(teacher_cfg).float().eval()
+student = AutoModelForCausalLM.from_config(student_cfg).float()
+optimizer = torch.optim.AdamW(student.parameters(), lr=1e-3)
+inputs, labels = ids[:, :-1], ids[:, 1:]
+with torch.no_grad():
+    teacher_logits = teacher(input_ids=inputs).logits
+student_logits = student(input_ids=inputs).logits
+loss = 0.5 * losses.ce_loss(student_logits, labels, chunk_size=chunk) + 0.5 * losses.kd_loss(
+    student_logits, teacher_logits, labels, temperature=2.0, chunk_size=chunk)
+loss.backward()
+optimizer.step()
+print(json.dumps({"measured": rss("VmHWM") - baseline}))
+"""
+
+TINY = {
+    "teacher": dict(
+        vocab_size=4096,
+        hidden_size=256,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=64,
+        intermediate_size=512,
+        moe_intermediate_size=256,
+        num_experts=4,
+        num_experts_per_tok=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=False,
+    ),
+    "student": dict(
+        vocab_size=4096,
+        hidden_size=96,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=24,
+        intermediate_size=192,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+    ),
+    "batch": 8,
+    "length": 128,
+    "chunk": 1024,
+}
+MID = {
+    "teacher": dict(
+        vocab_size=16384,
+        hidden_size=384,
+        num_hidden_layers=6,
+        num_attention_heads=6,
+        num_key_value_heads=2,
+        head_dim=64,
+        intermediate_size=1024,
+        moe_intermediate_size=512,
+        num_experts=4,
+        num_experts_per_tok=2,
+        max_position_embeddings=1024,
+        tie_word_embeddings=False,
+    ),
+    "student": dict(
+        vocab_size=16384,
+        hidden_size=256,
+        num_hidden_layers=6,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=64,
+        intermediate_size=768,
+        max_position_embeddings=1024,
+        tie_word_embeddings=True,
+    ),
+    "batch": 4,
+    "length": 256,
+    "chunk": 512,
+}
+
+
+def measure_and_predict(spec: dict) -> tuple[int, int]:
+    """(measured peak RSS delta, predicted bytes) of one teacher forward + student fwd/bwd + AdamW step on CPU."""
+    out = subprocess.run(
+        [sys.executable, "-c", MEASURE, json.dumps(spec)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "OMP_NUM_THREADS": "2", "HF_HUB_OFFLINE": "1"},
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    measured = json.loads(out.stdout.strip().splitlines()[-1])["measured"]
+    config = DistillConfig(
+        batch_size=spec["batch"],
+        max_length=spec["length"],
+        loss_chunk_size=spec["chunk"],
+        alpha_kd=0.5,
+        alpha_ce=0.5,
+        use_amp=False,
+    )
+    plan = plan_memory(
+        config, gpu="cpu", teacher_cfg=Qwen3MoeConfig(**spec["teacher"]), student_cfg=LlamaConfig(**spec["student"])
+    )
+    return measured, plan.total
+
+
+@pytest.mark.parametrize("spec", [TINY, MID], ids=["tiny", "mid"])
+def test_prediction_matches_measured_peak_on_cpu(spec):
+    if not os.path.exists("/proc/self/status"):
+        pytest.skip("needs Linux /proc to read VmRSS/VmHWM")
+    measured, predicted = measure_and_predict(spec)
+    ratio = predicted / measured
+    print(f"predicted {predicted / 2**20:.1f} MiB, measured {measured / 2**20:.1f} MiB, ratio {ratio:.2f}")
+    assert 0.5 <= ratio <= 2.0

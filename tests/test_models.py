@@ -1,0 +1,205 @@
+"""Tests of kagglekd.models: tiny configs, resolving / loading, tokenizers, precision table, pretraining."""
+
+import json
+import math
+import shutil
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Qwen3MoeConfig
+
+from kagglekd import data, models
+from kagglekd.errors import ConfigError
+
+
+@pytest.fixture(autouse=True)
+def _session_cache(monkeypatch, kagglekd_cache):
+    monkeypatch.setenv("KAGGLEKD_CACHE", str(kagglekd_cache))
+
+
+@pytest.fixture
+def fresh_cache(monkeypatch, tmp_path, kagglekd_cache):
+    """An empty model cache that reuses the session's corpus and tokenizer (copied, not rebuilt)."""
+    root = tmp_path / "cache"
+    for sub in ("corpus", "tokenizers"):
+        shutil.copytree(kagglekd_cache / sub, root / sub)
+    monkeypatch.setenv("KAGGLEKD_CACHE", str(root))
+    return root
+
+
+def test_tiny_configs_are_the_real_classes_with_the_documented_shapes():
+    moe = models.tiny_moe_config(4096)
+    assert isinstance(moe, Qwen3MoeConfig) and moe.model_type == "qwen3_moe"
+    assert (moe.hidden_size, moe.num_hidden_layers, moe.num_attention_heads, moe.num_key_value_heads) == (
+        256, 4, 4, 2,
+    )  # fmt: skip
+    assert (moe.head_dim, moe.num_experts, moe.num_experts_per_tok, moe.moe_intermediate_size) == (
+        64,
+        4,
+        2,
+        256,
+    )
+    assert moe.tie_word_embeddings is False and moe.norm_topk_prob and not moe.output_router_logits
+    dense = models.tiny_dense_config(4096)
+    assert isinstance(dense, LlamaConfig) and dense.model_type == "llama"
+    assert (
+        dense.tie_word_embeddings and dense.hidden_size // dense.num_attention_heads == dense.head_dim == 24
+    )
+    assert dense.pad_token_id is None  # a pad id would freeze the eos embedding row
+
+
+def test_tiny_models_parameter_counts_and_seeding():
+    moe = models.tiny_random_moe(4096, seed=0)
+    dense = models.tiny_random_dense(4096, seed=0)
+    assert type(moe).__name__ == "Qwen3MoeForCausalLM" and type(dense).__name__ == "LlamaForCausalLM"
+    assert models.count_parameters(moe) == 6_036_224
+    assert models.count_parameters(dense) == 642_720  # tied embeddings counted once
+    assert dense.lm_head.weight.data_ptr() == dense.model.embed_tokens.weight.data_ptr()
+
+    state_before = torch.random.get_rng_state()
+    again = models.tiny_random_dense(4096, seed=0)
+    assert torch.equal(torch.random.get_rng_state(), state_before)  # caller's RNG untouched
+    assert all(torch.equal(a, b) for a, b in zip(dense.state_dict().values(), again.state_dict().values()))
+    other = models.tiny_random_dense(4096, seed=1)
+    assert not torch.equal(other.model.embed_tokens.weight, dense.model.embed_tokens.weight)
+
+
+@pytest.mark.parametrize("name", [models.TINY_RANDOM_DENSE, models.TINY_RANDOM_MOE])
+def test_resolve_tiny_random_round_trips_with_identical_logits(fresh_cache, name):
+    directory = models.resolve_model(name, vocab_size=4096, seed=0)
+    assert directory == fresh_cache / "models" / f"{name}-v4096-s0"
+    assert (directory / "config.json").exists() and (directory / "tokenizer.json").exists()
+    stamp = (directory / "config.json").stat().st_mtime_ns
+    assert models.resolve_model(name, vocab_size=4096, seed=0) == directory  # cached
+    assert (directory / "config.json").stat().st_mtime_ns == stamp
+
+    built = (models.tiny_random_dense if name == models.TINY_RANDOM_DENSE else models.tiny_random_moe)(
+        4096, 0
+    )
+    loaded = AutoModelForCausalLM.from_pretrained(directory)
+    assert type(loaded) is type(built)
+    input_ids = torch.randint(0, 4096, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(
+            built.eval()(input_ids=input_ids).logits, loaded.eval()(input_ids=input_ids).logits
+        )
+    assert len(AutoTokenizer.from_pretrained(directory)) == 4096
+
+
+def test_load_model_roles():
+    teacher = models.load_model(models.TINY_RANDOM_MOE, role="teacher")
+    assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
+    assert teacher.dtype == torch.float32
+    student = models.load_model(models.TINY_RANDOM_DENSE, role="student")
+    assert student.training and all(p.requires_grad for p in student.parameters())
+    half = models.load_model(models.TINY_RANDOM_DENSE, role="teacher", dtype=torch.bfloat16)
+    assert half.dtype == torch.bfloat16
+    with pytest.raises(ValueError, match="role"):
+        models.load_model(models.TINY_RANDOM_DENSE, role="assistant")
+
+
+def test_local_directories(tmp_path):
+    model_dir = models.resolve_model(models.TINY_RANDOM_DENSE, vocab_size=4096)
+    copy = shutil.copytree(model_dir, tmp_path / "my-student")
+    assert models.resolve_model(str(copy), vocab_size=4096) == copy
+    assert models.load_model(str(copy), role="student").config.model_type == "llama"
+
+    (tmp_path / "weights-only").mkdir()
+    with pytest.raises(ConfigError, match="config.json") as err:
+        models.load_model(str(tmp_path / "weights-only"), role="teacher")
+    assert err.value.field == "teacher_model" and "weights-only" in str(err.value)
+    with pytest.raises(ConfigError) as err:
+        models.resolve_model("/kaggle/input/not-mounted/model", vocab_size=4096, role="student")
+    assert err.value.field == "student_model" and "not-mounted" in str(err.value)
+
+
+def test_hub_id_offline_is_a_config_error_naming_the_field():
+    assert models.resolve_model("someone/some-model", vocab_size=4096) == "someone/some-model"
+    with pytest.raises(ConfigError) as err:
+        models.load_model("someone/some-model", role="student")
+    assert err.value.field == "student_model"
+    assert "someone/some-model" in str(err.value) and "Kaggle" in str(err.value)
+    with pytest.raises(ConfigError) as err:
+        models.load_tokenizer("someone/some-model")
+    assert err.value.field == "tokenizer"
+
+
+def test_load_tokenizer_tiny_names_and_pad_fallback(tmp_path, demo_tokenizer_dir):
+    for name in models.TINY_MODELS:
+        tok = models.load_tokenizer(name)
+        assert len(tok) == 4096 and tok.eos_token == data.EOS_TOKEN
+    no_pad = AutoTokenizer.from_pretrained(demo_tokenizer_dir)
+    no_pad.pad_token = None
+    no_pad.save_pretrained(tmp_path / "tok")
+    assert AutoTokenizer.from_pretrained(tmp_path / "tok").pad_token is None
+    tok = models.load_tokenizer(str(tmp_path / "tok"))
+    assert tok.pad_token == tok.eos_token and tok.pad_token_id == tok.eos_token_id
+
+
+@pytest.mark.parametrize(
+    "capability, autocast, scaler, teacher",
+    [
+        ((7, 5), torch.float16, True, torch.float16),  # T4
+        ((6, 0), torch.float16, True, torch.float16),  # P100
+        ((8, 0), torch.bfloat16, False, torch.bfloat16),  # A100
+        ((9, 0), torch.bfloat16, False, torch.bfloat16),  # H100
+    ],
+)
+def test_precision_table_by_compute_capability(capability, autocast, scaler, teacher):
+    plan = models.precision_for("cuda", capability=capability)
+    assert plan == {
+        "autocast_dtype": autocast,
+        "use_grad_scaler": scaler,
+        "teacher_dtype": teacher,
+        "student_dtype": torch.float32,
+    }
+
+
+def test_precision_on_cpu_and_never_asks_is_bf16_supported(monkeypatch):
+    cpu = models.precision_for("cpu")
+    assert cpu["autocast_dtype"] is None and not cpu["use_grad_scaler"]
+    assert cpu["teacher_dtype"] == cpu["student_dtype"] == torch.float32
+
+    def lying(*args, **kwargs):
+        raise AssertionError("is_bf16_supported() reports True on a T4; gate on capability instead")
+
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lying)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
+    assert models.precision_for("cuda:1")["autocast_dtype"] == torch.float16
+
+
+def test_pretrain_tiny_moe_saves_reloads_and_caches(fresh_cache, monkeypatch):
+    directory = models.pretrain_tiny_moe(steps=5, batch_size=4)
+    assert directory.parent == fresh_cache / "models"
+    report = json.loads((directory / "pretrain.json").read_text())
+    assert report["steps"] == 5 and report["parameters"] == 6_036_224
+    assert math.isfinite(report["eval_perplexity"]) and 1 < report["eval_perplexity"] < 4096 * 2
+    assert report["data"]["eval_blocks"] > 0 and len(report["data_fingerprint"]) == 16
+
+    teacher = models.load_model(str(directory), role="teacher")
+    assert type(teacher).__name__ == "Qwen3MoeForCausalLM" and not teacher.training
+    blocks = torch.randint(0, 4096, (2, 33), generator=torch.Generator().manual_seed(0))
+    assert math.isfinite(models.evaluate_perplexity(teacher, blocks))
+
+    def no_retraining(*args, **kwargs):
+        raise AssertionError("cached teacher was trained again")
+
+    monkeypatch.setattr(models, "tiny_random_moe", no_retraining)
+    assert models.pretrain_tiny_moe(steps=5, batch_size=4) == directory
+
+
+def test_evaluate_perplexity_of_a_uniform_model_is_the_vocab_size():
+    class Uniform(torch.nn.Module):
+        def forward(self, input_ids):
+            logits = torch.zeros(*input_ids.shape, 50)
+            return type("Output", (), {"logits": logits})()
+
+    blocks = torch.randint(0, 50, (3, 9))
+    assert models.evaluate_perplexity(Uniform(), blocks, batch_size=2) == pytest.approx(50.0)
+
+
+@pytest.mark.slow
+def test_default_tiny_moe_teacher_beats_the_target_perplexity():
+    directory = models.resolve_model(models.TINY_MOE, vocab_size=4096, seed=0)
+    report = json.loads((directory / "pretrain.json").read_text())
+    assert report["steps"] == models.PRETRAIN_STEPS and report["eval_perplexity"] < 12.5
