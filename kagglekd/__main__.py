@@ -48,9 +48,26 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate = sub.add_parser("evaluate", help="evaluate a finished run's student/ (prints and writes eval.json)")
     evaluate.add_argument("--run", required=True, help="run directory written by `train`")
 
-    diagnose = sub.add_parser("diagnose", help="findings, fixes, LR plan and memory plan before spending GPU time",
-                              add_help=False)
-    diagnose.add_argument("rest", nargs=argparse.REMAINDER)
+    doctor = sub.add_parser("doctor", help="this session: GPU, arch support (the P100 case), bf16, Kaggle paths, versions")
+    doctor.add_argument("--json", action="store_true", help="print the report as JSON")
+    doctor.add_argument("--check-internet", action="store_true", help="open one TCP connection to pypi.org")
+
+    bundle = sub.add_parser("bundle", help="write a push-ready Kaggle kernel folder (kernel-metadata.json + notebook)")
+    bundle.add_argument("--owner", required=True, help="your Kaggle username")
+    bundle.add_argument("--slug", help="kernel slug (default: from the title, else kagglekd-<preset>)")
+    bundle.add_argument("--title", help="kernel title; slugify(title) must equal the slug")
+    bundle.add_argument("--config", default=None, help="preset name or JSON config path (default: the T4x2 preset)")
+    bundle.add_argument("--public", action="store_true", help="make the kernel public (default private)")
+    bundle.add_argument("--internet", choices=("on", "off"), default=None,
+                        help="enable_internet (default: on when the config names hub models or datasets)")
+    bundle.add_argument("--dataset", action="append", default=[], metavar="OWNER/SLUG", help="attach a dataset")
+    bundle.add_argument("--kernel-source", action="append", default=[], metavar="OWNER/SLUG",
+                        help="attach another kernel's output, e.g. this kernel's previous version to resume")
+    bundle.add_argument("--out", required=True, help="folder to write (then: kaggle kernels push -p FOLDER)")
+
+    # diagnose parses its own flags (kagglekd.diagnose.main); listed here for the top-level --help.
+    sub.add_parser("diagnose", help="findings, fixes, LR plan and memory plan before spending GPU time",
+                   add_help=False)
     return parser
 
 
@@ -103,17 +120,49 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def cmd_doctor(args) -> int:
+    from kagglekd.env import doctor
+
+    report = doctor(check_internet=args.check_internet)
+    print(json.dumps(report.to_dict(), indent=2, default=str) if args.json else report.format_text())
+    return report.exit_code
+
+
+def cmd_bundle(args) -> int:
+    from kagglekd.bundle import DEFAULT_CONFIG, kaggle_cli_problems, write_bundle
+
+    folder = write_bundle(
+        args.out, owner=args.owner, slug=args.slug, title=args.title, config=args.config or DEFAULT_CONFIG,
+        public=args.public, internet=None if args.internet is None else args.internet == "on",
+        datasets=args.dataset, kernel_sources=args.kernel_source,
+    )
+    try:
+        problems = kaggle_cli_problems(folder)
+        checked = "the kaggle CLI's own push checks passed"
+    except ImportError:
+        problems, checked = [], "kaggle package not installed: its push checks were not run"
+    for problem in problems:
+        print(f"kaggle CLI: {problem}", file=sys.stderr)
+    if problems:
+        return EXIT_USAGE
+    print(f"written: {folder} (kernel-metadata.json + notebook; validated; {checked})")
+    print(f"push it: kaggle kernels push -p {folder}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["diagnose"]:
+        from kagglekd.diagnose import main as diagnose_main
+
+        logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+        return diagnose_main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s")
-    if args.command == "diagnose":
-        from kagglekd.diagnose import main as diagnose_main
-
-        return diagnose_main(args.rest)
-    handler = {"train": cmd_train, "evaluate": cmd_evaluate, "demo": cmd_demo}[args.command]
+    handler = {"train": cmd_train, "evaluate": cmd_evaluate, "demo": cmd_demo, "doctor": cmd_doctor,
+               "bundle": cmd_bundle}[args.command]
     try:
         return handler(args)
     except KaggleKDError as err:

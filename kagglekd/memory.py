@@ -51,6 +51,7 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
+import torch
 
 from kagglekd.config import PRESETS_DIR, DistillConfig
 
@@ -115,6 +116,19 @@ def gpu_profile(name: str) -> GpuProfile:
         if key.lower() == str(name).lower():
             return profile
     raise KeyError(f"unknown GPU profile '{name}'; one of {', '.join(GPU_PROFILES)}")
+
+
+def gpu_for_device(device) -> GpuProfile:
+    """The profile of the device a run is on: a known Kaggle profile by name, else one read off the device."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return GPU_PROFILES["cpu"]
+    props = torch.cuda.get_device_properties(device)
+    for key in ("T4", "P100", "A100", "L4"):
+        if key in props.name:
+            return GPU_PROFILES[key]
+    capability = (props.major, props.minor)
+    return GpuProfile(props.name, props.total_memory, 1, capability, capability >= (8, 0), True, 65e12, props.name)
 
 
 # ---- model cards and configs ----------------------------------------------------------------------------

@@ -35,6 +35,10 @@ COMPONENTS = ("kd", "ce")
 STATE_FILE = "trainer_state.json"
 
 
+class OutOfMemory(KaggleKDError):
+    """CUDA ran out of memory; the message carries the planner's estimate and changes that would fit."""
+
+
 class TrainingStopped(KaggleKDError):
     """The run stopped itself (too many non-finite steps); ``report`` is what failure_report.json holds."""
 
@@ -187,7 +191,17 @@ class Distiller:
         self.history = HistoryWriter(self.output_dir / "history.csv")
         if not self.is_main or not self.write_run_dir:
             return
-        self.output_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            probe = self.output_dir / ".write-test"
+            probe.write_text("ok")
+            probe.unlink()
+        except OSError as err:
+            raise ConfigError(
+                f"output_dir {self.output_dir} is not writable ({err.strerror or err}). On Kaggle write under "
+                "/kaggle/working (kept) or /kaggle/temp (scratch); /kaggle/input is read-only.",
+                field="output_dir",
+            ) from None
         self.config.to_json(self.output_dir / "config.json")
         _write_json(self.output_dir / "plan.json", self.plan.to_dict())
         _write_json(self.output_dir / "data.json", self.blocks.info)
@@ -293,7 +307,10 @@ class Distiller:
         for window in self._windows(start_step):
             if window.step >= stop_at or self.state["stopped_early"]:
                 break
-            row = self._train_step(window)
+            try:
+                row = self._train_step(window)
+            except torch.cuda.OutOfMemoryError as err:
+                raise self._explain_oom(err) from err
             bar.update(1)
             bar.set_postfix(loss=f"{row['loss']:.3f}", lr=f"{row['lr']:.2e}", tok_s=f"{row['tokens_per_s']:.0f}")
             self._after_step(row, window)
@@ -344,6 +361,33 @@ class Distiller:
         # A checkpoint taken inside a run of skipped steps would not be "the last good one".
         if cfg.save_steps and step_done % cfg.save_steps == 0 and not last and not self.state["consecutive_skips"]:
             self.save_checkpoint()
+
+    def _explain_oom(self, err: Exception) -> OutOfMemory:
+        """Turn a CUDA OOM into the planner's estimate plus config changes that fit."""
+        from kagglekd import memory
+
+        cfg = self.config
+        where = self.latest_checkpoint()
+        kept = f"the newest checkpoint {where} is intact" if where else "no checkpoint had been written yet"
+        try:
+            gpu = memory.gpu_for_device(self.device)
+            teacher_cfg = self.teacher.config if self.teacher is not None else None
+            student_cfg = self.accelerator.unwrap_model(self.student).config
+            plan = memory.plan_memory(cfg, gpu=gpu, teacher_cfg=teacher_cfg, student_cfg=student_cfg)
+            fit = memory.largest_fitting(cfg, gpu=gpu, teacher_cfg=teacher_cfg, student_cfg=student_cfg)
+            estimate = (
+                f"the planner estimates {plan.summary()} for batch_size {cfg.batch_size} x max_length "
+                f"{cfg.max_length}; batch_size {fit['batch_size']} (with gradient_accumulation_steps "
+                f"{math.ceil(cfg.batch_size * cfg.gradient_accumulation_steps / max(fit['batch_size'], 1))} to keep "
+                f"the effective batch) or max_length {fit['max_length']} would fit"
+            )
+        except Exception as planner_err:  # the estimate is advice; never hide the OOM behind a planner bug
+            estimate = f"(memory planner unavailable: {planner_err})"
+        top_k = "" if cfg.kd_top_k else "; kd_top_k 256 shrinks the teacher targets"
+        return OutOfMemory(
+            f"CUDA out of memory at step {self.state['step']} ({str(err).splitlines()[0]}). {estimate}{top_k}. "
+            f"Set these with --set and resume: {kept}."
+        )
 
     def _eval_and_record(self, row: dict) -> None:
         metrics = self.evaluate()

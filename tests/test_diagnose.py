@@ -90,11 +90,6 @@ def test_must_show_via_python_m_kagglekd(tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     cmd = [sys.executable, "-m", "kagglekd", "diagnose", "--config", str(MUST_SHOW), "--json"]
     out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=120)
-    if out.returncode == 2 and "unrecognized arguments" in out.stderr:
-        pytest.xfail(
-            "kagglekd/__main__.py passes `diagnose` options through argparse.REMAINDER, which rejects a "
-            f"leading --option: {out.stderr.strip()}"
-        )
     assert out.returncode == 1, out.stderr[-1500:]
     report = json.loads(out.stdout)
     assert report["plan"]["optimizer_steps"] == 4689

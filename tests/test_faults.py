@@ -1,0 +1,144 @@
+"""Faults: nothing lost, every error clear (OOM, full disk, kill -9, model mismatch)."""
+
+import errno
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+from kagglekd.config import DistillConfig
+from kagglekd.errors import ConfigError, KaggleKDError
+from kagglekd.trainer import Distiller, OutOfMemory, latest_checkpoint
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def _session_cache(kagglekd_cache, monkeypatch):
+    monkeypatch.setenv("KAGGLEKD_CACHE", str(kagglekd_cache))
+
+
+def tiny(tmp_path, **changes) -> DistillConfig:
+    base = dict(
+        teacher_model="tiny-random-moe", student_model="tiny-random-dense", dataset_subset_size=12, max_length=32,
+        batch_size=4, max_steps=6, warmup_steps=1, eval_steps=None, eval_max_blocks=8, save_steps=2,
+        output_dir=str(tmp_path / "run"), resume="auto", seed=0,
+    )
+    base.update(changes)
+    return DistillConfig.from_dict(base)
+
+
+def test_cuda_oom_is_explained_with_the_planner_estimate(tmp_path, monkeypatch):
+    distiller = Distiller(tiny(tmp_path)).setup()
+    calls = {"n": 0}
+    original = distiller._window_backward
+
+    def oom_on_third(window):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.50 GiB")
+        return original(window)
+
+    monkeypatch.setattr(distiller, "_window_backward", oom_on_third)
+    with pytest.raises(OutOfMemory) as err:
+        distiller.train()
+    message = str(err.value)
+    assert "out of memory at step 2" in message and "planner estimates" in message and "batch_size" in message
+    assert "step-2" in message  # says which checkpoint survived
+    assert latest_checkpoint(distiller.checkpoint_dir).name == "step-2"
+
+
+def test_full_disk_during_checkpoint_keeps_the_previous_one(tmp_path, monkeypatch):
+    distiller = Distiller(tiny(tmp_path)).setup()
+    original = distiller.accelerator.save_state
+    calls = {"n": 0}
+
+    def enospc_on_second(path):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return original(path)
+
+    monkeypatch.setattr(distiller.accelerator, "save_state", enospc_on_second)
+    with pytest.raises(KaggleKDError) as err:
+        distiller.train()
+    assert "No space left" in str(err.value) and "step-2" in str(err.value) and "intact" in str(err.value)
+    checkpoints = sorted(p.name for p in distiller.checkpoint_dir.iterdir())
+    assert checkpoints == ["step-2"]  # no half-written temp dir left behind
+    # and it resumes from there
+    resumed = Distiller(tiny(tmp_path)).setup()
+    resumed._maybe_resume()
+    assert resumed.state["step"] == 2
+
+
+def test_unwritable_output_dir_is_a_clear_error(tmp_path):
+    # A path below a regular file cannot be created, even by root.
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(ConfigError) as err:
+        Distiller(tiny(tmp_path, output_dir=str(tmp_path / "afile" / "run"))).setup()
+    assert err.value.field == "output_dir" and "afile" in str(err.value)
+
+
+def test_model_mismatch_is_caught_at_setup(tmp_path):
+    with pytest.raises(ConfigError) as err:
+        Distiller(tiny(tmp_path, alpha_attention=0.2)).setup()
+    assert err.value.field == "alpha_attention"
+
+
+TRAIN_SCRIPT = """
+import sys
+from kagglekd.config import DistillConfig
+from kagglekd.trainer import Distiller
+config = DistillConfig.from_json(sys.argv[1])
+Distiller(config).train()
+"""
+
+
+def _train_in_subprocess(config_path: Path, env: dict, kill_after_checkpoints: int | None):
+    process = subprocess.Popen([sys.executable, "-c", TRAIN_SCRIPT, str(config_path)], env=env, cwd=ROOT,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    if kill_after_checkpoints is None:
+        assert process.wait(timeout=600) == 0
+        return
+    run = Path(json.loads(config_path.read_text())["output_dir"])
+    deadline = time.time() + 600
+    while time.time() < deadline:
+        temps = list((run / "checkpoints").glob(".tmp-*")) if (run / "checkpoints").exists() else []
+        done = list((run / "checkpoints").glob("step-*")) if (run / "checkpoints").exists() else []
+        # kill in the middle of a checkpoint write once enough complete ones exist
+        if len(done) >= kill_after_checkpoints and temps:
+            break
+        if process.poll() is not None:
+            break
+        time.sleep(0.002)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+
+
+@pytest.mark.slow
+def test_kill_9_during_checkpoint_write_then_resume_matches_uninterrupted(tmp_path, kagglekd_cache):
+    env = {**os.environ, "KAGGLEKD_CACHE": str(kagglekd_cache), "HF_HUB_OFFLINE": "1"}
+    full_cfg = tiny(tmp_path / "full", max_steps=10, save_steps=2, eval_steps=5)
+    cut_cfg = tiny(tmp_path / "cut", max_steps=10, save_steps=2, eval_steps=5)
+    for cfg, name in ((full_cfg, "full.json"), (cut_cfg, "cut.json")):
+        cfg.to_json(tmp_path / name)
+    _train_in_subprocess(tmp_path / "full.json", env, None)
+    _train_in_subprocess(tmp_path / "cut.json", env, kill_after_checkpoints=1)
+    cut_run = Path(cut_cfg.output_dir)
+    assert not (cut_run / "student").exists(), "the kill came too late to interrupt the run"
+    newest = latest_checkpoint(cut_run / "checkpoints")
+    assert newest is not None
+    _train_in_subprocess(tmp_path / "cut.json", env, None)  # resume auto
+    a = pd.read_csv(Path(full_cfg.output_dir) / "history.csv")
+    b = pd.read_csv(cut_run / "history.csv")
+    assert list(a["step"]) == list(b["step"]) == list(range(10))
+    for column in ("loss", "lr", "kd", "ce"):
+        assert (a[column] - b[column]).abs().max() < 1e-6, column
+    assert (a["eval_ppl"].dropna() - b["eval_ppl"].dropna()).abs().max() < 1e-6
