@@ -48,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate = sub.add_parser("evaluate", help="evaluate a finished run's student/ (prints and writes eval.json)")
     evaluate.add_argument("--run", required=True, help="run directory written by `train`")
 
-    doctor = sub.add_parser("doctor", help="this session: GPU, arch support (the P100 case), bf16, Kaggle paths, versions")
+    doctor = sub.add_parser("doctor", help="this session: GPU, arch support (P100 case), bf16, Kaggle paths, versions")
     doctor.add_argument("--json", action="store_true", help="print the report as JSON")
     doctor.add_argument("--check-internet", action="store_true", help="open one TCP connection to pypi.org")
 

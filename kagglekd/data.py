@@ -138,19 +138,6 @@ def cache_root() -> Path:
     return path
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temp file + rename, so readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 @contextmanager
 def staged_directory(final: str | os.PathLike) -> Iterator[Path]:
     """Yield an empty temp directory beside ``final``; on success rename it to ``final`` atomically.
@@ -198,7 +185,7 @@ def stdlib_corpus(cache_dir: str | os.PathLike | None = None) -> Path:
     try:
         with tempfile.TemporaryDirectory() as workdir:
             result = subprocess.run(
-                [sys.executable, "-I", "-c", _RENDER_SCRIPT, tmp],
+                [sys.executable, "-s", "-c", _RENDER_SCRIPT, tmp],  # not -I: it would ignore PYTHONHASHSEED
                 input=json.dumps(sorted(STDLIB_MODULES)),
                 capture_output=True,
                 text=True,

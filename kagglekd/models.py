@@ -16,6 +16,7 @@ Works on transformers 4.5x and 5.x.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -378,7 +379,9 @@ def pretrain_tiny_moe(
     tokenizer and ``pretrain.json`` (steps, seconds, eval perplexity, data fingerprint). A second call with
     the same arguments returns the directory at once.
     """
-    name = f"{TINY_MOE}-v{vocab_size}-s{seed}-n{steps}-b{batch_size}-lr{lr:g}-p{_PRETRAIN_VERSION}"
+    recipe = [_PRETRAIN_VERSION, batch_size, lr, warmup_steps, max_length, eval_fraction]
+    recipe_hash = hashlib.sha256(json.dumps(recipe).encode()).hexdigest()[:8]
+    name = f"{TINY_MOE}-v{vocab_size}-s{seed}-n{steps}-{recipe_hash}"
     out_dir = data.cache_root() / "models" / name
     if (out_dir / "pretrain.json").exists():
         return out_dir

@@ -237,7 +237,8 @@ def plot_size_speed(rows: list[dict], path: str | Path | None = None):
         values = [float(r[column]) for r in rows]
         bars = ax.bar(names, values, color=["tab:blue", "tab:orange", "tab:green", "tab:red"][: len(names)])
         for bar, value in zip(bars, values):
-            ax.annotate(f"{value:,.0f}" if value >= 100 else f"{value:.3g}", xy=(bar.get_x() + bar.get_width() / 2, value), xytext=(0, 3),
+            label = f"{value:,.0f}" if value >= 100 else f"{value:.3g}"
+            ax.annotate(label, xy=(bar.get_x() + bar.get_width() / 2, value), xytext=(0, 3),
                         textcoords="offset points", ha="center", fontsize=9)
         ax.set_title(label, fontsize=11)
         ax.grid(axis="y", alpha=0.3)

@@ -88,10 +88,11 @@ def test_stdlib_corpus_is_deterministic_real_prose_and_clean(tmp_path):
     assert str(data.cache_root()) not in text
 
 
-def test_stdlib_corpus_second_call_is_cached(tmp_path):
-    first = data.stdlib_corpus(cache_dir=tmp_path)
+def test_stdlib_corpus_second_call_is_cached():
+    first = data.stdlib_corpus()
     stamp = first.stat().st_mtime_ns
-    assert data.stdlib_corpus(cache_dir=tmp_path) == first and first.stat().st_mtime_ns == stamp
+    assert data.stdlib_corpus() == first and first.stat().st_mtime_ns == stamp
+    assert not list(first.parent.glob(".*.tmp"))  # the atomic write left no temp file behind
 
 
 # ----------------------------------------------------------------------------- tokenizers
