@@ -99,7 +99,8 @@ def cmd_train(args) -> int:
     except TrainingStopped as stop:
         print(f"stopped: {stop}", file=sys.stderr)
         return EXIT_STOPPED
-    print(json.dumps(summary, indent=2, default=str))
+    if distiller.is_main:  # under DDP every rank returns; one prints
+        print(json.dumps(summary, indent=2, default=str))
     return 0
 
 

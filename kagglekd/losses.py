@@ -446,3 +446,309 @@ __all__ = [
     "token_log_probs",
     "valid_count",
 ]
+
+
+# ---- fused lm_head + KD ----
+# The student's lm_head and the KD/CE losses in one pass over chunks of valid positions: per chunk the
+# logits [c, V] are computed in float32, the losses and d loss / d logits are taken at once, and the
+# chunk's contribution to the gradients of the hidden states and of the lm_head weight is accumulated
+# right away. The [B, T, V] student logits (and their gradient) are never materialised and nothing is
+# recomputed in the backward pass (unlike checkpointed chunks, which run every chunk's forward twice).
+
+
+class _FusedLMHeadKD(torch.autograd.Function):
+    """Sums over valid positions of the weighted KD + CE, with gradients computed chunkwise in forward.
+
+    Inputs: ``hidden`` ``[M, H]`` (all flattened positions), ``weight`` ``[V, H]``, ``bias`` ``[V]`` or None,
+    ``positions`` ``[N]`` (valid rows of ``hidden``), ``targets`` ``[M]``, the teacher as dense ``[M, V]``
+    or TeacherTopK fields ``[M, k]``, ``[M, k]``, ``[M]``, and a dict of options. Outputs three scalars in
+    the compute dtype: the weighted sum ``alpha_kd * kd_scale * kd_sum + alpha_ce * ce_sum`` (differentiable
+    w.r.t. hidden, weight and bias) and the unweighted ``kd_sum`` and ``ce_sum`` (non-differentiable).
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, positions, targets, teacher_dense, top_indices, top_logprobs,
+                top_tail, options):  # fmt: skip
+        need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
+        need_grad = need_hidden or need_weight or need_bias
+        compute_dtype = torch.promote_types(torch.promote_types(hidden.dtype, weight.dtype), torch.float32)
+        weight_c = weight.to(compute_dtype)
+        bias_c = bias.to(compute_dtype) if bias is not None else None
+        grad_hidden = torch.zeros(hidden.shape, dtype=compute_dtype, device=hidden.device) if need_hidden else None
+        grad_weight = torch.zeros_like(weight_c) if need_weight else None
+        grad_bias = torch.zeros_like(bias_c) if need_bias else None
+        kd_total = torch.zeros((), dtype=compute_dtype, device=hidden.device)
+        ce_total = torch.zeros((), dtype=compute_dtype, device=hidden.device)
+        alpha_kd, alpha_ce, kd_scale = options["alpha_kd"], options["alpha_ce"], options["kd_scale"]
+
+        for chunk in positions.split(options["chunk_size"]):
+            rows = hidden.index_select(0, chunk).to(compute_dtype)
+            logits = rows @ weight_c.T if bias_c is None else torch.addmm(bias_c, rows, weight_c.T)
+            with torch.set_grad_enabled(need_grad):
+                logits.requires_grad_(need_grad)
+                kd_sum = ce_sum = None
+                if alpha_kd != 0:
+                    if teacher_dense is not None:
+                        teacher_rows: Teacher = teacher_dense.index_select(0, chunk)
+                    else:
+                        teacher_rows = TeacherTopK(
+                            top_indices.index_select(0, chunk),
+                            top_logprobs.index_select(0, chunk),
+                            top_tail.index_select(0, chunk),
+                        )
+                    kd_sum = kd_per_position(logits, teacher_rows, **options["kd_kwargs"]).sum()
+                if alpha_ce != 0:
+                    ce_sum = F.cross_entropy(logits, targets.index_select(0, chunk), reduction="sum")
+                chunk_loss = sum(
+                    weight_ * part
+                    for weight_, part in ((alpha_kd * kd_scale, kd_sum), (alpha_ce, ce_sum))
+                    if part is not None
+                )
+            if need_grad:
+                (grad_logits,) = torch.autograd.grad(chunk_loss, logits)
+                if need_hidden:
+                    grad_hidden.index_copy_(0, chunk, grad_logits @ weight_c)
+                if need_weight:
+                    grad_weight.addmm_(grad_logits.T, rows)
+                if need_bias:
+                    grad_bias += grad_logits.sum(0)
+            if kd_sum is not None:
+                kd_total += kd_sum.detach()
+            if ce_sum is not None:
+                ce_total += ce_sum.detach()
+
+        ctx.save_for_backward(
+            *(g if g is not None else torch.empty(0) for g in (grad_hidden, grad_weight, grad_bias))
+        )
+        ctx.input_dtypes = (hidden.dtype, weight.dtype, bias.dtype if bias is not None else None)
+        weighted = alpha_kd * kd_scale * kd_total + alpha_ce * ce_total
+        ctx.mark_non_differentiable(kd_total, ce_total)
+        return weighted, kd_total, ce_total
+
+    @staticmethod
+    def backward(ctx, grad_weighted, _grad_kd, _grad_ce):
+        grads = []
+        for needed, saved, dtype in zip(ctx.needs_input_grad[:3], ctx.saved_tensors, ctx.input_dtypes):
+            grads.append((saved * grad_weighted).to(dtype) if needed else None)
+        return (*grads, None, None, None, None, None, None, None)
+
+
+def fused_lm_head_kd(
+    hidden: Tensor,
+    lm_head_weight: Tensor,
+    teacher: Teacher | None,
+    labels: Tensor,
+    *,
+    alpha_kd: float = 0.5,
+    alpha_ce: float = 0.5,
+    temperature: float = 1.0,
+    divergence: str = "forward_kl",
+    beta: float = 0.5,
+    skew_alpha: float = 0.1,
+    top_k: int | None = None,
+    scale_t2: bool = True,
+    num_items: int | float | Tensor | None = None,
+    chunk_size: int = 1024,
+    lm_head_bias: Tensor | None = None,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """KD + CE straight from the student's last hidden states, without the ``[B, T, V]`` student logits.
+
+    ``hidden`` ``[B, T, H]`` (any float dtype; cast to float32 per chunk), ``lm_head_weight`` ``[V, H]``
+    (the embedding matrix when embeddings are tied: its gradient from here adds to the embedding's),
+    ``teacher`` dense logits ``[B, T, V]`` or a ``TeacherTopK`` with leading shape ``[B, T]`` (None is
+    allowed when ``alpha_kd == 0``), ``labels`` ``[B, T]`` with ``-100`` ignored; ``lm_head_bias`` ``[V]``.
+
+    Returns ``(total, {"kd": kd, "ce": ce})`` where, with ``logits = hidden @ lm_head_weight.T + bias``,
+    ``kd == kd_loss(logits, teacher, labels, ...)`` (T² scaling and ``num_items`` normalisation included),
+    ``ce == ce_loss(logits, labels, num_items)`` and ``total = alpha_kd * kd + alpha_ce * ce``; ``kd`` and
+    ``ce`` are detached float32 scalars (float64 for float64 inputs), ``total`` carries the gradient.
+
+    Valid positions are processed ``chunk_size`` at a time: only one chunk's ``[chunk_size, V]`` float32
+    logits and their intermediates are alive at once. The gradients for ``hidden``, the weight and the bias
+    are computed during the forward pass and held until ``backward`` (a float32 ``[V, H]`` buffer the size of
+    the weight's own gradient, and ``[B, T, H]``), so the backward pass costs two multiplications by the
+    incoming scalar gradient. The teacher receives no gradient. Call ``backward`` once per call (like
+    every loss), and compute the loss outside autocast or let it be: the math here is float32 regardless.
+    """
+    _check_kd_args(divergence, temperature, beta, skew_alpha, top_k)
+    if alpha_kd < 0 or alpha_ce < 0 or alpha_kd + alpha_ce == 0:
+        raise ValueError(f"alpha_kd and alpha_ce must be >= 0 and not both 0, got {alpha_kd} and {alpha_ce}")
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    if hidden.shape[:-1] != labels.shape:
+        raise ValueError(f"hidden shape {tuple(hidden.shape)} does not match labels {tuple(labels.shape)}")
+    vocab, hidden_size = lm_head_weight.shape
+    if hidden.shape[-1] != hidden_size:
+        raise ValueError(f"hidden size {hidden.shape[-1]} != lm_head_weight {tuple(lm_head_weight.shape)}")
+    if lm_head_bias is not None and lm_head_bias.shape != (vocab,):
+        raise ValueError(f"lm_head_bias shape {tuple(lm_head_bias.shape)} != ({vocab},)")
+    teacher_dense = top_indices = top_logprobs = top_tail = None
+    if alpha_kd != 0:
+        if teacher is None:
+            raise ValueError("teacher is None but alpha_kd != 0: pass teacher logits or TeacherTopK targets")
+        if isinstance(teacher, TeacherTopK):
+            _check_labels(teacher.logprobs, labels, "TeacherTopK.logprobs")
+            top_indices, top_logprobs, top_tail = _flat_rows(teacher, vocab)
+        elif teacher.shape != (*labels.shape, vocab):
+            raise ValueError(
+                f"teacher logits shape {tuple(teacher.shape)} != student logits shape {(*labels.shape, vocab)}; "
+                "different vocabularies need kagglekd.alignment, never truncation"
+            )
+        else:
+            teacher_dense = teacher.detach().reshape(-1, vocab)
+        if top_indices is not None:
+            top_indices, top_logprobs, top_tail = top_indices.detach(), top_logprobs.detach(), top_tail.detach()
+
+    hidden_rows = hidden.reshape(-1, hidden_size)
+    positions = _valid_positions(labels)
+    if positions.numel() == 0:
+        zero = _zero_with_grad(hidden) + _zero_with_grad(lm_head_weight)
+        return zero, {"kd": zero.detach().clone(), "ce": zero.detach().clone()}
+
+    kd_scale = temperature**2 if scale_t2 else 1.0
+    options = {
+        "alpha_kd": float(alpha_kd),
+        "alpha_ce": float(alpha_ce),
+        "kd_scale": kd_scale,
+        "chunk_size": chunk_size,
+        "kd_kwargs": {
+            "temperature": temperature, "divergence": divergence, "beta": beta, "skew_alpha": skew_alpha,
+            "top_k": top_k,
+        },
+    }  # fmt: skip
+    weighted, kd_sum, ce_sum = _FusedLMHeadKD.apply(
+        hidden_rows, lm_head_weight, lm_head_bias, positions, labels.reshape(-1),
+        teacher_dense, top_indices, top_logprobs, top_tail, options,
+    )  # fmt: skip
+    normaliser = _normaliser(num_items, positions.numel())
+    total = weighted / normaliser
+    return total, {"kd": (kd_sum * kd_scale / normaliser).detach(), "ce": (ce_sum / normaliser).detach()}
+
+
+__all__ += ["fused_lm_head_kd"]
+
+
+# ---- feature and attention transfer ----
+# Hidden-state (feature) and attention-map transfer. The model-side parts (q/k hooks, attention maps of
+# chosen layers) live in kagglekd.moe; these are the pure losses and the layer map.
+
+FEATURE_LOSS_KINDS = ("mse", "cosine")
+
+
+def layer_map(
+    student_layers: int, teacher_layers: int, spec: str | list[int] = "uniform", count: int | None = None
+) -> list[tuple[int, int]]:
+    """``(student layer, teacher layer)`` pairs, 0-based decoder-layer indices.
+
+    ``"uniform"``: ``count`` student layers (default all) evenly spaced and ending at the last, each mapped to
+    the teacher layer at the same relative depth, ``round((s + 1) * teacher_layers / student_layers) - 1``,
+    so the last student layer always meets the last teacher layer. A list gives the teacher layer of each
+    student layer (length ``student_layers``; negative indices count from the end). Out-of-range indices
+    raise ValueError. With HF ``output_hidden_states`` the output of layer i is ``hidden_states[i + 1]``.
+    """
+    if student_layers < 1 or teacher_layers < 1:
+        raise ValueError(f"layer counts must be >= 1, got student {student_layers}, teacher {teacher_layers}")
+    if isinstance(spec, str):
+        if spec != "uniform":
+            raise ValueError(f"layer map must be 'uniform' or a list of teacher layer indices, got {spec!r}")
+        count = student_layers if count is None else count
+        if not 1 <= count <= student_layers:
+            raise ValueError(f"layer map count must be in [1, {student_layers}], got {count}")
+        students = [math.floor((j + 1) * student_layers / count + 0.5) - 1 for j in range(count)]
+        return [(s, math.floor((s + 1) * teacher_layers / student_layers + 0.5) - 1) for s in students]
+    if len(spec) != student_layers:
+        raise ValueError(
+            f"explicit layer map has {len(spec)} entries; give one teacher layer per student layer ({student_layers})"
+        )
+    pairs = []
+    for student, teacher in enumerate(spec):
+        if not -teacher_layers <= teacher < teacher_layers:
+            raise ValueError(
+                f"layer map entry {student} names teacher layer {teacher}, but the teacher has {teacher_layers} "
+                f"layers (valid: 0..{teacher_layers - 1}, or negative from the end)"
+            )
+        pairs.append((student, teacher % teacher_layers))
+    return pairs
+
+
+def feature_loss(
+    student_hidden: Tensor,
+    teacher_hidden: Tensor,
+    projection: Callable[[Tensor], Tensor],
+    mask: Tensor,
+    kind: str = "mse",
+    num_items: int | float | Tensor | None = None,
+) -> Tensor:
+    """Hidden-state transfer loss for one layer pair: sum over valid tokens / ``num_items``.
+
+    ``student_hidden`` ``[B, T, Hs]``, ``teacher_hidden`` ``[B, T, Ht]`` (detached here), ``projection`` maps
+    ``Hs -> Ht`` (an ``nn.Linear`` kept outside the student), ``mask`` ``[B, T]`` bool of valid tokens.
+    Per valid token with ``p = projection(student)`` and ``t = teacher`` (float32):
+
+    * ``"mse"``: ``mean_d (p - t)^2 / var(t)``, ``var(t)`` the teacher's per-dimension variance over the
+      valid tokens averaged over dimensions (detached). Invariant to the teacher's scale (when the student
+      side scales with it); a projection that outputs the teacher's mean vector scores 1.
+    * ``"cosine"``: ``1 - cos(p, t)``.
+
+    Returns a float32 scalar; zero (attached to the graph) when no token is valid. A trainer averages it over
+    the layer pairs so the weight does not grow with their number.
+    """
+    if kind not in FEATURE_LOSS_KINDS:
+        raise ValueError(f"feature loss kind must be one of {', '.join(FEATURE_LOSS_KINDS)}, got {kind!r}")
+    if student_hidden.shape[:-1] != mask.shape or teacher_hidden.shape[:-1] != mask.shape:
+        raise ValueError(
+            f"hidden shapes {tuple(student_hidden.shape)} / {tuple(teacher_hidden.shape)} do not match mask "
+            f"{tuple(mask.shape)}"
+        )
+    valid = mask.reshape(-1).bool()
+    projected = _upcast(projection(student_hidden.reshape(-1, student_hidden.shape[-1])[valid]))
+    target = _upcast(teacher_hidden.detach().reshape(-1, teacher_hidden.shape[-1])[valid])
+    if projected.shape[-1] != target.shape[-1]:
+        raise ValueError(f"projection outputs {projected.shape[-1]} dims, teacher hidden has {target.shape[-1]}")
+    if projected.shape[0] == 0:
+        return projected.sum()
+    if kind == "mse":
+        variance = target.var(dim=0, unbiased=False).mean()
+        # One valid token has no spread; fall back to a tiny fraction of its energy instead of dividing by 0.
+        variance = variance.clamp_min(1e-6 * target.pow(2).mean()).clamp_min(1e-12)
+        per_token = (projected - target).pow(2).mean(-1) / variance
+    else:
+        per_token = 1.0 - F.cosine_similarity(projected, target, dim=-1, eps=1e-8)
+    return per_token.sum() / _normaliser(num_items, projected.shape[0])
+
+
+def attention_loss(
+    student_maps: Tensor, teacher_maps: Tensor, mask: Tensor, num_items: int | float | Tensor | None = None
+) -> Tensor:
+    """KL(teacher || student) over keys of each valid query row of head-averaged attention maps.
+
+    ``student_maps`` / ``teacher_maps`` ``[B, T, T]`` (row t = distribution over keys s), ``mask`` ``[B, T]``
+    bool of valid (non-padding) tokens. Keys are restricted to ``s <= t`` and valid; both rows are
+    renormalised over those keys (a no-op for maps from ``kagglekd.moe.attention_maps``). Sum over valid
+    query rows / ``num_items`` (default: their count, i.e. the mean). Float32 scalar; zero attached to the
+    graph when no row is valid.
+    """
+    if student_maps.shape != teacher_maps.shape or student_maps.shape[:2] != mask.shape:
+        raise ValueError(
+            f"attention maps {tuple(student_maps.shape)} / {tuple(teacher_maps.shape)} and mask {tuple(mask.shape)} "
+            "must be [B, T, T], [B, T, T], [B, T]"
+        )
+    seq = mask.shape[1]
+    mask = mask.bool()
+    causal = torch.ones(seq, seq, dtype=torch.bool, device=mask.device).tril()
+    allowed = (causal & mask[:, None, :]).reshape(-1, seq)
+    rows = mask.reshape(-1)
+    allowed = allowed[rows]
+    student = _upcast(student_maps.reshape(-1, seq)[rows]) * allowed
+    teacher = _upcast(teacher_maps.detach().reshape(-1, seq)[rows]) * allowed
+    if student.shape[0] == 0:
+        return student.sum()
+    student = student / student.sum(-1, keepdim=True).clamp_min(1e-30)
+    teacher = teacher / teacher.sum(-1, keepdim=True).clamp_min(1e-30)
+    # Terms with teacher probability 0 count as 0; the student side is floored so an underflowed
+    # probability gives a large finite penalty rather than inf.
+    log_ratio = torch.where(teacher > 0, teacher.clamp_min(1e-30).log() - student.clamp_min(1e-30).log(), 0.0)
+    return (teacher * log_ratio).sum() / _normaliser(num_items, student.shape[0])
+
+
+__all__ += ["FEATURE_LOSS_KINDS", "attention_loss", "feature_loss", "layer_map"]

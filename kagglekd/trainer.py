@@ -152,7 +152,19 @@ class Distiller:
             eval_fraction=cfg.eval_fraction, seed=cfg.seed,
         )
         global_batch = cfg.batch_size * self.world
-        self.batches_per_epoch = math.ceil(len(self.blocks.train) / global_batch)
+        if self.world == 1:
+            self.batches_per_epoch = math.ceil(len(self.blocks.train) / global_batch)
+        else:
+            # Every rank must run the same number of micro-batches (DDP syncs on each window's last one), so
+            # a ragged final global batch is dropped rather than leaving one rank without data.
+            self.batches_per_epoch = len(self.blocks.train) // global_batch
+        if self.batches_per_epoch < 1:
+            raise ConfigError(
+                f"{len(self.blocks.train)} training blocks of {cfg.max_length + 1} tokens do not fill one batch of "
+                f"{global_batch} ({cfg.batch_size} per process x {self.world}); lower batch_size or max_length, "
+                "or add data.",
+                field="batch_size",
+            )
         eval_blocks = self.blocks.eval
         if cfg.eval_max_blocks is not None:
             eval_blocks = eval_blocks[: cfg.eval_max_blocks]
@@ -252,6 +264,11 @@ class Distiller:
             loss_sum += float(loss.detach())
             for name, value in parts.items():
                 sums[name] += float(value)
+        if self.world > 1:  # each rank holds its share of the global mean; the log shows the whole window
+            names = list(sums)
+            packed = torch.tensor([loss_sum, *(sums[n] for n in names)], device=self.device, dtype=torch.float64)
+            packed = self.accelerator.reduce(packed, reduction="sum").tolist()
+            loss_sum, sums = packed[0], dict(zip(names, packed[1:]))
         return {"loss": loss_sum, "tokens": num_items, **sums}
 
     def _optimizer_step(self) -> tuple[float, bool]:
