@@ -34,6 +34,7 @@ from __future__ import annotations
 import contextlib
 import math
 import re
+import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -73,8 +74,9 @@ MOE_FAMILIES: dict[str, MoEFamily] = {
         "Qwen2MoeSparseMoeBlock", ("mlp",), "num_experts", "num_experts_per_tok", "norm_topk_prob", shared_expert=True
     ),
     # 4.5x names the block ``block_sparse_moe``, 5.x ``mlp``.
-    "mixtral": MoEFamily("MixtralSparseMoeBlock", ("block_sparse_moe", "mlp"), "num_local_experts",
-                         "num_experts_per_tok", None),  # fmt: skip
+    "mixtral": MoEFamily(
+        "MixtralSparseMoeBlock", ("block_sparse_moe", "mlp"), "num_local_experts", "num_experts_per_tok", None
+    ),  # fmt: skip
     "olmoe": MoEFamily("OlmoeSparseMoeBlock", ("mlp",), "num_experts", "num_experts_per_tok", "norm_topk_prob"),
 }
 
@@ -561,8 +563,8 @@ def router_regularisers(
     scale = sum((init.float() ** 2).sum() for init in initial_router_state.values())
     anchor = drift / max(float(scale), 1e-12)
 
-    logits_list = [router_logits[k] for k in sorted(router_logits)] if isinstance(router_logits, Mapping) else list(
-        router_logits
+    logits_list = (
+        [router_logits[k] for k in sorted(router_logits)] if isinstance(router_logits, Mapping) else list(router_logits)
     )
     if not logits_list:
         raise ValueError("router_logits is empty: run the teacher forward inside capture_router_logits")
@@ -599,7 +601,10 @@ def enable_teacher_checkpointing(teacher: nn.Module) -> None:
     while every submodule keeps eval behaviour (no dropout, no router jitter). Call it after any
     ``teacher.eval()``, which would undo it.
     """
-    teacher.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    with warnings.catch_warnings():
+        # 5.x deprecates the name in favour of activation_checkpointing_enable, which 4.5x lacks.
+        warnings.filterwarnings("ignore", message=".*gradient_checkpointing_enable.*", category=FutureWarning)
+        teacher.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     teacher.config.use_cache = False
     for layer in _decoder_layers(teacher):
         layer.training = True  # this module only, not its children

@@ -79,8 +79,10 @@ class Distiller:
         cfg = self.config
         self._check_supported()
         self._setup_accelerator()
-        self._setup_models()
-        self._setup_data()
+        # Rank 0 builds caches (tiny models, corpus, tokenised data) first; the others then read them.
+        with self.accelerator.main_process_first():
+            self._setup_models()
+            self._setup_data()
         self.plan: SchedulePlan = plan_schedule(cfg, self.batches_per_epoch)
         self._setup_optimizer()
         self._setup_run_dir()
@@ -539,7 +541,7 @@ class Distiller:
         """checkpoints/step-N/: written to a temp dir and renamed, so a killed write is never picked up."""
         step = self.state["step"]
         final = self.checkpoint_dir / f"step-{step}"
-        tmp = self.checkpoint_dir / f".tmp-step-{step}-{os.getpid()}"
+        tmp = self.checkpoint_dir / f".tmp-step-{step}"  # one name for all ranks: they write into it together
         self.accelerator.wait_for_everyone()
         if self.is_main:
             shutil.rmtree(tmp, ignore_errors=True)
