@@ -82,6 +82,7 @@ def build_case(spec: dict):
     def naive(logits):
         return F.kl_div(F.log_softmax(logits, -1), F.softmax(teacher, -1), reduction="batchmean")
 
+    fused_options = {"alpha_kd": 1.0, "alpha_ce": 0.0, "chunk_size": spec.get("chunk", 1024)}
     trl_loss = _trl_loss() if case.startswith("trl") else None
     if case.startswith("trl") and trl_loss is None:
         raise SystemExit(json.dumps({**spec, "skipped": "trl not installed"}))
@@ -95,11 +96,8 @@ def build_case(spec: dict):
         "kit_topk_cached": lambda: kd_loss(student, targets, labels),
         "naive_full_head": lambda: naive(hidden @ weight.T),
         "kit_full_head": lambda: kd_loss(hidden @ weight.T, teacher, labels),
-        "fused_full": lambda: fused_lm_head_kd(hidden, weight, teacher, labels, alpha_kd=1.0, alpha_ce=0.0)[0],
-        "fused_topk_cached": lambda: fused_lm_head_kd(hidden, weight, targets, labels, alpha_kd=1.0, alpha_ce=0.0)[
-            0
-        ],
-        "fused_full_ce": lambda: fused_lm_head_kd(hidden, weight, teacher, labels, alpha_kd=0.5, alpha_ce=0.5)[0],
+        "fused_full": lambda: fused_lm_head_kd(hidden, weight, teacher, labels, **fused_options)[0],
+        "fused_topk_cached": lambda: fused_lm_head_kd(hidden, weight, targets, labels, **fused_options)[0],
     }[case]
     return step, leaves
 

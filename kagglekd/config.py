@@ -143,7 +143,43 @@ class DistillConfig:
     alpha_attention: float = _f(
         0.0, "Weight of the attention-map transfer loss; needs attention-transfer support to be > 0.", min=0.0
     )
-    attention_layers: int | None = _f(None, "Number of student layers whose attention maps are matched.", min=1)
+    attention_layers: int | None = _f(
+        None, "Number of student layers (evenly spaced, ending at the last) whose attention maps are matched.", min=1
+    )
+    feature_layers: int | None = _f(
+        None, "Number of student layers (evenly spaced, ending at the last) matched to teacher hidden states.", min=1
+    )
+    feature_loss: str = _f("mse", "Feature loss: mse (divided by the teacher states' variance) or cosine.",
+                           choices=("mse", "cosine"))
+    loss_balance: str = _f(
+        "fixed",
+        "fixed = total is sum(alpha * component); normalized = each component divided by a running mean of its own "
+        "magnitude first, so the alphas become the realised shares of the total.",
+        choices=("fixed", "normalized"),
+    )
+    balance_momentum: float = _f(0.9, "Momentum of the running magnitude used by loss_balance normalized.",
+                                 min=0.0, lt=1.0)
+
+    # ---- MoE teacher: expert control, Student-Aware Router, Knowledge Augmentation ---------------------
+    all_experts: bool = _f(False, "Run every expert of the MoE teacher for every token (teacher top-k = all).")
+    expert_top_k_start: int | None = _f(None, "Teacher experts per token at the first step (linear schedule).", min=1)
+    expert_top_k_end: int | None = _f(None, "Teacher experts per token at the last step.", min=1)
+    sar: bool = _f(
+        False, "Student-Aware Router: train only the teacher's routers through the distillation loss (experts frozen)."
+    )
+    router_lr: float = _f(1e-4, "Learning rate of the teacher's routers under SAR.", gt=0.0)
+    sar_anchor_weight: float = _f(0.1, "SAR: weight of the L2 anchor of routers to their initial weights.", min=0.0)
+    sar_balance_weight: float = _f(0.01, "SAR: weight of the load-balance regulariser.", min=0.0)
+    sar_entropy_weight: float = _f(0.0, "SAR: weight of the router entropy (positive sharpens routing).")
+    sar_teacher_ce_weight: float = _f(
+        0.1, "SAR: weight of the teacher's own next-token CE, keeping the adapted teacher truthful.", min=0.0
+    )
+    teacher_gradient_checkpointing: bool = _f(False, "Checkpoint the teacher's layers under SAR (less memory).")
+    ka_samples: int = _f(0, "Knowledge Augmentation: sample the teacher's experts (Gumbel top-k) this many times.",
+                         min=0)
+    ka_mode: str = _f("average", "KA targets: average over the samples, or a single sample per step.",
+                      choices=("average", "single"))
+    router_patterns: list[str] = _f([], "Regexes naming router modules of MoE families the kit does not know.")
     loss_chunk_size: int = _f(1024, "Token positions per chunk in the loss (bounds float32 vocab copies).", min=1)
 
     # ---- evaluation, EMA, stopping ---------------------------------------------------------------------
@@ -181,6 +217,14 @@ class DistillConfig:
                 "and/or alpha_ce > 0 (learn from the data).",
                 field="alpha_kd",
             )
+        if (self.expert_top_k_start is None) != (self.expert_top_k_end is None):
+            missing = "expert_top_k_end" if self.expert_top_k_end is None else "expert_top_k_start"
+            raise ConfigError(f"expert_top_k_start and expert_top_k_end go together; set {missing} too.", missing)
+        if self.sar and self.alpha_kd == 0:
+            raise ConfigError("sar trains the teacher's routers through the KD loss; it needs alpha_kd > 0.", "sar")
+        if self.ka_samples and self.sar:
+            raise ConfigError("ka_samples samples experts of a fixed teacher; it cannot run together with sar "
+                              "(which trains the routers). Use one of them.", "ka_samples")
         if self.resume not in ("auto", "never") and not self.resume:
             raise ConfigError("resume must be 'auto', 'never' or a checkpoint path.", field="resume")
 
@@ -338,6 +382,11 @@ def _check_type(name: str, value: Any, tp: Any) -> Any:
             except ConfigError:
                 continue
         raise ConfigError(f"{name} = {value!r}: expected {_type_name(tp)}.", field=name)
+    if origin is list:
+        (item_type,) = typing.get_args(tp)
+        if isinstance(value, list):
+            return [_check_type(f"{name}[{i}]", item, item_type) for i, item in enumerate(value)]
+        raise ConfigError(f"{name} = {value!r}: expected a list of {_type_name(item_type)}s.", field=name)
     if tp is bool:
         if isinstance(value, bool):
             return value

@@ -15,10 +15,13 @@ from pathlib import Path
 import pandas as pd
 
 # Columns every history.csv has, in this order; components a run adds come after them.
-HISTORY_COLUMNS = [
-    "step", "epoch", "lr", "loss", "kd", "ce", "w_kd", "w_ce", "share_kd", "share_ce", "grad_norm",
-    "tokens", "tokens_per_s", "skipped", "eval_ppl", "eval_kd", "eval_top1_agreement", "eval_ppl_ema",
-]
+_COMPONENTS = ("kd", "ce", "feature", "attention", "router")
+HISTORY_COLUMNS = (
+    ["step", "epoch", "lr", "loss", *_COMPONENTS]
+    + [f"w_{c}" for c in _COMPONENTS]
+    + [f"share_{c}" for c in _COMPONENTS]
+    + ["grad_norm", "tokens", "tokens_per_s", "skipped", "eval_ppl", "eval_kd", "eval_top1_agreement", "eval_ppl_ema"]
+)
 
 
 def perplexity(ce_sum: float, tokens: int) -> float:

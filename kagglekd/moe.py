@@ -542,6 +542,7 @@ def router_regularisers(
     router_logits: Mapping[int, Tensor] | Sequence[Tensor],
     token_mask: Tensor | None = None,
     patterns: Sequence[str] | None = None,
+    top_k: int | None = None,
 ) -> dict[str, Tensor]:
     """SAR regularisers, float32 scalars: ``{"anchor", "balance", "entropy"}``.
 
@@ -556,6 +557,7 @@ def router_regularisers(
 
     ``router_logits``: from ``capture_router_logits`` (dict) or a list of ``[tokens, E]`` tensors.
     ``token_mask``: ``[B, T]`` bool (e.g. ``attention_mask.bool()``); only those rows count.
+    ``top_k``: the experts per token the forward ran with (default: the teacher's current setting).
     """
     params = dict(teacher.named_parameters())
     drift = sum(((params[key].float() - init.to(params[key].device).float()) ** 2).sum()
@@ -568,8 +570,8 @@ def router_regularisers(
     )
     if not logits_list:
         raise ValueError("router_logits is empty: run the teacher forward inside capture_router_logits")
-    info = moe_info(teacher, patterns)
-    top_k = info.experts_per_token or 1
+    if top_k is None:
+        top_k = moe_info(teacher, patterns).experts_per_token or 1
     balances, entropies = [], []
     for logits in logits_list:
         logits = logits.float().reshape(-1, logits.shape[-1])

@@ -31,7 +31,7 @@ from kagglekd.schedule import SchedulePlan, build_scheduler, plan_schedule
 
 log = logging.getLogger(__name__)
 
-COMPONENTS = ("kd", "ce")
+COMPONENTS = ("kd", "ce", "feature", "attention", "router")
 STATE_FILE = "trainer_state.json"
 
 
@@ -84,6 +84,7 @@ class Distiller:
             self._setup_models()
             self._setup_data()
         self.plan: SchedulePlan = plan_schedule(cfg, self.batches_per_epoch)
+        self._setup_transfer()
         self._setup_optimizer()
         self._setup_run_dir()
         self._ready = True
@@ -92,12 +93,9 @@ class Distiller:
     def _check_supported(self) -> None:
         cfg = self.config
         for name in ("alpha_feature", "alpha_attention"):
-            if getattr(cfg, name) > 0:
-                raise ConfigError(
-                    f"{name} = {getattr(cfg, name)}: this version of kagglekd trains KD + CE only; feature and "
-                    f"attention transfer are not available yet. Set {name} to 0.",
-                    field=name,
-                )
+            if getattr(cfg, name) > 0 and cfg.alpha_kd == 0:
+                raise ConfigError(f"{name} > 0 transfers from the teacher, which a CE-only run (alpha_kd 0) does not "
+                                  "load; set alpha_kd > 0 or {name} to 0.", field=name)
 
     def _setup_accelerator(self) -> None:
         from accelerate import Accelerator
@@ -118,7 +116,7 @@ class Distiller:
         cfg = self.config
         self.tokenizer = models.load_tokenizer(cfg.tokenizer or cfg.student_model)
         vocab = len(self.tokenizer)
-        self.needs_teacher = cfg.alpha_kd > 0
+        self.needs_teacher = cfg.alpha_kd > 0 or cfg.alpha_feature > 0 or cfg.alpha_attention > 0
         self.teacher = None
         if self.needs_teacher:
             teacher_tokenizer = models.load_tokenizer(cfg.teacher_tokenizer or cfg.teacher_model)
@@ -172,6 +170,69 @@ class Distiller:
             eval_blocks = eval_blocks[: cfg.eval_max_blocks]
         self.eval_blocks = eval_blocks
 
+    def _setup_transfer(self) -> None:
+        """MoE options, SAR, feature projections and attention layer maps; all checked before any step."""
+        from kagglekd import moe
+
+        cfg = self.config
+        self.patterns = cfg.router_patterns or None
+        self.projections: torch.nn.ModuleList | None = None
+        self.feature_pairs: list[tuple[int, int]] = []
+        self.attention_pairs: list[tuple[int, int]] = []
+        self.router_params: list[torch.nn.Parameter] = []
+        self.initial_routers: dict = {}
+        self.balance: dict[str, float] = {}
+        self._ka_generator = None
+        if cfg.ka_samples:
+            self._ka_generator = torch.Generator(device=self.device).manual_seed(cfg.seed + 17)
+        moe_options = [name for name, on in (
+            ("all_experts", cfg.all_experts), ("expert_top_k_start", cfg.expert_top_k_start is not None),
+            ("sar", cfg.sar), ("ka_samples", cfg.ka_samples > 0)) if on]
+        if moe_options and self.teacher is None:
+            raise ConfigError(f"{moe_options[0]} acts on the teacher, which a CE-only run does not load.",
+                              moe_options[0])
+        for option in moe_options:
+            info = moe.require_moe(self.teacher, option, self.patterns)
+        if cfg.expert_top_k_start is not None:
+            for name in ("expert_top_k_start", "expert_top_k_end"):
+                if getattr(cfg, name) > info.experts_per_layer:
+                    raise ConfigError(f"{name} = {getattr(cfg, name)}: the teacher has {info.experts_per_layer} "
+                                      "experts per layer.", name)
+        if cfg.all_experts or (cfg.sar and not cfg.ka_samples):
+            # SAR runs every expert so the routers' weights over all of them carry the gradient.
+            moe.set_experts_per_token(self.teacher, info.experts_per_layer)
+        student = self.student
+        s_layers, t_layers = student.config.num_hidden_layers, None
+        if self.teacher is not None:
+            t_layers = self.teacher.config.num_hidden_layers
+        if cfg.alpha_feature > 0:
+            self.feature_pairs = _layer_pairs(s_layers, t_layers, cfg.feature_layers, "feature_layers")
+            hs, ht = student.config.hidden_size, self.teacher.config.hidden_size
+            # Projections live beside the student, never inside it: student/ exports none of them.
+            torch.manual_seed(cfg.seed)
+            self.projections = torch.nn.ModuleList(
+                torch.nn.Linear(hs, ht, bias=False) for _ in self.feature_pairs).to(self.device)
+        if cfg.alpha_attention > 0:
+            self.attention_pairs = _layer_pairs(s_layers, t_layers, cfg.attention_layers or 1, "attention_layers")
+            for model, field in ((student, "student_model"), (self.teacher, "teacher_model")):
+                if model.config.model_type not in moe.ATTENTION_FAMILIES:
+                    raise ConfigError(
+                        f"attention transfer does not know the attention of {model.config.model_type} models "
+                        f"({field}); supported: {', '.join(sorted(moe.ATTENTION_FAMILIES))}. Set alpha_attention 0.",
+                        "alpha_attention")
+        if cfg.sar:
+            self.router_params = moe.prepare_sar(self.teacher, self.patterns)
+            for param in self.router_params:  # router updates need fp32 even when the teacher runs in fp16
+                param.data = param.data.float()
+            self.initial_routers = moe.router_state_dict(self.teacher, self.patterns)
+            if cfg.teacher_gradient_checkpointing:
+                moe.enable_teacher_checkpointing(self.teacher)
+
+    def _extra_params(self) -> list[torch.nn.Parameter]:
+        """Trained parameters outside the (DDP-wrapped) student: projections and SAR routers."""
+        extra = list(self.projections.parameters()) if self.projections is not None else []
+        return extra + list(self.router_params)
+
     def _setup_optimizer(self) -> None:
         cfg = self.config
         decay, no_decay = [], []
@@ -179,6 +240,10 @@ class Distiller:
             if param.requires_grad:
                 (no_decay if param.ndim < 2 or "norm" in name.lower() else decay).append(param)
         groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        if self.projections is not None:
+            groups.append({"params": list(self.projections.parameters()), "weight_decay": 0.0})
+        if self.router_params:
+            groups.append({"params": self.router_params, "weight_decay": 0.0, "lr": cfg.router_lr})
         optimizer = torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2))
         self.student, self.optimizer = self.accelerator.prepare(self.student, optimizer)
         # Not prepared: accelerate would step a prepared scheduler once per process, bending the plan.
@@ -201,8 +266,9 @@ class Distiller:
 
     def _setup_run_dir(self) -> None:
         self.state = {"step": 0, "best_ppl": math.inf, "evals_without_improvement": 0, "skipped": 0,
-                      "consecutive_skips": 0, "stopped_early": False, "last_eval": None}
-        self.history = HistoryWriter(self.output_dir / "history.csv")
+                      "consecutive_skips": 0, "stopped_early": False, "last_eval": None, "balance": self.balance}
+        extra = ["teacher_top_k"] if self.config.expert_top_k_start is not None else []
+        self.history = HistoryWriter(self.output_dir / "history.csv", extra_columns=extra)
         if not self.is_main or not self.write_run_dir:
             return
         try:
@@ -229,25 +295,106 @@ class Distiller:
             logits = _match_vocab(logits, self.student_vocab)
         return logits
 
+    def _teacher_forward(self, input_ids: torch.Tensor, labels: torch.Tensor, num_items: int, micro_tokens: int):
+        """Teacher logits, hidden states, attention maps and (under SAR) the router component."""
+        from kagglekd import moe
+
+        cfg = self.config
+        want_hidden = bool(self.feature_pairs)
+        out = {"hidden": None, "maps": None, "router": None}
+        plain = not cfg.sar and not cfg.ka_samples and not want_hidden and not self.attention_pairs
+        if plain:
+            out["logits"] = self._teacher_logits(input_ids)
+            return out
+        grad = torch.enable_grad() if cfg.sar else torch.no_grad()
+        layers = [t for _, t in self.attention_pairs]
+        with grad, moe.capture_router_logits(self.teacher, self.patterns) if cfg.sar else _nullcontext() as routed:
+            if cfg.ka_samples:
+                generator = None if cfg.teacher_gradient_checkpointing else self._ka_generator
+                out["logits"] = moe.knowledge_augmentation(
+                    self.teacher, input_ids, cfg.ka_samples, mode=cfg.ka_mode, generator=generator)
+            if want_hidden or layers or not cfg.ka_samples:
+                with moe.capture_attention(self.teacher, layers) if layers else _nullcontext() as capture:
+                    result = self.teacher(input_ids=input_ids, output_hidden_states=want_hidden)
+                if "logits" not in out:
+                    out["logits"] = result.logits
+                out["hidden"] = result.hidden_states if want_hidden else None
+                out["maps"] = [m.detach() for m in capture.maps()] if layers else None
+            if cfg.sar:
+                regs = moe.router_regularisers(self.teacher, self.initial_routers, routed, patterns=self.patterns)
+                teacher_ce = losses.ce_loss(out["logits"], labels, num_items=micro_tokens)
+                mean = (cfg.sar_anchor_weight * regs["anchor"] + cfg.sar_balance_weight * regs["balance"]
+                        + cfg.sar_entropy_weight * regs["entropy"] + cfg.sar_teacher_ce_weight * teacher_ce)
+                # a per-micro-batch mean, weighted by its share of the window's tokens
+                out["router"] = mean * (micro_tokens / num_items)
+        if out["logits"].shape[-1] != self.student_vocab:
+            out["logits"] = _match_vocab(out["logits"], self.student_vocab)
+        return out
+
     def _loss_step(self, micro_batch: torch.Tensor, num_items: int) -> tuple[torch.Tensor, dict]:
         """Loss of one micro-batch, already divided by the window's valid-target count."""
+        from kagglekd import moe
+
         cfg = self.config
         input_ids, labels = data.next_token_batch(micro_batch.to(self.device))
+        micro_tokens = max(losses.valid_count(labels), 1)
+        layers = [s for s, _ in self.attention_pairs]
         with self.accelerator.autocast():
-            student_logits = self.student(input_ids=input_ids).logits
+            with moe.capture_attention(self.accelerator.unwrap_model(self.student), layers) if layers \
+                    else _nullcontext() as capture:
+                result = self.student(input_ids=input_ids, output_hidden_states=bool(self.feature_pairs))
+            student_logits = result.logits
         parts: dict[str, torch.Tensor] = {}
         if cfg.alpha_ce > 0:
             parts["ce"] = losses.ce_loss(student_logits, labels, num_items=num_items, chunk_size=cfg.loss_chunk_size)
-        if cfg.alpha_kd > 0:
-            teacher_logits = self._teacher_logits(input_ids)
-            parts["kd"] = losses.kd_loss(
-                student_logits, teacher_logits, labels, temperature=cfg.temperature, divergence=cfg.divergence,
-                beta=cfg.jsd_beta, skew_alpha=cfg.skew_alpha, top_k=cfg.kd_top_k, scale_t2=cfg.kd_scale_t2,
-                num_items=num_items, chunk_size=cfg.loss_chunk_size,
-            )
-        weights = {"kd": cfg.alpha_kd, "ce": cfg.alpha_ce}
-        total = sum(weights[name] * value for name, value in parts.items())
+        if self.teacher is not None:
+            teacher = self._teacher_forward(input_ids, labels, num_items, micro_tokens)
+            if cfg.alpha_kd > 0:
+                parts["kd"] = losses.kd_loss(
+                    student_logits, teacher["logits"], labels, temperature=cfg.temperature, divergence=cfg.divergence,
+                    beta=cfg.jsd_beta, skew_alpha=cfg.skew_alpha, top_k=cfg.kd_top_k, scale_t2=cfg.kd_scale_t2,
+                    num_items=num_items, chunk_size=cfg.loss_chunk_size,
+                )
+            valid = labels != -100
+            if self.feature_pairs:
+                per_layer = [
+                    losses.feature_loss(result.hidden_states[s + 1].float(), teacher["hidden"][t + 1].float(),
+                                        projection, valid, kind=cfg.feature_loss, num_items=num_items)
+                    for (s, t), projection in zip(self.feature_pairs, self.projections)
+                ]
+                parts["feature"] = sum(per_layer) / len(per_layer)
+            if self.attention_pairs:
+                student_maps = capture.maps()
+                per_layer = [losses.attention_loss(sm.float(), tm.float(), valid, num_items=num_items)
+                             for sm, tm in zip(student_maps, teacher["maps"])]
+                parts["attention"] = sum(per_layer) / len(per_layer)
+            if teacher["router"] is not None:
+                parts["router"] = teacher["router"]
+        total = sum(self._weight(name) * value for name, value in parts.items())
         return total, {name: value.detach() for name, value in parts.items()}
+
+    def _alpha(self, name: str) -> float:
+        cfg = self.config
+        return {"kd": cfg.alpha_kd, "ce": cfg.alpha_ce, "feature": cfg.alpha_feature,
+                "attention": cfg.alpha_attention, "router": 1.0 if cfg.sar else 0.0}[name]
+
+    def _weight(self, name: str) -> float:
+        """alpha under ``fixed``; alpha / running magnitude under ``normalized`` (so alphas become shares)."""
+        alpha = self._alpha(name)
+        if self.config.loss_balance == "fixed" or name not in self.balance:
+            return alpha
+        return alpha / max(self.balance[name], 1e-8)
+
+    def _update_balance(self, sums: dict) -> None:
+        if self.config.loss_balance != "normalized":
+            return
+        momentum = self.config.balance_momentum
+        for name, value in sums.items():
+            if name not in COMPONENTS or not math.isfinite(value) or self._alpha(name) == 0:
+                continue
+            magnitude = abs(value)
+            previous = self.balance.get(name)
+            self.balance[name] = magnitude if previous is None else momentum * previous + (1 - momentum) * magnitude
 
     def _window_backward(self, window: Window) -> dict:
         """Forward and backward over one accumulation window; gradients are left in ``.grad``."""
@@ -266,6 +413,12 @@ class Distiller:
             loss_sum += float(loss.detach())
             for name, value in parts.items():
                 sums[name] += float(value)
+        if self.world > 1:
+            # Projections and SAR routers sit outside DDP: average their gradients like DDP does the student's.
+            for param in self._extra_params():
+                if param.grad is not None:
+                    torch.distributed.all_reduce(param.grad)
+                    param.grad /= self.world
         if self.world > 1:  # each rank holds its share of the global mean; the log shows the whole window
             names = list(sums)
             packed = torch.tensor([loss_sum, *(sums[n] for n in names)], device=self.device, dtype=torch.float64)
@@ -276,7 +429,8 @@ class Distiller:
     def _optimizer_step(self) -> tuple[float, bool]:
         """Clip, check, step. Returns (grad_norm, skipped)."""
         max_norm = self.config.max_grad_norm if self.config.max_grad_norm is not None else math.inf
-        grad_norm = float(self.accelerator.clip_grad_norm_(self.student.parameters(), max_norm))
+        params = list(self.student.parameters()) + self._extra_params()
+        grad_norm = float(self.accelerator.clip_grad_norm_(params, max_norm))
         scaler = self.accelerator.scaler is not None
         if not math.isfinite(grad_norm) and not scaler:
             self.optimizer.zero_grad(set_to_none=True)
@@ -340,6 +494,7 @@ class Distiller:
     def _train_step(self, window: Window) -> dict:
         step_start = time.perf_counter()
         lr = self.optimizer.optimizer.param_groups[0]["lr"]
+        teacher_top_k = self._apply_expert_schedule(window.step)
         sums = self._window_backward(window)
         grad_norm, skipped = self._optimizer_step()
         if not math.isfinite(sums["loss"]):
@@ -349,12 +504,13 @@ class Distiller:
         row = {"step": window.step, "epoch": window.step / self.plan.steps_per_epoch, "lr": lr,
                "loss": sums["loss"], "grad_norm": grad_norm, "tokens": sums["tokens"],
                "tokens_per_s": sums["tokens"] / elapsed if elapsed > 0 else float("nan")}
-        weights = {"kd": self.config.alpha_kd, "ce": self.config.alpha_ce}
         for name in COMPONENTS:
-            active = weights[name] > 0
+            active = self._alpha(name) > 0
             row[name] = sums[name] if active else float("nan")
-            row[f"w_{name}"] = weights[name] * sums[name] if active else float("nan")
+            row[f"w_{name}"] = self._weight(name) * sums[name] if active else float("nan")
             row[f"share_{name}"] = row[f"w_{name}"] / sums["loss"] if active and sums["loss"] else float("nan")
+        if not skipped:
+            self._update_balance(sums)
         if skipped:
             self.state["skipped"] += 1
             self.state["consecutive_skips"] += 1
@@ -362,8 +518,21 @@ class Distiller:
         else:
             self.state["consecutive_skips"] = 0
         row["skipped"] = self.state["skipped"]
+        if teacher_top_k is not None:
+            row["teacher_top_k"] = teacher_top_k
         self.state["step"] = window.step + 1
         return row
+
+    def _apply_expert_schedule(self, step: int) -> int | None:
+        """Set the teacher's experts per token for this step (expert_top_k_start -> expert_top_k_end)."""
+        cfg = self.config
+        if cfg.expert_top_k_start is None:
+            return None
+        from kagglekd import moe
+
+        k = moe.expert_top_k_schedule(cfg.expert_top_k_start, cfg.expert_top_k_end, step, self.plan.optimizer_steps)
+        moe.set_experts_per_token(self.teacher, k)
+        return k
 
     def _after_step(self, row: dict, window: Window) -> None:
         cfg = self.config
@@ -459,6 +628,8 @@ class Distiller:
         if self.state["step"] == self.plan.optimizer_steps or self.state["stopped_early"]:
             if self.is_main:
                 self.save_student(self.output_dir / "student")
+                if self.router_params:
+                    self.save_teacher_routers(self.output_dir / "teacher_routers")
         rows = self.history.rows
         tokens = sum(r["tokens"] for r in rows[-max(1, self.state["step"]):])
         summary = {
@@ -554,6 +725,14 @@ class Distiller:
                          "rng_numpy": np.random.get_state()}
                 if self.ema is not None:
                     extra["ema"] = self.ema.state_dict()
+                if self.projections is not None:
+                    extra["projections"] = self.projections.state_dict()
+                if self.router_params:
+                    from kagglekd.moe import router_state_dict
+
+                    extra["routers"] = router_state_dict(self.teacher, self.patterns)
+                if self._ka_generator is not None:
+                    extra["ka_generator"] = self._ka_generator.get_state()
                 torch.save(extra, tmp / "kagglekd_extra.pt")
                 _write_json(tmp / STATE_FILE, {**self.state, "history": self.history.rows,
                                                "plan_steps": self.plan.optimizer_steps})
@@ -597,9 +776,18 @@ class Distiller:
         np.random.set_state(extra["rng_numpy"])
         if self.ema is not None and "ema" in extra:
             self.ema.load_state_dict(extra["ema"])
+        if self.projections is not None:
+            self.projections.load_state_dict(extra["projections"])
+        if self.router_params:
+            from kagglekd.moe import load_router_state
+
+            load_router_state(self.teacher, extra["routers"])
+        if self._ka_generator is not None and "ka_generator" in extra:
+            self._ka_generator.set_state(extra["ka_generator"])
         history = state.pop("history")
         state.pop("plan_steps", None)
         self.state.update(state)
+        self.balance = self.state["balance"]
         if self.is_main:
             self.history.reset(history)
         log.info("resumed from %s at step %d", path, self.state["step"])
@@ -632,6 +820,19 @@ class Distiller:
         os.replace(tmp, path)
         return path
 
+    def save_teacher_routers(self, path: str | Path) -> Path:
+        """The SAR-adapted router weights, in the run dir beside (never inside) student/."""
+        from safetensors.torch import save_file
+
+        from kagglekd.moe import router_state_dict
+
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        state = {name: tensor.contiguous() for name, tensor in router_state_dict(self.teacher, self.patterns).items()}
+        save_file(state, str(path / "routers.safetensors"))
+        _write_json(path / "source.json", {"teacher_model": self.config.teacher_model, "routers": sorted(state)})
+        return path
+
     def _emit(self, event: str, payload: dict) -> None:
         for callback in self.callbacks:
             handler = getattr(callback, event, None)
@@ -653,6 +854,15 @@ def complete_checkpoints(directory: Path) -> list[Path]:
 def latest_checkpoint(directory: Path) -> Path | None:
     done = complete_checkpoints(Path(directory))
     return max(done, key=_step_of) if done else None
+
+
+def _layer_pairs(student_layers: int, teacher_layers: int, count: int | None, field: str) -> list[tuple[int, int]]:
+    """Uniform (student, teacher) layer pairs; a count the models cannot satisfy is a ConfigError."""
+    try:
+        return losses.layer_map(student_layers, teacher_layers, "uniform", count=count)
+    except ValueError as err:
+        raise ConfigError(f"{field} = {count}: {err} (student has {student_layers} layers, teacher "
+                          f"{teacher_layers}).", field) from None
 
 
 def _match_vocab(logits: torch.Tensor, vocab: int) -> torch.Tensor:

@@ -373,7 +373,7 @@ def _sar_step(teacher, all_experts: bool):
     with moe.experts_per_token(teacher, top_k), moe.capture_router_logits(teacher) as router_logits:
         teacher_logits = teacher(input_ids=ids).logits
     loss = kd_loss(student(input_ids=ids).logits, teacher_logits, labels)
-    regularisers = moe.router_regularisers(teacher, initial, router_logits)
+    regularisers = moe.router_regularisers(teacher, initial, router_logits, top_k=top_k)
     loss = loss + 0.1 * regularisers["balance"] + 0.01 * regularisers["entropy"] + regularisers["anchor"]
     optimizer.zero_grad()
     loss.backward()
@@ -427,6 +427,9 @@ def test_router_regularisers_golden_values():
     p = collapsed[0].softmax(-1)
     value = moe.router_regularisers(mixtral, initial, {0: collapsed})["balance"]
     assert value.item() == pytest.approx(4 * (0.5 * p[0] + 0.5 * p[1]).item(), rel=1e-6)
+    # explicit top_k = 1: f = [1, 0, 0, 0] -> 4 * P0
+    value = moe.router_regularisers(mixtral, initial, [collapsed], top_k=1)["balance"]
+    assert value.item() == pytest.approx(4 * p[0].item(), rel=1e-6)
     # token mask: only the masked-in rows count
     mixed = torch.cat([collapsed[:2], spread[:2]])
     masked = moe.router_regularisers(mixtral, initial, [mixed], token_mask=torch.tensor([[False, False, True, True]]))
