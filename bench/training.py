@@ -32,7 +32,8 @@ def student_hidden(student, input_ids):
     return student.model(input_ids=input_ids).last_hidden_state
 
 
-def main(epochs: int) -> dict:
+def main(epochs: int, threads: int) -> dict:
+    torch.set_num_threads(threads)
     torch.manual_seed(0)
     teacher, student = tiny_random_moe(VOCAB, 0).eval().requires_grad_(False), tiny_random_dense(VOCAB, 1)
     blocks = torch.randint(0, VOCAB, (BATCH * BATCHES, LENGTH + 1))
@@ -88,7 +89,8 @@ def main(epochs: int) -> dict:
                 times.append(time.perf_counter() - started)
         return statistics.median(times[1:])
 
-    results = {"epochs_timed": epochs, "tokens_per_epoch": BATCH * BATCHES * LENGTH, "cache_write_s": cache_write_s}
+    results = {"threads": threads, "epochs_timed": epochs, "tokens_per_epoch": BATCH * BATCHES * LENGTH}
+    results["cache_write_s"] = cache_write_s
     for name, step in (("floor", floor_step), ("kit", kit_step), ("live", live_step), ("cached", cached_step)):
         times = [epoch_seconds(step) for _ in range(epochs + 1)][1:]
         results[f"{name}_epoch_s"] = statistics.median(times)
@@ -99,4 +101,5 @@ def main(epochs: int) -> dict:
 
 
 if __name__ == "__main__":
-    print(json.dumps(main(int(sys.argv[1]) if len(sys.argv) > 1 else 5)))
+    arguments = [int(value) for value in sys.argv[1:]]
+    print(json.dumps(main(*(arguments + [5, 1][len(arguments) :]))))

@@ -37,6 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="the embedded default: KD vs CE-only student on the offline corpus")
     demo.add_argument("--output-dir", default="runs/demo")
     demo.add_argument("--max-steps", type=int, default=None, help="optimizer steps of each run (default: preset)")
+    demo.add_argument("--ablation", action="store_true",
+                      help="CE-only, KD, KD+feature+attention, SAR, SAR+KA on identical data -> ablation.csv/png")
 
     train = sub.add_parser("train", help="distil a student (resumes from the newest checkpoint by default)")
     _add_config_args(train)
@@ -115,9 +117,12 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from kagglekd.demo import run_demo
+    from kagglekd.demo import run_ablation, run_demo
 
-    run_demo(output_dir=args.output_dir, max_steps=args.max_steps, echo=print)
+    if args.ablation:
+        run_ablation(output_dir=args.output_dir, max_steps=args.max_steps, echo=print)
+    else:
+        run_demo(output_dir=args.output_dir, max_steps=args.max_steps, echo=print)
     return 0
 
 

@@ -222,9 +222,6 @@ class DistillConfig:
             raise ConfigError(f"expert_top_k_start and expert_top_k_end go together; set {missing} too.", missing)
         if self.sar and self.alpha_kd == 0:
             raise ConfigError("sar trains the teacher's routers through the KD loss; it needs alpha_kd > 0.", "sar")
-        if self.ka_samples and self.sar:
-            raise ConfigError("ka_samples samples experts of a fixed teacher; it cannot run together with sar "
-                              "(which trains the routers). Use one of them.", "ka_samples")
         if self.resume not in ("auto", "never") and not self.resume:
             raise ConfigError("resume must be 'auto', 'never' or a checkpoint path.", field="resume")
 

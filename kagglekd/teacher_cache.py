@@ -143,7 +143,9 @@ def write_cache(
             start = shard * blocks_per_shard
             arrays = {
                 name: np.lib.format.open_memmap(
-                    _shard_path(out_dir, shard, name), mode="w+", dtype=dtype,
+                    _shard_path(out_dir, shard, name),
+                    mode="w+",
+                    dtype=dtype,
                     shape=(shard_size, max_length, k) if name != "tail" else (shard_size, max_length),
                 )  # fmt: skip
                 for name, dtype in _ARRAYS.items()
