@@ -25,8 +25,14 @@ class _Parser(argparse.ArgumentParser):
 
 def _add_config_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", default="tiny-cpu", help="preset name or path to a JSON config (default tiny-cpu)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override one config key (repeatable), e.g. --set learning_rate=1e-3")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override one config key (repeatable), e.g. --set learning_rate=1e-3",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -37,8 +43,11 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="the embedded default: KD vs CE-only student on the offline corpus")
     demo.add_argument("--output-dir", default="runs/demo")
     demo.add_argument("--max-steps", type=int, default=None, help="optimizer steps of each run (default: preset)")
-    demo.add_argument("--ablation", action="store_true",
-                      help="CE-only, KD, KD+feature+attention, SAR, SAR+KA on identical data -> ablation.csv/png")
+    demo.add_argument(
+        "--ablation",
+        action="store_true",
+        help="CE-only, KD, KD+feature+attention, SAR, SAR+KA on identical data -> ablation.csv/png",
+    )
 
     train = sub.add_parser("train", help="distil a student (resumes from the newest checkpoint by default)")
     _add_config_args(train)
@@ -60,16 +69,24 @@ def build_parser() -> argparse.ArgumentParser:
     bundle.add_argument("--title", help="kernel title; slugify(title) must equal the slug")
     bundle.add_argument("--config", default=None, help="preset name or JSON config path (default: the T4x2 preset)")
     bundle.add_argument("--public", action="store_true", help="make the kernel public (default private)")
-    bundle.add_argument("--internet", choices=("on", "off"), default=None,
-                        help="enable_internet (default: on when the config names hub models or datasets)")
+    bundle.add_argument(
+        "--internet",
+        choices=("on", "off"),
+        default=None,
+        help="enable_internet (default: on when the config names hub models or datasets)",
+    )
     bundle.add_argument("--dataset", action="append", default=[], metavar="OWNER/SLUG", help="attach a dataset")
-    bundle.add_argument("--kernel-source", action="append", default=[], metavar="OWNER/SLUG",
-                        help="attach another kernel's output, e.g. this kernel's previous version to resume")
+    bundle.add_argument(
+        "--kernel-source",
+        action="append",
+        default=[],
+        metavar="OWNER/SLUG",
+        help="attach another kernel's output, e.g. this kernel's previous version to resume",
+    )
     bundle.add_argument("--out", required=True, help="folder to write (then: kaggle kernels push -p FOLDER)")
 
     # diagnose parses its own flags (kagglekd.diagnose.main); listed here for the top-level --help.
-    sub.add_parser("diagnose", help="findings, fixes, LR plan and memory plan before spending GPU time",
-                   add_help=False)
+    sub.add_parser("diagnose", help="findings, fixes, LR plan and memory plan before spending GPU time", add_help=False)
     return parser
 
 
@@ -138,9 +155,15 @@ def cmd_bundle(args) -> int:
     from kagglekd.bundle import DEFAULT_CONFIG, kaggle_cli_problems, write_bundle
 
     folder = write_bundle(
-        args.out, owner=args.owner, slug=args.slug, title=args.title, config=args.config or DEFAULT_CONFIG,
-        public=args.public, internet=None if args.internet is None else args.internet == "on",
-        datasets=args.dataset, kernel_sources=args.kernel_source,
+        args.out,
+        owner=args.owner,
+        slug=args.slug,
+        title=args.title,
+        config=args.config or DEFAULT_CONFIG,
+        public=args.public,
+        internet=None if args.internet is None else args.internet == "on",
+        datasets=args.dataset,
+        kernel_sources=args.kernel_source,
     )
     try:
         problems = kaggle_cli_problems(folder)
@@ -165,10 +188,16 @@ def main(argv: list[str] | None = None) -> int:
         return diagnose_main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
-                        format="%(levelname)s %(name)s: %(message)s")
-    handler = {"train": cmd_train, "evaluate": cmd_evaluate, "demo": cmd_demo, "doctor": cmd_doctor,
-               "bundle": cmd_bundle}[args.command]
+    logging.basicConfig(
+        level=logging.WARNING if args.quiet else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
+    )
+    handler = {
+        "train": cmd_train,
+        "evaluate": cmd_evaluate,
+        "demo": cmd_demo,
+        "doctor": cmd_doctor,
+        "bundle": cmd_bundle,
+    }[args.command]
     try:
         return handler(args)
     except KaggleKDError as err:

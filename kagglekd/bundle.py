@@ -43,9 +43,24 @@ ZIP_TIME = (1980, 1, 1, 0, 0, 0)  # the earliest time a zip entry can hold; fixe
 B64_LINE = 100
 
 KNOWN_KEYS = {
-    "id", "id_no", "title", "code_file", "language", "kernel_type", "is_private", "enable_gpu", "enable_tpu",
-    "enable_internet", "dataset_sources", "competition_sources", "kernel_sources", "model_sources", "keywords",
-    "docker_image_pinning_type", "docker_image", "machine_shape",
+    "id",
+    "id_no",
+    "title",
+    "code_file",
+    "language",
+    "kernel_type",
+    "is_private",
+    "enable_gpu",
+    "enable_tpu",
+    "enable_internet",
+    "dataset_sources",
+    "competition_sources",
+    "kernel_sources",
+    "model_sources",
+    "keywords",
+    "docker_image_pinning_type",
+    "docker_image",
+    "machine_shape",
 }
 BOOLEAN_KEYS = ("is_private", "enable_gpu", "enable_tpu", "enable_internet")
 LANGUAGES = ("python", "r", "rmarkdown")
@@ -106,8 +121,10 @@ def validate_metadata(meta: dict, folder: str | Path) -> list[str]:
         if not isinstance(title, str) or len(title) < 5:
             problems.append(f"title {title!r} must be at least five characters")
         elif slug is not None and slugify(title) != slug.lower():
-            problems.append(f"title {title!r} slugifies to {slugify(title)!r}, not the id's slug {slug!r}: Kaggle "
-                            "would derive another URL. Make them match (--title / --slug).")
+            problems.append(
+                f"title {title!r} slugifies to {slugify(title)!r}, not the id's slug {slug!r}: Kaggle "
+                "would derive another URL. Make them match (--title / --slug)."
+            )
 
     code_file = meta.get("code_file")
     if not code_file:
@@ -141,10 +158,16 @@ def validate_metadata(meta: dict, folder: str | Path) -> list[str]:
 
     for key, check, form in (
         ("dataset_sources", lambda s: _parts_ok(s, 1, 2), "owner/slug[/version]"),
-        ("kernel_sources", lambda s: _parts_ok(s, 1, 2) and len(s.split("/")[1]) >= 5,
-         "owner/slug[/version], slug >= 5 chars"),
-        ("model_sources", lambda s: _parts_ok(s, 4, 4) and s.split("/")[4].isdigit(),
-         "owner/model/framework/variation/VERSION (integer version)"),
+        (
+            "kernel_sources",
+            lambda s: _parts_ok(s, 1, 2) and len(s.split("/")[1]) >= 5,
+            "owner/slug[/version], slug >= 5 chars",
+        ),
+        (
+            "model_sources",
+            lambda s: _parts_ok(s, 4, 4) and s.split("/")[4].isdigit(),
+            "owner/model/framework/variation/VERSION (integer version)",
+        ),
         ("competition_sources", lambda s: isinstance(s, str) and bool(s) and "/" not in s, "a competition slug"),
         ("keywords", lambda s: isinstance(s, str) and bool(s), "a string"),
     ):
@@ -236,14 +259,22 @@ def build_wheel() -> bytes:
     version = kagglekd.__version__
     dist_info = f"kagglekd-{version}.dist-info"
     entries = [(p.relative_to(PACKAGE_DIR.parent).as_posix(), p.read_bytes()) for p in package_files()]
-    entries.append((f"{dist_info}/METADATA", (
-        f"Metadata-Version: 2.1\nName: kagglekd\nVersion: {version}\n"
-        "Summary: Knowledge distillation of causal LMs (MoE teachers into small dense students) on Kaggle GPUs\n"
-        "Requires-Python: >=3.10\n"
-    ).encode()))
-    entries.append((f"{dist_info}/WHEEL", (
-        b"Wheel-Version: 1.0\nGenerator: kagglekd.bundle\nRoot-Is-Purelib: true\nTag: py3-none-any\n"
-    )))
+    entries.append(
+        (
+            f"{dist_info}/METADATA",
+            (
+                f"Metadata-Version: 2.1\nName: kagglekd\nVersion: {version}\n"
+                "Summary: Knowledge distillation of causal LMs (MoE teachers into dense students) on Kaggle GPUs\n"
+                "Requires-Python: >=3.10\n"
+            ).encode(),
+        )
+    )
+    entries.append(
+        (
+            f"{dist_info}/WHEEL",
+            (b"Wheel-Version: 1.0\nGenerator: kagglekd.bundle\nRoot-Is-Purelib: true\nTag: py3-none-any\n"),
+        )
+    )
     entries.append((f"{dist_info}/top_level.txt", b"kagglekd\n"))
     record = io.StringIO()
     writer = csv.writer(record, lineterminator="\n")
@@ -343,15 +374,19 @@ def _merge_parameters(cells: list[str], preset_literal: str) -> str:
                 continue
             seen.add(name)
             if name == "PRESET":
-                comment = "  # preset name or JSON config path (a dict literal works too); \"tiny-cpu\": offline demo"
+                comment = '  # preset name or JSON config path (a dict literal works too); "tiny-cpu": offline demo'
                 line = f"PRESET = {preset_literal}{comment if chr(10) not in preset_literal else ''}"
             lines.append(line)
     return "\n".join(lines)
 
 
 def _cell(cell_type: str, source: str, index: int, tags: list[str] | None = None) -> dict:
-    cell = {"cell_type": cell_type, "id": f"cell-{index:03d}", "metadata": {"tags": tags} if tags else {},
-            "source": source}
+    cell = {
+        "cell_type": cell_type,
+        "id": f"cell-{index:03d}",
+        "metadata": {"tags": tags} if tags else {},
+        "source": source,
+    }
     if cell_type == "code":
         cell.update(execution_count=None, outputs=[])
     return cell
@@ -406,13 +441,14 @@ def _needs_hub(config: DistillConfig) -> bool:
     from kagglekd.memory import TINY_PRESETS
 
     local = lambda ref: ref is None or ref in TINY_PRESETS or ref.startswith(("/", ".", "~")) or "/" not in ref
-    return not all(local(ref) for ref in (config.teacher_model, config.student_model, config.tokenizer,
-                                          config.teacher_tokenizer)) or not (
-        config.dataset == "stdlib-docs" or config.dataset.startswith(("/", ".", "~")))
+    return not all(
+        local(ref) for ref in (config.teacher_model, config.student_model, config.tokenizer, config.teacher_tokenizer)
+    ) or not (config.dataset == "stdlib-docs" or config.dataset.startswith(("/", ".", "~")))
 
 
-def build_metadata(owner: str, slug: str, title: str, code_file: str, *, public: bool, internet: bool,
-                   datasets=(), kernel_sources=()) -> dict:
+def build_metadata(
+    owner: str, slug: str, title: str, code_file: str, *, public: bool, internet: bool, datasets=(), kernel_sources=()
+) -> dict:
     return {
         "id": f"{owner}/{slug}",
         "title": title,
@@ -431,9 +467,18 @@ def build_metadata(owner: str, slug: str, title: str, code_file: str, *, public:
     }
 
 
-def write_bundle(out: str | Path, *, owner: str, slug: str | None = None, title: str | None = None,
-                 config: str | Path = DEFAULT_CONFIG, public: bool = False, internet: bool | None = None,
-                 datasets=(), kernel_sources=()) -> Path:
+def write_bundle(
+    out: str | Path,
+    *,
+    owner: str,
+    slug: str | None = None,
+    title: str | None = None,
+    config: str | Path = DEFAULT_CONFIG,
+    public: bool = False,
+    internet: bool | None = None,
+    datasets=(),
+    kernel_sources=(),
+) -> Path:
     """Write ``out/kernel-metadata.json`` and ``out/<slug>.ipynb``; raise ConfigError listing every rule broken."""
     loaded = DistillConfig.load(config)  # a bad config fails here, naming the field
     name = _preset_name(config) or Path(config).stem
@@ -446,8 +491,16 @@ def write_bundle(out: str | Path, *, owner: str, slug: str | None = None, title:
     out.mkdir(parents=True, exist_ok=True)
     code_file = f"{slug}.ipynb"
     notebook = build_notebook(config, title, build_wheel())
-    meta = build_metadata(owner, slug, title, code_file, public=public, internet=internet, datasets=datasets,
-                          kernel_sources=kernel_sources)
+    meta = build_metadata(
+        owner,
+        slug,
+        title,
+        code_file,
+        public=public,
+        internet=internet,
+        datasets=datasets,
+        kernel_sources=kernel_sources,
+    )
     (out / code_file).write_text(json.dumps(notebook, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
     problems = validate_metadata(meta, out)
     if problems:

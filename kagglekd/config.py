@@ -122,7 +122,7 @@ class DistillConfig:
     warmup_ratio: float = _f(0.05, "Warmup as a fraction of the optimizer steps.", min=0.0, lt=1.0)
     scheduler_type: str = _f("cosine", "LR schedule, a transformers.get_scheduler name.", choices=SCHEDULERS)
     scheduler_kwargs: dict = _f(
-        {}, "Extra arguments of the schedule, e.g. {\"min_lr_rate\": 0.1} for cosine_with_min_lr."
+        {}, 'Extra arguments of the schedule, e.g. {"min_lr_rate": 0.1} for cosine_with_min_lr.'
     )
     max_grad_norm: float | None = _f(1.0, "Clip the gradient norm to this (None = no clipping).", gt=0.0)
     use_amp: bool = _f(True, "Mixed precision on GPU: fp16+GradScaler below sm_80, bf16 from sm_80. Off on CPU.")
@@ -149,16 +149,18 @@ class DistillConfig:
     feature_layers: int | None = _f(
         None, "Number of student layers (evenly spaced, ending at the last) matched to teacher hidden states.", min=1
     )
-    feature_loss: str = _f("mse", "Feature loss: mse (divided by the teacher states' variance) or cosine.",
-                           choices=("mse", "cosine"))
+    feature_loss: str = _f(
+        "mse", "Feature loss: mse (divided by the teacher states' variance) or cosine.", choices=("mse", "cosine")
+    )
     loss_balance: str = _f(
         "fixed",
         "fixed = total is sum(alpha * component); normalized = each component divided by a running mean of its own "
         "magnitude first, so the alphas become the realised shares of the total.",
         choices=("fixed", "normalized"),
     )
-    balance_momentum: float = _f(0.9, "Momentum of the running magnitude used by loss_balance normalized.",
-                                 min=0.0, lt=1.0)
+    balance_momentum: float = _f(
+        0.9, "Momentum of the running magnitude used by loss_balance normalized.", min=0.0, lt=1.0
+    )
 
     # ---- MoE teacher: expert control, Student-Aware Router, Knowledge Augmentation ---------------------
     all_experts: bool = _f(False, "Run every expert of the MoE teacher for every token (teacher top-k = all).")
@@ -175,15 +177,19 @@ class DistillConfig:
         0.1, "SAR: weight of the teacher's own next-token CE, keeping the adapted teacher truthful.", min=0.0
     )
     teacher_gradient_checkpointing: bool = _f(False, "Checkpoint the teacher's layers under SAR (less memory).")
-    ka_samples: int = _f(0, "Knowledge Augmentation: sample the teacher's experts (Gumbel top-k) this many times.",
-                         min=0)
-    ka_mode: str = _f("average", "KA targets: average over the samples, or a single sample per step.",
-                      choices=("average", "single"))
+    ka_samples: int = _f(
+        0, "Knowledge Augmentation: sample the teacher's experts (Gumbel top-k) this many times.", min=0
+    )
+    ka_mode: str = _f(
+        "average", "KA targets: average over the samples, or a single sample per step.", choices=("average", "single")
+    )
     router_patterns: list[str] = _f([], "Regexes naming router modules of MoE families the kit does not know.")
     loss_chunk_size: int = _f(1024, "Token positions per chunk in the loss (bounds float32 vocab copies).", min=1)
 
     # ---- evaluation, EMA, stopping ---------------------------------------------------------------------
-    eval_steps: int | None = _f(100, "Evaluate every N optimizer steps (and at the end; None = only at the end).", min=1)
+    eval_steps: int | None = _f(
+        100, "Evaluate every N optimizer steps (and at the end; None = only at the end).", min=1
+    )
     early_stopping_patience: int | None = _f(
         None, "Stop after this many evals without improving eval perplexity (None = never).", min=1
     )
@@ -341,7 +347,9 @@ def _read_json(path: Path) -> dict:
     try:
         return json.loads(text)
     except json.JSONDecodeError as err:
-        raise ConfigError(f"config file {path} is not valid JSON: {err.msg} at line {err.lineno}, column {err.colno}.") from None
+        raise ConfigError(
+            f"config file {path} is not valid JSON: {err.msg} at line {err.lineno}, column {err.colno}."
+        ) from None
 
 
 def _suggest(key: str, known: typing.Iterable[str]) -> str:
@@ -415,8 +423,12 @@ def _check_range(name: str, value: Any, meta: typing.Mapping) -> None:
         close = difflib.get_close_matches(str(value), meta["choices"], n=1)
         hint = f" Did you mean '{close[0]}'?" if close else ""
         raise ConfigError(f"{name} = {value!r} is not one of: {', '.join(meta['choices'])}.{hint}", field=name)
-    bounds = [("min", ">=", lambda v, b: v >= b), ("max", "<=", lambda v, b: v <= b),
-              ("gt", ">", lambda v, b: v > b), ("lt", "<", lambda v, b: v < b)]
+    bounds = [
+        ("min", ">=", lambda v, b: v >= b),
+        ("max", "<=", lambda v, b: v <= b),
+        ("gt", ">", lambda v, b: v > b),
+        ("lt", "<", lambda v, b: v < b),
+    ]
     for key, sign, ok in bounds:
         if key in meta and not ok(value, meta[key]):
             raise ConfigError(f"{name} = {value!r}: must be {sign} {meta[key]}.", field=name)

@@ -364,8 +364,7 @@ def _check_utf8(path: Path) -> None:
             decoder.decode(b"", final=True)
         except UnicodeDecodeError:
             raise DataError(
-                f"{path} is not valid UTF-8 text (it ends inside a multi-byte character). "
-                "Re-encode it as UTF-8.",
+                f"{path} is not valid UTF-8 text (it ends inside a multi-byte character). Re-encode it as UTF-8.",
                 path=str(path),
             ) from None
 
@@ -380,9 +379,7 @@ def _load_file(path: Path) -> datasets.Dataset:
             path=str(path),
         )
     if path.stat().st_size == 0:
-        raise DataError(
-            f"{path} is empty: add text to it or point `dataset` to another file.", path=str(path)
-        )
+        raise DataError(f"{path} is empty: add text to it or point `dataset` to another file.", path=str(path))
     if builder != "parquet":
         _check_utf8(path)
     options = {"sample_by": "paragraph"} if builder == "text" else {}
@@ -391,9 +388,7 @@ def _load_file(path: Path) -> datasets.Dataset:
             builder, data_files=str(path), split="train", cache_dir=str(cache_root() / "datasets"), **options
         )
     except Exception as err:  # a parser error of any kind: report the file and the parser's words
-        raise DataError(
-            f"Could not read {path} as {builder}: {type(err).__name__}: {err}", path=str(path)
-        ) from err
+        raise DataError(f"Could not read {path} as {builder}: {type(err).__name__}: {err}", path=str(path)) from err
     return loaded
 
 
@@ -404,8 +399,7 @@ def _load_directory(path: Path, split: str, text_column: str) -> datasets.Datase
         if isinstance(loaded, datasets.DatasetDict):
             if split not in loaded:
                 raise DataError(
-                    f"{path} holds splits {sorted(loaded)} but not {split!r}; "
-                    "set `dataset_split` to one of them.",
+                    f"{path} holds splits {sorted(loaded)} but not {split!r}; set `dataset_split` to one of them.",
                     path=str(path),
                 )
             loaded = loaded[split]
@@ -450,8 +444,7 @@ def _check_text_column(dataset: datasets.Dataset, text_column: str, source: str)
     feature = dataset.features[text_column]
     if getattr(feature, "dtype", None) not in ("string", "large_string"):
         raise DataError(
-            f"Column {text_column!r} of {source} holds {feature}, not text. "
-            "Set `text_column` to a column of strings.",
+            f"Column {text_column!r} of {source} holds {feature}, not text. Set `text_column` to a column of strings.",
             path=source,
         )
 
@@ -590,9 +583,7 @@ def _pack(split: datasets.Dataset, block_size: int, name: str) -> torch.Tensor:
         return {"block": [tokens[i : i + block_size] for i in range(0, usable, block_size)]}
 
     # One batch per split: the remainder (< one block) is dropped once, not once per map batch.
-    packed = split.map(
-        group, batched=True, batch_size=None, remove_columns=split.column_names, desc=f"Packing {name}"
-    )
+    packed = split.map(group, batched=True, batch_size=None, remove_columns=split.column_names, desc=f"Packing {name}")
     if len(packed) == 0:
         return torch.empty((0, block_size), dtype=torch.int64)
     return torch.from_numpy(np.asarray(packed.with_format("numpy")["block"], dtype=np.int64))

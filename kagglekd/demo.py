@@ -74,20 +74,34 @@ def run_demo(
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     rows = [
         {"model": "teacher (tiny Qwen3-MoE)", "eval_ppl": teacher_ppl, "top1_agreement": 1.0},
-        {"model": "student, CE only", "eval_ppl": ce_eval["ppl"], "top1_agreement": ce_eval["top1_agreement"],
-         "train_time_s": ce_summary["wall_time_s"], "tokens_per_s": ce_summary["tokens_per_s"]},
-        {"model": "student, KD", "eval_ppl": kd_eval["ppl"], "top1_agreement": kd_eval["top1_agreement"],
-         "train_time_s": kd_summary["wall_time_s"], "tokens_per_s": kd_summary["tokens_per_s"]},
+        {
+            "model": "student, CE only",
+            "eval_ppl": ce_eval["ppl"],
+            "top1_agreement": ce_eval["top1_agreement"],
+            "train_time_s": ce_summary["wall_time_s"],
+            "tokens_per_s": ce_summary["tokens_per_s"],
+        },
+        {
+            "model": "student, KD",
+            "eval_ppl": kd_eval["ppl"],
+            "top1_agreement": kd_eval["top1_agreement"],
+            "train_time_s": kd_summary["wall_time_s"],
+            "tokens_per_s": kd_summary["tokens_per_s"],
+        },
     ]
     _write_plots(out, results)
     table = format_table(rows, RESULT_COLUMNS)
     (out / "results.md").write_text(table + "\n")
     echo("\n" + table)
     verdict = "beats" if results["kd_beats_ce"] else "does NOT beat"
-    echo(f"\nKD student {verdict} the CE-only student on held-out perplexity "
-         f"({results['kd_student_ppl']:.3f} vs {results['ce_student_ppl']:.3f}).")
-    echo(f"written: {out / 'results.json'}, {out / 'results.md'}, plots {out / '*.png'} "
-         f"(total {results['total_time_s'] / 60:.1f} min)")
+    echo(
+        f"\nKD student {verdict} the CE-only student on held-out perplexity "
+        f"({results['kd_student_ppl']:.3f} vs {results['ce_student_ppl']:.3f})."
+    )
+    echo(
+        f"written: {out / 'results.json'}, {out / 'results.md'}, plots {out / '*.png'} "
+        f"(total {results['total_time_s'] / 60:.1f} min)"
+    )
     return results
 
 
@@ -133,12 +147,21 @@ def run_ablation(
     for row in rows:
         student = row["distiller"].accelerator.unwrap_model(row["distiller"].student)
         metrics = judge.evaluate(model=student, with_ema=False)
-        table.append({"variant": row["variant"], "eval_ppl": metrics["ppl"],
-                      "top1_agreement": metrics["top1_agreement"], "tokens_per_s": row["tokens_per_s"]})
+        table.append(
+            {
+                "variant": row["variant"],
+                "eval_ppl": metrics["ppl"],
+                "top1_agreement": metrics["top1_agreement"],
+                "tokens_per_s": row["tokens_per_s"],
+            }
+        )
     frame = pd.DataFrame(table, columns=["variant", "eval_ppl", "top1_agreement", "tokens_per_s"])
     frame.to_csv(out / "ablation.csv", index=False)
-    plots.plot_eval_comparison({r["variant"]: r["eval_ppl"] for r in table}, path=out / "ablation.png",
-                               title="Ablation: held-out perplexity of the student (lower is better)")
+    plots.plot_eval_comparison(
+        {r["variant"]: r["eval_ppl"] for r in table},
+        path=out / "ablation.png",
+        title="Ablation: held-out perplexity of the student (lower is better)",
+    )
     echo("\n" + format_table(table, ["variant", "eval_ppl", "top1_agreement", "tokens_per_s"]))
     echo(f"written: {out / 'ablation.csv'}, {out / 'ablation.png'}")
     return table
@@ -151,9 +174,13 @@ def _write_plots(out: Path, results: dict) -> None:
     plots.plot_history(read_history(out / "kd"), path=out / "kd_history.png")
     plots.plot_history(read_history(out / "ce"), path=out / "ce_history.png")
     plots.plot_eval_comparison(
-        {"teacher": results["teacher_ppl"], "CE-only student": results["ce_student_ppl"],
-         "KD student": results["kd_student_ppl"]},
-        path=out / "eval_ppl.png", title="Held-out perplexity (lower is better)",
+        {
+            "teacher": results["teacher_ppl"],
+            "CE-only student": results["ce_student_ppl"],
+            "KD student": results["kd_student_ppl"],
+        },
+        path=out / "eval_ppl.png",
+        title="Held-out perplexity (lower is better)",
     )
 
 
@@ -171,10 +198,23 @@ def evaluate_run(run_dir: Path) -> list[dict]:
     distiller = Distiller(config, output_dir=run_dir, write_run_dir=False).setup()
     student = AutoModelForCausalLM.from_pretrained(run_dir / "student").to(distiller.device)
     metrics = distiller.evaluate(model=student, with_ema=False)
-    rows = [{"model": "student", "eval_ppl": metrics["ppl"], "top1_agreement": metrics.get("top1_agreement"),
-             "eval_tokens": metrics["tokens"]}]
+    rows = [
+        {
+            "model": "student",
+            "eval_ppl": metrics["ppl"],
+            "top1_agreement": metrics.get("top1_agreement"),
+            "eval_tokens": metrics["tokens"],
+        }
+    ]
     if distiller.teacher is not None:
-        rows.insert(0, {"model": "teacher", "eval_ppl": distiller.teacher_perplexity(), "top1_agreement": 1.0,
-                        "eval_tokens": metrics["tokens"]})
+        rows.insert(
+            0,
+            {
+                "model": "teacher",
+                "eval_ppl": distiller.teacher_perplexity(),
+                "top1_agreement": 1.0,
+                "eval_tokens": metrics["tokens"],
+            },
+        )
     (run_dir / "eval.json").write_text(json.dumps(rows, indent=2, default=str) + "\n")
     return rows

@@ -123,11 +123,14 @@ class EnvReport:
             rows.append({"item": "GPU", "value": "none (CPU only)"})
         for gpu in self.gpus:
             memory = f", {gpu.memory_gib:.1f} GiB" if gpu.memory_gib else ""
-            rows.append({
-                "item": f"GPU {gpu.index}",
-                "value": f"{gpu.name} ({gpu.arch}{memory}); kernels in this torch: {'yes' if gpu.has_kernels else 'NO'}"
-                         f"; native bf16: {'yes' if gpu.native_bf16 else 'no (fp16 + GradScaler)'}",
-            })
+            rows.append(
+                {
+                    "item": f"GPU {gpu.index}",
+                    "value": f"{gpu.name} ({gpu.arch}{memory}); "
+                    f"kernels in this torch: {'yes' if gpu.has_kernels else 'NO'}; "
+                    f"native bf16: {'yes' if gpu.native_bf16 else 'no (fp16 + GradScaler)'}",
+                }
+            )
         rows += [
             {"item": "GPU profile", "value": self.profile},
             {"item": "Kaggle run type", "value": self.run_type or "not on Kaggle"},
@@ -191,10 +194,16 @@ def gpus() -> tuple[list[GpuInfo], list[str], bool]:
             memory_gib = torch.cuda.get_device_properties(index).total_memory / 1024**3
         except (RuntimeError, AttributeError, AssertionError):
             memory_gib = None
-        found.append(GpuInfo(
-            index=index, name=str(torch.cuda.get_device_name(index)), capability=capability, memory_gib=memory_gib,
-            has_kernels=arch_supported(capability, arch_list), native_bf16=capability >= (8, 0),
-        ))
+        found.append(
+            GpuInfo(
+                index=index,
+                name=str(torch.cuda.get_device_name(index)),
+                capability=capability,
+                memory_gib=memory_gib,
+                has_kernels=arch_supported(capability, arch_list),
+                native_bf16=capability >= (8, 0),
+            )
+        )
     return found, arch_list, True
 
 
@@ -237,8 +246,11 @@ def _path_info(path: Path) -> dict:
 def kaggle_paths() -> dict[str, dict]:
     """input (read-only mounts), working (saved output, 20 GB), temp (scratch); off Kaggle: the cwd."""
     if on_kaggle():
-        return {"input": _path_info(KAGGLE_INPUT), "working": _path_info(KAGGLE_WORKING),
-                "temp": _path_info(KAGGLE_TEMP)}
+        return {
+            "input": _path_info(KAGGLE_INPUT),
+            "working": _path_info(KAGGLE_WORKING),
+            "temp": _path_info(KAGGLE_TEMP),
+        }
     return {"working": _path_info(Path.cwd())}
 
 
@@ -276,9 +288,18 @@ def doctor(check_internet: bool = False) -> EnvReport:
     if check_internet:
         internet = "reachable" if internet_reachable() else "unreachable"
     report = EnvReport(
-        python=platform.python_version(), torch_version=torch.__version__, torch_cuda=torch.version.cuda,
-        arch_list=arch_list, cuda_available=available, gpus=found, profile=profile_name(found), run_type=rtype,
-        on_kaggle=kaggle, paths=kaggle_paths(), internet=internet, versions=versions(),
+        python=platform.python_version(),
+        torch_version=torch.__version__,
+        torch_cuda=torch.version.cuda,
+        arch_list=arch_list,
+        cuda_available=available,
+        gpus=found,
+        profile=profile_name(found),
+        run_type=rtype,
+        on_kaggle=kaggle,
+        paths=kaggle_paths(),
+        internet=internet,
+        versions=versions(),
     )
     report.checks = _checks(report)
     return report
@@ -288,40 +309,64 @@ def _checks(report: EnvReport) -> list[Check]:
     checks = []
     for gpu in report.gpus:
         if not gpu.has_kernels:
-            checks.append(Check(
-                "error",
-                f"GPU {gpu.index} {gpu.name} is {gpu.arch}, but this torch {report.torch_version} has kernels for "
-                f"{' '.join(report.arch_list) or 'no CUDA arch'}: torch.cuda.is_available() is True, yet the first "
-                "CUDA op will fail with 'no kernel image is available'.",
-                T4X2_FIX if gpu.capability < (7, 0) else "install a torch build that lists this arch.",
-            ))
+            checks.append(
+                Check(
+                    "error",
+                    f"GPU {gpu.index} {gpu.name} is {gpu.arch}, but this torch {report.torch_version} has kernels for "
+                    f"{' '.join(report.arch_list) or 'no CUDA arch'}: torch.cuda.is_available() is True, yet the first "
+                    "CUDA op will fail with 'no kernel image is available'.",
+                    T4X2_FIX if gpu.capability < (7, 0) else "install a torch build that lists this arch.",
+                )
+            )
     if report.gpus and not report.gpus[0].native_bf16:
-        checks.append(Check(
-            "info",
-            f"{report.gpus[0].name} ({report.gpus[0].arch}) has no native bf16 (torch.cuda.is_bf16_supported() may "
-            "still say True: emulation). kagglekd trains with fp16 autocast + GradScaler and fp32 master weights.",
-        ))
+        checks.append(
+            Check(
+                "info",
+                f"{report.gpus[0].name} ({report.gpus[0].arch}) has no native bf16 (torch.cuda.is_bf16_supported() may "
+                "still say True: emulation). kagglekd trains with fp16 autocast + GradScaler and fp32 master weights.",
+            )
+        )
     if report.profile == "T4":
-        checks.append(Check(
-            "info", "one T4: Kaggle sessions offer T4 x2; the notebooks train on one GPU either way.",
-        ))
+        checks.append(
+            Check(
+                "info",
+                "one T4: Kaggle sessions offer T4 x2; the notebooks train on one GPU either way.",
+            )
+        )
     if report.on_kaggle and not report.gpus:
-        checks.append(Check(
-            "warning", "Kaggle session without a GPU: real models train hours per hundred steps on CPU.", T4X2_FIX,
-        ))
+        checks.append(
+            Check(
+                "warning",
+                "Kaggle session without a GPU: real models train hours per hundred steps on CPU.",
+                T4X2_FIX,
+            )
+        )
     working = report.paths.get("working")
     if working and not working["writable"]:
-        checks.append(Check("error", f"output dir {working['path']} is not writable.",
-                            "run where the run directory can be written (Kaggle: /kaggle/working)."))
+        checks.append(
+            Check(
+                "error",
+                f"output dir {working['path']} is not writable.",
+                "run where the run directory can be written (Kaggle: /kaggle/working).",
+            )
+        )
     missing = [name for name in ("torch", "transformers", "accelerate", "datasets") if not report.versions.get(name)]
     if missing:
-        checks.append(Check("error", f"missing libraries: {', '.join(missing)}.",
-                            "pip install -r requirements.txt (the Kaggle image has them all)."))
+        checks.append(
+            Check(
+                "error",
+                f"missing libraries: {', '.join(missing)}.",
+                "pip install -r requirements.txt (the Kaggle image has them all).",
+            )
+        )
     if report.internet == "unreachable":
-        checks.append(Check(
-            "info", "internet is off: hub models and datasets must be attached as inputs (Add Input) and the "
-                    "config must name their /kaggle/input directories.",
-        ))
+        checks.append(
+            Check(
+                "info",
+                "internet is off: hub models and datasets must be attached as inputs (Add Input) and the "
+                "config must name their /kaggle/input directories.",
+            )
+        )
     return checks
 
 

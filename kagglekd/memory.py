@@ -51,6 +51,7 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
+
 import torch
 
 from kagglekd.config import PRESETS_DIR, DistillConfig

@@ -306,9 +306,7 @@ def evaluate_perplexity(model: torch.nn.Module, blocks: torch.Tensor, batch_size
     for start in range(0, len(blocks), batch_size):
         input_ids, labels = data.next_token_batch(blocks[start : start + batch_size])
         logits = model(input_ids=input_ids).logits.float()
-        total_loss += torch.nn.functional.cross_entropy(
-            logits.flatten(0, 1), labels.flatten(), reduction="sum"
-        ).item()
+        total_loss += torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="sum").item()
         total_tokens += labels.numel()
     model.train(was_training)
     return math.exp(total_loss / max(total_tokens, 1))
@@ -334,9 +332,7 @@ def _train_cross_entropy(
         raise ConfigError(f"pretraining needs at least 1 step, got {steps}.")
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.1)
-    scheduler = transformers.get_scheduler(
-        "cosine", optimizer, num_warmup_steps=warmup_steps, num_training_steps=steps
-    )
+    scheduler = transformers.get_scheduler("cosine", optimizer, num_warmup_steps=warmup_steps, num_training_steps=steps)
     generator = torch.Generator().manual_seed(seed)
     order, position = torch.randperm(len(train_blocks), generator=generator), 0
     progress = tqdm(range(steps), desc=desc, unit="step")

@@ -57,8 +57,10 @@ def load_evaluation(run_dir: str | Path, ce_run_dir: str | Path | None = None) -
 
     run_dir = Path(run_dir)
     if not (run_dir / "config.json").is_file() or not (run_dir / "student" / "config.json").is_file():
-        raise ConfigError(f"{run_dir}: expected a finished run directory with config.json and student/ "
-                          "(run 02_train, or `python -m kagglekd train`, to the end first).")
+        raise ConfigError(
+            f"{run_dir}: expected a finished run directory with config.json and student/ "
+            "(run 02_train, or `python -m kagglekd train`, to the end first)."
+        )
     config = DistillConfig.from_json(run_dir / "config.json")
     distiller = Distiller(config, output_dir=run_dir, write_run_dir=False).setup()
     models: dict[str, torch.nn.Module] = {}
@@ -134,11 +136,15 @@ def _generate(model, prompt: torch.Tensor, max_new_tokens: int, eos_id: int | No
     _sync(device)
     start = time.perf_counter()
     out = model.generate(
-        input_ids=input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=max_new_tokens,
-        min_new_tokens=max_new_tokens, do_sample=False, pad_token_id=eos_id,
+        input_ids=input_ids,
+        attention_mask=torch.ones_like(input_ids),
+        max_new_tokens=max_new_tokens,
+        min_new_tokens=max_new_tokens,
+        do_sample=False,
+        pad_token_id=eos_id,
     )
     _sync(device)
-    return out[0, input_ids.shape[1]:].cpu(), time.perf_counter() - start
+    return out[0, input_ids.shape[1] :].cpu(), time.perf_counter() - start
 
 
 def side_by_side(evaluation: Evaluation, prompts: list[torch.Tensor], max_new_tokens: int = 24) -> list[dict]:
@@ -181,8 +187,9 @@ def weights_mb(directory: Path | None) -> float:
 
 
 @torch.no_grad()
-def forward_tokens_per_s(model: torch.nn.Module, blocks: torch.Tensor, batch_size: int = 8, max_batches: int = 4,
-                         min_seconds: float = 0.5) -> float:
+def forward_tokens_per_s(
+    model: torch.nn.Module, blocks: torch.Tensor, batch_size: int = 8, max_batches: int = 4, min_seconds: float = 0.5
+) -> float:
     """Tokens per second of a plain forward pass over held-out blocks (after one warm-up batch), repeated
     until ``min_seconds`` have been timed."""
     device = next(model.parameters()).device
@@ -209,14 +216,17 @@ def size_speed_rows(evaluation: Evaluation, batch_size: int = 8, max_batches: in
     speed = evaluation.generation_speed
     rows = []
     for name, model in evaluation.models.items():
-        rows.append({
-            "model": name,
-            "parameters_m": parameter_count(model) / 1e6,
-            "mb_on_disk": weights_mb(evaluation.weight_dirs.get(name)),
-            "forward_tokens_per_s": forward_tokens_per_s(model, evaluation.distiller.eval_blocks, batch_size,
-                                                         max_batches),
-            "generate_tokens_per_s": speed.get(name, math.nan),
-        })
+        rows.append(
+            {
+                "model": name,
+                "parameters_m": parameter_count(model) / 1e6,
+                "mb_on_disk": weights_mb(evaluation.weight_dirs.get(name)),
+                "forward_tokens_per_s": forward_tokens_per_s(
+                    model, evaluation.distiller.eval_blocks, batch_size, max_batches
+                ),
+                "generate_tokens_per_s": speed.get(name, math.nan),
+            }
+        )
     teacher = next((r for r in rows if r["model"] == TEACHER), None)
     for row in rows:
         if teacher is not None:
@@ -231,15 +241,22 @@ def plot_size_speed(rows: list[dict], path: str | Path | None = None):
 
     fig = Figure(figsize=(10, 3.8))
     names = [r["model"] for r in rows]
-    for index, (column, label) in enumerate((("parameters_m", "parameters (M)"),
-                                             ("forward_tokens_per_s", "forward tokens / s"))):
+    for index, (column, label) in enumerate(
+        (("parameters_m", "parameters (M)"), ("forward_tokens_per_s", "forward tokens / s"))
+    ):
         ax = fig.add_subplot(1, 2, index + 1)
         values = [float(r[column]) for r in rows]
         bars = ax.bar(names, values, color=["tab:blue", "tab:orange", "tab:green", "tab:red"][: len(names)])
         for bar, value in zip(bars, values):
             label = f"{value:,.0f}" if value >= 100 else f"{value:.3g}"
-            ax.annotate(label, xy=(bar.get_x() + bar.get_width() / 2, value), xytext=(0, 3),
-                        textcoords="offset points", ha="center", fontsize=9)
+            ax.annotate(
+                label,
+                xy=(bar.get_x() + bar.get_width() / 2, value),
+                xytext=(0, 3),
+                textcoords="offset points",
+                ha="center",
+                fontsize=9,
+            )
         ax.set_title(label, fontsize=11)
         ax.grid(axis="y", alpha=0.3)
         ax.tick_params(axis="x", labelsize=8)
@@ -253,14 +270,36 @@ def plot_size_speed(rows: list[dict], path: str | Path | None = None):
 
 # ---- model card ------------------------------------------------------------------------------------------
 CARD_CONFIG_KEYS = (
-    "teacher_model", "student_model", "dataset", "dataset_config", "dataset_subset_size", "max_length", "batch_size",
-    "gradient_accumulation_steps", "learning_rate", "scheduler_type", "warmup_ratio", "warmup_steps", "num_epochs",
-    "max_steps", "alpha_kd", "alpha_ce", "temperature", "divergence", "kd_top_k", "seed",
+    "teacher_model",
+    "student_model",
+    "dataset",
+    "dataset_config",
+    "dataset_subset_size",
+    "max_length",
+    "batch_size",
+    "gradient_accumulation_steps",
+    "learning_rate",
+    "scheduler_type",
+    "warmup_ratio",
+    "warmup_steps",
+    "num_epochs",
+    "max_steps",
+    "alpha_kd",
+    "alpha_ce",
+    "temperature",
+    "divergence",
+    "kd_top_k",
+    "seed",
 )
 
 
-def write_model_card(evaluation: Evaluation, eval_rows: list[dict], size_rows: list[dict] | None = None,
-                     samples: list[dict] | None = None, path: str | Path | None = None) -> Path:
+def write_model_card(
+    evaluation: Evaluation,
+    eval_rows: list[dict],
+    size_rows: list[dict] | None = None,
+    samples: list[dict] | None = None,
+    path: str | Path | None = None,
+) -> Path:
     """``student/README.md``: what the student is, the data, the config, and the measured numbers."""
     run_dir, cfg = evaluation.run_dir, evaluation.config
     path = Path(path) if path is not None else run_dir / "student" / "README.md"
@@ -268,8 +307,14 @@ def write_model_card(evaluation: Evaluation, eval_rows: list[dict], size_rows: l
     summary = _read_json(run_dir / "summary.json")
     student = next((r for r in eval_rows if r["model"] == STUDENT), {})
     dataset_line = cfg.dataset + (f" ({cfg.dataset_config})" if cfg.dataset_config else "")
-    front = ["---", "library_name: transformers", "pipeline_tag: text-generation",
-             "tags:", "- knowledge-distillation", "- kagglekd"]
+    front = [
+        "---",
+        "library_name: transformers",
+        "pipeline_tag: text-generation",
+        "tags:",
+        "- knowledge-distillation",
+        "- kagglekd",
+    ]
     if "/" in cfg.student_model and not Path(cfg.student_model).exists():
         front.append(f"base_model: {cfg.student_model}")
     if "/" in cfg.dataset and not Path(cfg.dataset).exists():
@@ -282,7 +327,8 @@ def write_model_card(evaluation: Evaluation, eval_rows: list[dict], size_rows: l
         f"A causal LM student ({cfg.student_model}) trained with knowledge distillation from the teacher "
         f"{cfg.teacher_model} with kagglekd (KD weight {cfg.alpha_kd}, CE weight {cfg.alpha_ce}, "
         f"temperature {cfg.temperature}, {cfg.divergence}"
-        + (f", top-{cfg.kd_top_k} teacher targets" if cfg.kd_top_k else "") + ").",
+        + (f", top-{cfg.kd_top_k} teacher targets" if cfg.kd_top_k else "")
+        + ").",
         "",
         "## Data",
         "",
@@ -304,13 +350,28 @@ def write_model_card(evaluation: Evaluation, eval_rows: list[dict], size_rows: l
         lines.append("")
     lines += ["| key | value |", "|---|---|"]
     lines += [f"| {key} | {json.dumps(getattr(cfg, key))} |" for key in CARD_CONFIG_KEYS]
-    lines += ["", "The full config is `config.json` of the run directory; the LR plan is `plan.json`.", "",
-              "## Results (held-out blocks)", "", format_table(eval_rows, EVAL_COLUMNS), ""]
-    lines.append("Perplexity is exp of the token-weighted mean cross-entropy on the held-out blocks; top-1 agreement "
-                 "is the fraction of positions where the model's argmax token equals the teacher's.")
+    lines += [
+        "",
+        "The full config is `config.json` of the run directory; the LR plan is `plan.json`.",
+        "",
+        "## Results (held-out blocks)",
+        "",
+        format_table(eval_rows, EVAL_COLUMNS),
+        "",
+    ]
+    lines.append(
+        "Perplexity is exp of the token-weighted mean cross-entropy on the held-out blocks; top-1 agreement "
+        "is the fraction of positions where the model's argmax token equals the teacher's."
+    )
     if size_rows:
-        lines += ["", "## Size and speed", "", format_table(size_rows, SIZE_SPEED_COLUMNS), "",
-                  f"Measured on {evaluation.device} ({'fp32' if str(evaluation.device) == 'cpu' else 'as loaded'})."]
+        lines += [
+            "",
+            "## Size and speed",
+            "",
+            format_table(size_rows, SIZE_SPEED_COLUMNS),
+            "",
+            f"Measured on {evaluation.device} ({'fp32' if str(evaluation.device) == 'cpu' else 'as loaded'}).",
+        ]
     if samples:
         names = [name for name in evaluation.models]
         lines += ["", "## Sample generations (greedy)", ""]
@@ -320,13 +381,22 @@ def write_model_card(evaluation: Evaluation, eval_rows: list[dict], size_rows: l
             lines += [f"- *{name}:* {_one_line(sample.get(name, ''))}" for name in names]
             lines.append("")
     lines += [
-        "", "## Use", "", "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer", "",
+        "",
+        "## Use",
+        "",
+        "```python",
+        "from transformers import AutoModelForCausalLM, AutoTokenizer",
+        "",
         'model = AutoModelForCausalLM.from_pretrained("path/to/student")',
-        'tokenizer = AutoTokenizer.from_pretrained("path/to/student")', "```", "",
-        "## Limitations", "",
+        'tokenizer = AutoTokenizer.from_pretrained("path/to/student")',
+        "```",
+        "",
+        "## Limitations",
+        "",
         f"Evaluated only on held-out text of the training dataset (student perplexity "
         f"{float(student.get('eval_ppl', math.nan)):.4g}); no downstream benchmarks. A distilled student inherits "
-        "the teacher's errors and biases.", "",
+        "the teacher's errors and biases.",
+        "",
     ]
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines))

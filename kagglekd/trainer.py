@@ -64,8 +64,9 @@ class Distiller:
     any of ``on_log(metrics)``, ``on_eval(metrics)``, ``on_end(summary)``.
     """
 
-    def __init__(self, config: DistillConfig, callbacks=(), output_dir: str | Path | None = None,
-                 write_run_dir: bool = True):
+    def __init__(
+        self, config: DistillConfig, callbacks=(), output_dir: str | Path | None = None, write_run_dir: bool = True
+    ):
         self.config = config
         self.write_run_dir = write_run_dir
         self.callbacks = list(callbacks)
@@ -94,8 +95,11 @@ class Distiller:
         cfg = self.config
         for name in ("alpha_feature", "alpha_attention"):
             if getattr(cfg, name) > 0 and cfg.alpha_kd == 0:
-                raise ConfigError(f"{name} > 0 transfers from the teacher, which a CE-only run (alpha_kd 0) does not "
-                                  "load; set alpha_kd > 0 or {name} to 0.", field=name)
+                raise ConfigError(
+                    f"{name} > 0 transfers from the teacher, which a CE-only run (alpha_kd 0) does not "
+                    "load; set alpha_kd > 0 or {name} to 0.",
+                    field=name,
+                )
 
     def _setup_accelerator(self) -> None:
         from accelerate import Accelerator
@@ -130,12 +134,20 @@ class Distiller:
                     field="teacher_model",
                 )
             self.teacher = models.load_model(
-                cfg.teacher_model, role="teacher", device=self.device, dtype=self.precision["teacher_dtype"],
-                vocab_size=vocab, seed=cfg.seed,
+                cfg.teacher_model,
+                role="teacher",
+                device=self.device,
+                dtype=self.precision["teacher_dtype"],
+                vocab_size=vocab,
+                seed=cfg.seed,
             )
         torch.manual_seed(cfg.seed)
         self.student = models.load_model(
-            cfg.student_model, role="student", device=self.device, dtype=torch.float32, vocab_size=vocab,
+            cfg.student_model,
+            role="student",
+            device=self.device,
+            dtype=torch.float32,
+            vocab_size=vocab,
             seed=cfg.seed,
         )
         self.student.train()
@@ -144,12 +156,19 @@ class Distiller:
     def _setup_data(self) -> None:
         cfg = self.config
         texts = data.load_texts(
-            cfg.dataset, text_column=cfg.text_column, dataset_config=cfg.dataset_config, split=cfg.dataset_split,
+            cfg.dataset,
+            text_column=cfg.text_column,
+            dataset_config=cfg.dataset_config,
+            split=cfg.dataset_split,
             subset_size=cfg.dataset_subset_size,
         )
         self.blocks = data.build_blocks(
-            texts, self.tokenizer, max_length=cfg.max_length, text_column=cfg.text_column,
-            eval_fraction=cfg.eval_fraction, seed=cfg.seed,
+            texts,
+            self.tokenizer,
+            max_length=cfg.max_length,
+            text_column=cfg.text_column,
+            eval_fraction=cfg.eval_fraction,
+            seed=cfg.seed,
         )
         global_batch = cfg.batch_size * self.world
         if self.world == 1:
@@ -185,19 +204,29 @@ class Distiller:
         self._ka_generator = None
         if cfg.ka_samples:
             self._ka_generator = torch.Generator(device=self.device).manual_seed(cfg.seed + 17)
-        moe_options = [name for name, on in (
-            ("all_experts", cfg.all_experts), ("expert_top_k_start", cfg.expert_top_k_start is not None),
-            ("sar", cfg.sar), ("ka_samples", cfg.ka_samples > 0)) if on]
+        moe_options = [
+            name
+            for name, on in (
+                ("all_experts", cfg.all_experts),
+                ("expert_top_k_start", cfg.expert_top_k_start is not None),
+                ("sar", cfg.sar),
+                ("ka_samples", cfg.ka_samples > 0),
+            )
+            if on
+        ]
         if moe_options and self.teacher is None:
-            raise ConfigError(f"{moe_options[0]} acts on the teacher, which a CE-only run does not load.",
-                              moe_options[0])
+            raise ConfigError(
+                f"{moe_options[0]} acts on the teacher, which a CE-only run does not load.", moe_options[0]
+            )
         for option in moe_options:
             info = moe.require_moe(self.teacher, option, self.patterns)
         if cfg.expert_top_k_start is not None:
             for name in ("expert_top_k_start", "expert_top_k_end"):
                 if getattr(cfg, name) > info.experts_per_layer:
-                    raise ConfigError(f"{name} = {getattr(cfg, name)}: the teacher has {info.experts_per_layer} "
-                                      "experts per layer.", name)
+                    raise ConfigError(
+                        f"{name} = {getattr(cfg, name)}: the teacher has {info.experts_per_layer} experts per layer.",
+                        name,
+                    )
         if cfg.all_experts or (cfg.sar and not cfg.ka_samples):
             # SAR runs every expert so the routers' weights over all of them carry the gradient.
             moe.set_experts_per_token(self.teacher, info.experts_per_layer)
@@ -210,8 +239,9 @@ class Distiller:
             hs, ht = student.config.hidden_size, self.teacher.config.hidden_size
             # Projections live beside the student, never inside it: student/ exports none of them.
             torch.manual_seed(cfg.seed)
-            self.projections = torch.nn.ModuleList(
-                torch.nn.Linear(hs, ht, bias=False) for _ in self.feature_pairs).to(self.device)
+            self.projections = torch.nn.ModuleList(torch.nn.Linear(hs, ht, bias=False) for _ in self.feature_pairs).to(
+                self.device
+            )
         if cfg.alpha_attention > 0:
             self.attention_pairs = _layer_pairs(s_layers, t_layers, cfg.attention_layers or 1, "attention_layers")
             for model, field in ((student, "student_model"), (self.teacher, "teacher_model")):
@@ -219,7 +249,8 @@ class Distiller:
                     raise ConfigError(
                         f"attention transfer does not know the attention of {model.config.model_type} models "
                         f"({field}); supported: {', '.join(sorted(moe.ATTENTION_FAMILIES))}. Set alpha_attention 0.",
-                        "alpha_attention")
+                        "alpha_attention",
+                    )
         if cfg.sar:
             self.router_params = moe.prepare_sar(self.teacher, self.patterns)
             for param in self.router_params:  # router updates need fp32 even when the teacher runs in fp16
@@ -253,7 +284,8 @@ class Distiller:
             from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
             self.ema = AveragedModel(
-                self.accelerator.unwrap_model(self.student), multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay),
+                self.accelerator.unwrap_model(self.student),
+                multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay),
                 use_buffers=True,
             )
             horizon = 1.0 / (1.0 - cfg.ema_decay)
@@ -261,12 +293,23 @@ class Distiller:
                 log.warning(
                     "ema_decay %.4g averages over ~%d steps but the run has %d: the EMA weights will still be "
                     "mostly the initial ones. Lower ema_decay (e.g. %.3g) or train longer.",
-                    cfg.ema_decay, horizon, self.plan.optimizer_steps, 1 - 3 / max(self.plan.optimizer_steps, 3),
+                    cfg.ema_decay,
+                    horizon,
+                    self.plan.optimizer_steps,
+                    1 - 3 / max(self.plan.optimizer_steps, 3),
                 )
 
     def _setup_run_dir(self) -> None:
-        self.state = {"step": 0, "best_ppl": math.inf, "evals_without_improvement": 0, "skipped": 0,
-                      "consecutive_skips": 0, "stopped_early": False, "last_eval": None, "balance": self.balance}
+        self.state = {
+            "step": 0,
+            "best_ppl": math.inf,
+            "evals_without_improvement": 0,
+            "skipped": 0,
+            "consecutive_skips": 0,
+            "stopped_early": False,
+            "last_eval": None,
+            "balance": self.balance,
+        }
         extra = ["teacher_top_k"] if self.config.expert_top_k_start is not None else []
         self.history = HistoryWriter(self.output_dir / "history.csv", extra_columns=extra)
         if not self.is_main or not self.write_run_dir:
@@ -312,7 +355,8 @@ class Distiller:
             if cfg.ka_samples:
                 generator = None if cfg.teacher_gradient_checkpointing else self._ka_generator
                 out["logits"] = moe.knowledge_augmentation(
-                    self.teacher, input_ids, cfg.ka_samples, mode=cfg.ka_mode, generator=generator)
+                    self.teacher, input_ids, cfg.ka_samples, mode=cfg.ka_mode, generator=generator
+                )
             if want_hidden or layers or not cfg.ka_samples:
                 with moe.capture_attention(self.teacher, layers) if layers else _nullcontext() as capture:
                     result = self.teacher(input_ids=input_ids, output_hidden_states=want_hidden)
@@ -323,8 +367,12 @@ class Distiller:
             if cfg.sar:
                 regs = moe.router_regularisers(self.teacher, self.initial_routers, routed, patterns=self.patterns)
                 teacher_ce = losses.ce_loss(out["logits"], labels, num_items=micro_tokens)
-                mean = (cfg.sar_anchor_weight * regs["anchor"] + cfg.sar_balance_weight * regs["balance"]
-                        + cfg.sar_entropy_weight * regs["entropy"] + cfg.sar_teacher_ce_weight * teacher_ce)
+                mean = (
+                    cfg.sar_anchor_weight * regs["anchor"]
+                    + cfg.sar_balance_weight * regs["balance"]
+                    + cfg.sar_entropy_weight * regs["entropy"]
+                    + cfg.sar_teacher_ce_weight * teacher_ce
+                )
                 # a per-micro-batch mean, weighted by its share of the window's tokens
                 out["router"] = mean * (micro_tokens / num_items)
         if out["logits"].shape[-1] != self.student_vocab:
@@ -340,8 +388,11 @@ class Distiller:
         micro_tokens = max(losses.valid_count(labels), 1)
         layers = [s for s, _ in self.attention_pairs]
         with self.accelerator.autocast():
-            with moe.capture_attention(self.accelerator.unwrap_model(self.student), layers) if layers \
-                    else _nullcontext() as capture:
+            with (
+                moe.capture_attention(self.accelerator.unwrap_model(self.student), layers)
+                if layers
+                else _nullcontext() as capture
+            ):
                 result = self.student(input_ids=input_ids, output_hidden_states=bool(self.feature_pairs))
             student_logits = result.logits
         parts: dict[str, torch.Tensor] = {}
@@ -351,22 +402,38 @@ class Distiller:
             teacher = self._teacher_forward(input_ids, labels, num_items, micro_tokens)
             if cfg.alpha_kd > 0:
                 parts["kd"] = losses.kd_loss(
-                    student_logits, teacher["logits"], labels, temperature=cfg.temperature, divergence=cfg.divergence,
-                    beta=cfg.jsd_beta, skew_alpha=cfg.skew_alpha, top_k=cfg.kd_top_k, scale_t2=cfg.kd_scale_t2,
-                    num_items=num_items, chunk_size=cfg.loss_chunk_size,
+                    student_logits,
+                    teacher["logits"],
+                    labels,
+                    temperature=cfg.temperature,
+                    divergence=cfg.divergence,
+                    beta=cfg.jsd_beta,
+                    skew_alpha=cfg.skew_alpha,
+                    top_k=cfg.kd_top_k,
+                    scale_t2=cfg.kd_scale_t2,
+                    num_items=num_items,
+                    chunk_size=cfg.loss_chunk_size,
                 )
             valid = labels != -100
             if self.feature_pairs:
                 per_layer = [
-                    losses.feature_loss(result.hidden_states[s + 1].float(), teacher["hidden"][t + 1].float(),
-                                        projection, valid, kind=cfg.feature_loss, num_items=num_items)
+                    losses.feature_loss(
+                        result.hidden_states[s + 1].float(),
+                        teacher["hidden"][t + 1].float(),
+                        projection,
+                        valid,
+                        kind=cfg.feature_loss,
+                        num_items=num_items,
+                    )
                     for (s, t), projection in zip(self.feature_pairs, self.projections)
                 ]
                 parts["feature"] = sum(per_layer) / len(per_layer)
             if self.attention_pairs:
                 student_maps = capture.maps()
-                per_layer = [losses.attention_loss(sm.float(), tm.float(), valid, num_items=num_items)
-                             for sm, tm in zip(student_maps, teacher["maps"])]
+                per_layer = [
+                    losses.attention_loss(sm.float(), tm.float(), valid, num_items=num_items)
+                    for sm, tm in zip(student_maps, teacher["maps"])
+                ]
                 parts["attention"] = sum(per_layer) / len(per_layer)
             if teacher["router"] is not None:
                 parts["router"] = teacher["router"]
@@ -375,8 +442,13 @@ class Distiller:
 
     def _alpha(self, name: str) -> float:
         cfg = self.config
-        return {"kd": cfg.alpha_kd, "ce": cfg.alpha_ce, "feature": cfg.alpha_feature,
-                "attention": cfg.alpha_attention, "router": 1.0 if cfg.sar else 0.0}[name]
+        return {
+            "kd": cfg.alpha_kd,
+            "ce": cfg.alpha_ce,
+            "feature": cfg.alpha_feature,
+            "attention": cfg.alpha_attention,
+            "router": 1.0 if cfg.sar else 0.0,
+        }[name]
 
     def _weight(self, name: str) -> float:
         """alpha under ``fixed``; alpha / running magnitude under ``normalized`` (so alphas become shares)."""
@@ -475,8 +547,9 @@ class Distiller:
         stop_at = self.plan.optimizer_steps if max_steps is None else min(max_steps, self.plan.optimizer_steps)
         start = time.perf_counter()
         start_step = self.state["step"]
-        bar = tqdm(total=stop_at, initial=start_step, desc="distil", unit="step", disable=not self.is_main,
-                   dynamic_ncols=True)
+        bar = tqdm(
+            total=stop_at, initial=start_step, desc="distil", unit="step", disable=not self.is_main, dynamic_ncols=True
+        )
         for window in self._windows(start_step):
             if window.step >= stop_at or self.state["stopped_early"]:
                 break
@@ -501,9 +574,15 @@ class Distiller:
             skipped = True
         self.scheduler.step()
         elapsed = time.perf_counter() - step_start
-        row = {"step": window.step, "epoch": window.step / self.plan.steps_per_epoch, "lr": lr,
-               "loss": sums["loss"], "grad_norm": grad_norm, "tokens": sums["tokens"],
-               "tokens_per_s": sums["tokens"] / elapsed if elapsed > 0 else float("nan")}
+        row = {
+            "step": window.step,
+            "epoch": window.step / self.plan.steps_per_epoch,
+            "lr": lr,
+            "loss": sums["loss"],
+            "grad_norm": grad_norm,
+            "tokens": sums["tokens"],
+            "tokens_per_s": sums["tokens"] / elapsed if elapsed > 0 else float("nan"),
+        }
         for name in COMPONENTS:
             active = self._alpha(name) > 0
             row[name] = sums[name] if active else float("nan")
@@ -579,8 +658,11 @@ class Distiller:
 
     def _eval_and_record(self, row: dict) -> None:
         metrics = self.evaluate()
-        values = {"eval_ppl": metrics["ppl"], "eval_kd": metrics.get("kd", float("nan")),
-                  "eval_top1_agreement": metrics.get("top1_agreement", float("nan"))}
+        values = {
+            "eval_ppl": metrics["ppl"],
+            "eval_kd": metrics.get("kd", float("nan")),
+            "eval_top1_agreement": metrics.get("top1_agreement", float("nan")),
+        }
         if "ppl_ema" in metrics:
             values["eval_ppl_ema"] = metrics["ppl_ema"]
         previous = self.state["last_eval"]
@@ -588,7 +670,8 @@ class Distiller:
             log.warning(
                 "eval perplexity %.6f is identical to the previous eval while LR = %.3g: the weights being "
                 "evaluated are not the ones training (frozen copy?) or the eval data is wrong.",
-                metrics["ppl"], row["lr"],
+                metrics["ppl"],
+                row["lr"],
             )
         self.state["last_eval"] = metrics["ppl"]
         if self.is_main:
@@ -607,22 +690,28 @@ class Distiller:
         self.state["evals_without_improvement"] += 1
         patience = cfg.early_stopping_patience
         if patience is not None and self.state["evals_without_improvement"] >= patience:
-            log.info("early stopping: %d evals without improving on perplexity %.4f", patience,
-                     self.state["best_ppl"])
+            log.info("early stopping: %d evals without improving on perplexity %.4f", patience, self.state["best_ppl"])
             self.state["stopped_early"] = True
 
     def _stop_non_finite(self, row: dict, window: Window) -> None:
         report = {
             "reason": f"{self.state['consecutive_skips']} optimizer steps in a row had a non-finite loss or gradient",
-            "step": window.step, "epoch": window.epoch, "components": {k: row.get(k) for k in ("loss", *COMPONENTS)},
-            "grad_norm": row["grad_norm"], "batch_indices": window.block_indices, "skipped_total": self.state["skipped"],
+            "step": window.step,
+            "epoch": window.epoch,
+            "components": {k: row.get(k) for k in ("loss", *COMPONENTS)},
+            "grad_norm": row["grad_norm"],
+            "batch_indices": window.block_indices,
+            "skipped_total": self.state["skipped"],
             "last_checkpoint": str(self.latest_checkpoint()) if self.latest_checkpoint() else None,
             "fix": "lower learning_rate, check the data around these blocks, or raise max_consecutive_skips.",
         }
         if self.is_main:
             _write_json(self.output_dir / "failure_report.json", report)
-        raise TrainingStopped(f"training stopped at step {window.step}: {report['reason']}; see "
-                              f"{self.output_dir / 'failure_report.json'}", report)
+        raise TrainingStopped(
+            f"training stopped at step {window.step}: {report['reason']}; see "
+            f"{self.output_dir / 'failure_report.json'}",
+            report,
+        )
 
     def _finish(self, wall_time: float, stop_at: int) -> dict:
         if self.state["step"] == self.plan.optimizer_steps or self.state["stopped_early"]:
@@ -631,10 +720,13 @@ class Distiller:
                 if self.router_params:
                     self.save_teacher_routers(self.output_dir / "teacher_routers")
         rows = self.history.rows
-        tokens = sum(r["tokens"] for r in rows[-max(1, self.state["step"]):])
+        tokens = sum(r["tokens"] for r in rows[-max(1, self.state["step"]) :])
         summary = {
-            "optimizer_steps": self.state["step"], "planned_steps": self.plan.optimizer_steps,
-            "skipped": self.state["skipped"], "stopped_early": self.state["stopped_early"], "wall_time_s": wall_time,
+            "optimizer_steps": self.state["step"],
+            "planned_steps": self.plan.optimizer_steps,
+            "skipped": self.state["skipped"],
+            "stopped_early": self.state["stopped_early"],
+            "wall_time_s": wall_time,
             "tokens_per_s": _median([r["tokens_per_s"] for r in rows]) if rows else float("nan"),
             "eval_ppl": rows[-1].get("eval_ppl", float("nan")) if rows else float("nan"),
             "eval_top1_agreement": rows[-1].get("eval_top1_agreement", float("nan")) if rows else float("nan"),
@@ -684,17 +776,28 @@ class Distiller:
             kd_sum, agree = 0.0, 0
             if with_teacher:
                 teacher_logits = self._teacher_logits(input_ids)
-                kd_sum = float(losses.kd_loss(
-                    logits, teacher_logits, labels, temperature=cfg.temperature, divergence=cfg.divergence,
-                    beta=cfg.jsd_beta, skew_alpha=cfg.skew_alpha, top_k=cfg.kd_top_k, scale_t2=cfg.kd_scale_t2,
-                    num_items=1, chunk_size=cfg.loss_chunk_size,
-                ))
+                kd_sum = float(
+                    losses.kd_loss(
+                        logits,
+                        teacher_logits,
+                        labels,
+                        temperature=cfg.temperature,
+                        divergence=cfg.divergence,
+                        beta=cfg.jsd_beta,
+                        skew_alpha=cfg.skew_alpha,
+                        top_k=cfg.kd_top_k,
+                        scale_t2=cfg.kd_scale_t2,
+                        num_items=1,
+                        chunk_size=cfg.loss_chunk_size,
+                    )
+                )
                 valid = labels != -100
                 agree = int(((logits.argmax(-1) == teacher_logits.argmax(-1)) & valid).sum())
             totals.add(tokens, ce_sum, kd_sum, agree)
         if self.world > 1:
-            packed = torch.tensor([totals.tokens, totals.ce_sum, totals.kd_sum, totals.agree], device=self.device,
-                                  dtype=torch.float64)
+            packed = torch.tensor(
+                [totals.tokens, totals.ce_sum, totals.kd_sum, totals.agree], device=self.device, dtype=torch.float64
+            )
             packed = self.accelerator.reduce(packed, reduction="sum")
             totals = EvalTotals(int(packed[0]), float(packed[1]), float(packed[2]), int(packed[3]))
         model.train(was_training)
@@ -721,8 +824,11 @@ class Distiller:
         try:
             self.accelerator.save_state(str(tmp))
             if self.is_main:
-                extra = {"scheduler": self.scheduler.state_dict(), "rng_python": random.getstate(),
-                         "rng_numpy": np.random.get_state()}
+                extra = {
+                    "scheduler": self.scheduler.state_dict(),
+                    "rng_python": random.getstate(),
+                    "rng_numpy": np.random.get_state(),
+                }
                 if self.ema is not None:
                     extra["ema"] = self.ema.state_dict()
                 if self.projections is not None:
@@ -734,8 +840,10 @@ class Distiller:
                 if self._ka_generator is not None:
                     extra["ka_generator"] = self._ka_generator.get_state()
                 torch.save(extra, tmp / "kagglekd_extra.pt")
-                _write_json(tmp / STATE_FILE, {**self.state, "history": self.history.rows,
-                                               "plan_steps": self.plan.optimizer_steps})
+                _write_json(
+                    tmp / STATE_FILE,
+                    {**self.state, "history": self.history.rows, "plan_steps": self.plan.optimizer_steps},
+                )
                 if final.exists():
                     shutil.rmtree(final)
                 os.replace(tmp, final)
@@ -861,8 +969,9 @@ def _layer_pairs(student_layers: int, teacher_layers: int, count: int | None, fi
     try:
         return losses.layer_map(student_layers, teacher_layers, "uniform", count=count)
     except ValueError as err:
-        raise ConfigError(f"{field} = {count}: {err} (student has {student_layers} layers, teacher "
-                          f"{teacher_layers}).", field) from None
+        raise ConfigError(
+            f"{field} = {count}: {err} (student has {student_layers} layers, teacher {teacher_layers}).", field
+        ) from None
 
 
 def _match_vocab(logits: torch.Tensor, vocab: int) -> torch.Tensor:

@@ -32,3 +32,28 @@ def demo_tokenizer_dir(kagglekd_cache):
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("KAGGLEKD_CACHE", str(kagglekd_cache))
         return data.demo_tokenizer(4096)
+
+
+@pytest.fixture
+def use_kit_cache(kagglekd_cache, monkeypatch):
+    """Point the kit at the session cache for one test (tiny models and the corpus are built once)."""
+    monkeypatch.setenv("KAGGLEKD_CACHE", str(kagglekd_cache))
+    return kagglekd_cache
+
+
+# A run of tiny random models on a few stdlib-docs modules: seconds on two CPU cores.
+TINY_RUN = dict(
+    teacher_model="tiny-random-moe",
+    student_model="tiny-random-dense",
+    dataset="stdlib-docs",
+    dataset_subset_size=12,
+    max_length=32,
+    batch_size=4,
+    max_steps=6,
+    warmup_steps=1,
+    eval_steps=None,
+    eval_max_blocks=8,
+    save_steps=None,
+    resume="never",
+    seed=0,
+)

@@ -74,34 +74,37 @@ def test_kaggle_cli_catches_what_validate_metadata_catches(tmp_path, good):
         assert bundle.validate_metadata({**meta, key: value}, broken), (key, value)
 
 
-@pytest.mark.parametrize("changes, fragment", [
-    ({"id": KeyError}, "id (owner/slug) or id_no"),
-    ({"id": "me/kagglekd-run/2"}, "no version part"),
-    ({"id": "me/abcd", "title": "abcd five"}, "at least five characters"),
-    ({"id": "me/Bad_Slug", "title": "bad slug"}, "lowercase"),
-    ({"id": "/kagglekd-run"}, "owner/slug"),
-    ({"title": "abc"}, "title 'abc' must be at least five"),
-    ({"title": "Something Else Entirely"}, "slugifies to"),
-    ({"code_file": KeyError}, "code_file must name"),
-    ({"code_file": "missing.ipynb"}, "does not exist"),
-    ({"language": "julia"}, "language 'julia'"),
-    ({"kernel_type": "app"}, "kernel_type 'app'"),
-    ({"is_private": KeyError}, "is_private must be written explicitly"),
-    ({"enable_internet": KeyError}, "enable_internet must be written explicitly"),
-    ({"enable_gpu": "yes"}, "enable_gpu = 'yes' must be true or false"),
-    ({"enable_tpu": True}, "cannot both be true"),
-    ({"machine_shape": KeyError}, "landed on P100"),
-    ({"machine_shape": "NvidiaTeslaP100"}, "retired"),
-    ({"dataset_sources": ["noslash"]}, "dataset_sources"),
-    ({"dataset_sources": ["a/b/c/d"]}, "dataset_sources"),
-    ({"kernel_sources": ["me/abc"]}, "kernel_sources"),
-    ({"model_sources": ["o/m/pytorch/v/x"]}, "integer version"),
-    ({"model_sources": ["o/m/pytorch/1"]}, "model_sources"),
-    ({"competition_sources": ["a/b"]}, "competition slug"),
-    ({"docker_image_pinning_type": "newest"}, "docker_image_pinning_type"),
-    ({"dataset_sources": "me/data"}, "must be a list"),
-    ({"enable_gpus": True}, "unknown key 'enable_gpus'"),
-])
+@pytest.mark.parametrize(
+    "changes, fragment",
+    [
+        ({"id": KeyError}, "id (owner/slug) or id_no"),
+        ({"id": "me/kagglekd-run/2"}, "no version part"),
+        ({"id": "me/abcd", "title": "abcd five"}, "at least five characters"),
+        ({"id": "me/Bad_Slug", "title": "bad slug"}, "lowercase"),
+        ({"id": "/kagglekd-run"}, "owner/slug"),
+        ({"title": "abc"}, "title 'abc' must be at least five"),
+        ({"title": "Something Else Entirely"}, "slugifies to"),
+        ({"code_file": KeyError}, "code_file must name"),
+        ({"code_file": "missing.ipynb"}, "does not exist"),
+        ({"language": "julia"}, "language 'julia'"),
+        ({"kernel_type": "app"}, "kernel_type 'app'"),
+        ({"is_private": KeyError}, "is_private must be written explicitly"),
+        ({"enable_internet": KeyError}, "enable_internet must be written explicitly"),
+        ({"enable_gpu": "yes"}, "enable_gpu = 'yes' must be true or false"),
+        ({"enable_tpu": True}, "cannot both be true"),
+        ({"machine_shape": KeyError}, "landed on P100"),
+        ({"machine_shape": "NvidiaTeslaP100"}, "retired"),
+        ({"dataset_sources": ["noslash"]}, "dataset_sources"),
+        ({"dataset_sources": ["a/b/c/d"]}, "dataset_sources"),
+        ({"kernel_sources": ["me/abc"]}, "kernel_sources"),
+        ({"model_sources": ["o/m/pytorch/v/x"]}, "integer version"),
+        ({"model_sources": ["o/m/pytorch/1"]}, "model_sources"),
+        ({"competition_sources": ["a/b"]}, "competition slug"),
+        ({"docker_image_pinning_type": "newest"}, "docker_image_pinning_type"),
+        ({"dataset_sources": "me/data"}, "must be a list"),
+        ({"enable_gpus": True}, "unknown key 'enable_gpus'"),
+    ],
+)
 def test_each_rule(good, changes, fragment):
     problems = problems_with(good, **changes)
     assert any(fragment in p for p in problems), problems
@@ -109,9 +112,17 @@ def test_each_rule(good, changes, fragment):
 
 def test_accepted_forms(good):
     assert problems_with(good, enable_internet="false", is_private="True") == []
-    assert problems_with(good, dataset_sources=["me/wheels", "me/wheels/3"], kernel_sources=["me/kagglekd-run/7"],
-                         model_sources=["qwen/qwen3/transformers/0.6b/1"], competition_sources=["titanic"],
-                         docker_image_pinning_type="original") == []
+    assert (
+        problems_with(
+            good,
+            dataset_sources=["me/wheels", "me/wheels/3"],
+            kernel_sources=["me/kagglekd-run/7"],
+            model_sources=["qwen/qwen3/transformers/0.6b/1"],
+            competition_sources=["titanic"],
+            docker_image_pinning_type="original",
+        )
+        == []
+    )
 
 
 def test_notebook_must_be_valid_json(good, tmp_path):
@@ -122,8 +133,13 @@ def test_notebook_must_be_valid_json(good, tmp_path):
 
 def test_slugify_matches_python_slugify():
     slugify = pytest.importorskip("slugify").slugify  # installed with kaggle (requirements-test.txt)
-    for title in ["kagglekd smollm2 360m to 135m t4x2", "KD: SmolLM 135M from Huihui-MoE (v2)", "  a -- b  ",
-                  "Émile's 1,000 steps", "under_score and.dots"]:
+    for title in [
+        "kagglekd smollm2 360m to 135m t4x2",
+        "KD: SmolLM 135M from Huihui-MoE (v2)",
+        "  a -- b  ",
+        "Émile's 1,000 steps",
+        "under_score and.dots",
+    ]:
         assert bundle.slugify(title) == slugify(title), title
 
 
@@ -133,7 +149,8 @@ def test_wheel_is_deterministic_and_complete():
     with zipfile.ZipFile(io.BytesIO(first)) as archive:
         names = archive.namelist()
         assert names == sorted(n for n in names if not n.startswith("kagglekd-")) + [
-            n for n in names if n.startswith("kagglekd-")]
+            n for n in names if n.startswith("kagglekd-")
+        ]
         assert {i.date_time for i in archive.infolist()} == {bundle.ZIP_TIME}
         record = archive.read(f"kagglekd-{bundle.kagglekd.__version__}.dist-info/RECORD").decode()
     assert "kagglekd/__init__.py" in names and "kagglekd/presets/tiny-cpu.json" in names
@@ -144,8 +161,22 @@ def test_wheel_is_deterministic_and_complete():
 def test_wheel_installs_offline_with_pip(tmp_path):
     wheel = tmp_path / bundle.wheel_name()
     wheel.write_bytes(bundle.build_wheel())
-    done = subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-index", "--target",
-                           str(tmp_path / "site"), str(wheel)], capture_output=True, text=True)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--no-deps",
+            "--no-index",
+            "--target",
+            str(tmp_path / "site"),
+            str(wheel),
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert done.returncode == 0, done.stderr
     assert (tmp_path / "site" / "kagglekd" / "trainer.py").is_file()
     assert (tmp_path / "site" / "kagglekd" / "presets" / "smollm2-360m-to-135m-t4x2.json").is_file()
@@ -176,24 +207,46 @@ def test_committed_kaggle_kernel_is_current(built):
     fresh = sorted(p.name for p in built.iterdir())
     assert committed == fresh, f"kaggle_kernel/ has {committed}, the generator writes {fresh}; run: {REGENERATE}"
     assert (COMMITTED / bundle.METADATA_FILE).read_text() == (built / bundle.METADATA_FILE).read_text(), (
-        f"kaggle_kernel/kernel-metadata.json is stale; run: {REGENERATE}")
+        f"kaggle_kernel/kernel-metadata.json is stale; run: {REGENERATE}"
+    )
     name = json.loads((built / bundle.METADATA_FILE).read_text())["code_file"]
     old, new = json.loads((COMMITTED / name).read_text()), json.loads((built / name).read_text())
     for index, (a, b) in enumerate(zip(old["cells"][1:], new["cells"][1:]), start=1):
         assert a == b, f"kaggle_kernel/{name} cell {index} is stale (notebooks/ changed); run: {REGENERATE}"
     assert len(old["cells"]) == len(new["cells"]), f"kaggle_kernel/{name} is stale; run: {REGENERATE}"
     # The embedded kit: compared by content, so a different zlib build cannot fail the check.
-    payload = lambda nb: bundle.wheel_contents(__import__("base64").b64decode(
-        nb["cells"][0]["source"].split('KIT_B64 = """')[1].split('"""')[0]))
+    payload = lambda nb: bundle.wheel_contents(
+        __import__("base64").b64decode(nb["cells"][0]["source"].split('KIT_B64 = """')[1].split('"""')[0])
+    )
     stale = sorted(k for k in set(payload(old)) | set(payload(new)) if payload(old).get(k) != payload(new).get(k))
     assert not stale, f"the kit embedded in kaggle_kernel/ is stale ({', '.join(stale[:5])}); run: {REGENERATE}"
 
 
 def test_cli(tmp_path, capsys):
     out = tmp_path / "k"
-    assert main(["bundle", "--owner", "someone", "--config", "tiny-cpu", "--title", "My KD smoke run",
-                 "--internet", "off", "--public", "--dataset", "someone/kagglekd-wheels",
-                 "--kernel-source", "someone/my-kd-smoke-run", "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "bundle",
+                "--owner",
+                "someone",
+                "--config",
+                "tiny-cpu",
+                "--title",
+                "My KD smoke run",
+                "--internet",
+                "off",
+                "--public",
+                "--dataset",
+                "someone/kagglekd-wheels",
+                "--kernel-source",
+                "someone/my-kd-smoke-run",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     assert "kaggle kernels push -p" in capsys.readouterr().out
     meta = json.loads((out / bundle.METADATA_FILE).read_text())
     assert meta["id"] == "someone/my-kd-smoke-run" and meta["title"] == "My KD smoke run"
@@ -204,8 +257,22 @@ def test_cli(tmp_path, capsys):
 
 
 def test_cli_refuses_title_slug_mismatch_and_bad_sources(tmp_path, capsys):
-    assert main(["bundle", "--owner", "me", "--slug", "kagglekd-run", "--title", "another title",
-                 "--out", str(tmp_path / "a")]) == 2
+    assert (
+        main(
+            [
+                "bundle",
+                "--owner",
+                "me",
+                "--slug",
+                "kagglekd-run",
+                "--title",
+                "another title",
+                "--out",
+                str(tmp_path / "a"),
+            ]
+        )
+        == 2
+    )
     assert "slugifies to" in capsys.readouterr().err
     assert main(["bundle", "--owner", "me", "--dataset", "nope", "--out", str(tmp_path / "b")]) == 2
     assert main(["bundle", "--owner", "me", "--config", "no-such-preset", "--out", str(tmp_path / "c")]) == 2

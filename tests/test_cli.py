@@ -57,6 +57,7 @@ def test_help_config_lists_every_field(capsys):
 
 def test_help_of_each_command_runs():
     for command in ("demo", "train", "evaluate"):
-        done = subprocess.run([sys.executable, "-m", "kagglekd", command, "--help"], capture_output=True, text=True,
-                              cwd=ROOT, timeout=120)
+        done = subprocess.run(
+            [sys.executable, "-m", "kagglekd", command, "--help"], capture_output=True, text=True, cwd=ROOT, timeout=120
+        )
         assert done.returncode == 0 and "usage" in done.stdout

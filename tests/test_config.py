@@ -8,12 +8,31 @@ from kagglekd.errors import ConfigError
 
 # The flat keys of hand-rolled distillation scripts the kit promises to read as they are.
 FLAT_KEYS = {
-    "teacher_model": "t", "student_model": "s", "batch_size": 4, "gradient_accumulation_steps": 16,
-    "learning_rate": 5e-5, "num_epochs": 3, "max_steps": 100, "warmup_steps": 10, "warmup_ratio": 0.1,
-    "scheduler_type": "cosine", "max_length": 384, "temperature": 3.0, "alpha_kd": 0.7, "alpha_ce": 0.3,
-    "alpha_feature": 0.1, "alpha_attention": 0.1, "kd_top_k": 64, "attention_layers": 2, "eval_steps": 1000,
-    "save_steps": 500, "early_stopping_patience": 3, "max_grad_norm": 1.0, "weight_decay": 0.01,
-    "use_amp": True, "seed": 42,
+    "teacher_model": "t",
+    "student_model": "s",
+    "batch_size": 4,
+    "gradient_accumulation_steps": 16,
+    "learning_rate": 5e-5,
+    "num_epochs": 3,
+    "max_steps": 100,
+    "warmup_steps": 10,
+    "warmup_ratio": 0.1,
+    "scheduler_type": "cosine",
+    "max_length": 384,
+    "temperature": 3.0,
+    "alpha_kd": 0.7,
+    "alpha_ce": 0.3,
+    "alpha_feature": 0.1,
+    "alpha_attention": 0.1,
+    "kd_top_k": 64,
+    "attention_layers": 2,
+    "eval_steps": 1000,
+    "save_steps": 500,
+    "early_stopping_patience": 3,
+    "max_grad_norm": 1.0,
+    "weight_decay": 0.01,
+    "use_amp": True,
+    "seed": 42,
 }
 
 

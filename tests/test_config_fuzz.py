@@ -11,15 +11,21 @@ from kagglekd.errors import ConfigError
 
 KEYS = list(DistillConfig.fields()) + list(ALIASES) + ["total_steps", "learning_rat", "", "__x", "α"]
 JUNK = st.recursive(
-    st.none() | st.booleans() | st.integers(-10**12, 10**12) | st.floats(allow_nan=True, allow_infinity=True)
+    st.none()
+    | st.booleans()
+    | st.integers(-(10**12), 10**12)
+    | st.floats(allow_nan=True, allow_infinity=True)
     | st.text(max_size=12),
     lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner, max_size=3),
     max_leaves=6,
 )
 # Values near each field's valid range, so fuzzing also produces configs that are valid.
 PLAUSIBLE = st.one_of(
-    st.integers(-3, 5000), st.floats(-1.0, 2.0), st.sampled_from(["cosine", "linear", "jsd", "auto", "never"]),
-    st.none(), st.booleans(),
+    st.integers(-3, 5000),
+    st.floats(-1.0, 2.0),
+    st.sampled_from(["cosine", "linear", "jsd", "auto", "never"]),
+    st.none(),
+    st.booleans(),
 )
 CONFIGS = st.dictionaries(st.sampled_from(KEYS), st.one_of(PLAUSIBLE, JUNK), max_size=8)
 
@@ -35,7 +41,9 @@ def test_any_input_is_a_config_or_a_config_error(raw):
         assert DistillConfig.from_json(json.loads(config.to_json())) == config
 
 
-@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture]
+)
 @given(CONFIGS)
 def test_cli_answers_bad_configs_with_exit_2_and_one_line(tmp_path_factory, raw):
     path = tmp_path_factory.mktemp("fuzz") / "config.json"

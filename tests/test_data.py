@@ -306,9 +306,7 @@ def test_packing_is_exact_split_by_document_and_seeded():
 
 def test_eval_gets_at_least_one_document_and_one_block():
     # 3% of 10 documents rounds to 0; eval still gets a document, and enough documents for one block.
-    blocks = data.build_blocks(
-        doc_dataset([6] * 10), DocTokenizer(), max_length=15, eval_fraction=0.03, seed=0
-    )
+    blocks = data.build_blocks(doc_dataset([6] * 10), DocTokenizer(), max_length=15, eval_fraction=0.03, seed=0)
     assert blocks.info["eval_documents"] == 3 and len(blocks.eval) == 1
     assert blocks.info["train_documents"] == 7 and len(blocks.train) == 3  # 49 tokens -> 3 blocks of 16
 
@@ -333,9 +331,7 @@ def test_build_blocks_on_stdlib_docs(stdlib_texts, tokenizer):
         129,
     )
     assert info["train_blocks"] > 5000 and info["eval_blocks"] > 50
-    assert info["documents"] == len(stdlib_texts) and info["eval_documents"] == round(
-        0.05 * len(stdlib_texts)
-    )
+    assert info["documents"] == len(stdlib_texts) and info["eval_documents"] == round(0.05 * len(stdlib_texts))
     assert info["source"] == "stdlib-docs" and info["vocab_size"] == 4096
     assert info["train_tokens"] + info["eval_tokens"] == info["tokens"]
     for split in ("train", "eval"):
@@ -372,9 +368,7 @@ def test_dataset_fingerprint_is_stable_and_sensitive(tokenizer, tmp_path):
     assert first == data.dataset_fingerprint(**base) and len(first) == 16
     for change in ({"max_length": 64}, {"seed": 1}, {"eval_fraction": 0.1}, {"subset_size": 10}):
         assert data.dataset_fingerprint(**{**base, **change}) != first
-    other_tokenizer = AutoTokenizer.from_pretrained(
-        data.demo_tokenizer(4096, pre_tokenizer="whitespace-digits")
-    )
+    other_tokenizer = AutoTokenizer.from_pretrained(data.demo_tokenizer(4096, pre_tokenizer="whitespace-digits"))
     assert data.dataset_fingerprint(**{**base, "tokenizer": other_tokenizer}) != first
     path = tmp_path / "d.txt"
     path.write_text("one")

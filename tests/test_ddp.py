@@ -10,6 +10,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
+from conftest import TINY_RUN
 
 from kagglekd.config import DistillConfig
 from kagglekd.trainer import Distiller
@@ -28,13 +29,18 @@ if distiller.is_main:
 
 
 def _config(tmp_path, name, batch_size, **changes) -> DistillConfig:
-    base = dict(
-        teacher_model="tiny-random-moe", student_model="tiny-random-dense", dataset_subset_size=12, max_length=32,
-        batch_size=batch_size, max_steps=4, warmup_steps=1, eval_steps=2, eval_max_blocks=8, save_steps=2,
-        output_dir=str(tmp_path / name), resume="never", seed=0, weight_decay=0.0,
+    return DistillConfig.from_dict(
+        {
+            **TINY_RUN,
+            "output_dir": str(tmp_path / name),
+            "batch_size": batch_size,
+            "max_steps": 4,
+            "eval_steps": 2,
+            "save_steps": 2,
+            "weight_decay": 0.0,
+            **changes,
+        }
     )
-    base.update(changes)
-    return DistillConfig.from_dict(base)
 
 
 def _launch(kagglekd_cache, *args):
@@ -47,9 +53,7 @@ def _launch(kagglekd_cache, *args):
     assert done.returncode == 0, done.stderr[-3000:]
 
 
-@pytest.fixture(autouse=True)
-def _session_cache(kagglekd_cache, monkeypatch):
-    monkeypatch.setenv("KAGGLEKD_CACHE", str(kagglekd_cache))
+pytestmark = pytest.mark.usefixtures("use_kit_cache")
 
 
 def test_two_processes_match_one_with_the_same_global_batch(tmp_path, kagglekd_cache):

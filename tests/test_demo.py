@@ -13,8 +13,14 @@ from kagglekd.demo import ABLATION_VARIANTS, evaluate_run, run_ablation, run_dem
 def tiny_preset(tmp_path, kagglekd_cache, monkeypatch):
     monkeypatch.setenv("KAGGLEKD_CACHE", str(kagglekd_cache))
     config = DistillConfig.load("tiny-cpu").replace(
-        teacher_model="tiny-random-moe", dataset_subset_size=12, max_length=32, batch_size=4, max_steps=3,
-        eval_steps=None, eval_max_blocks=8, save_steps=None,
+        teacher_model="tiny-random-moe",
+        dataset_subset_size=12,
+        max_length=32,
+        batch_size=4,
+        max_steps=3,
+        eval_steps=None,
+        eval_max_blocks=8,
+        save_steps=None,
     )
     path = tmp_path / "tiny.json"
     config.to_json(path)

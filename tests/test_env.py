@@ -22,8 +22,9 @@ def fake_gpus(monkeypatch):
         monkeypatch.setattr(torch.cuda, "get_device_name", lambda index=0: name)
         monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index=0: capability)
         monkeypatch.setattr(torch.cuda, "get_arch_list", lambda: list(archs))
-        monkeypatch.setattr(torch.cuda, "get_device_properties",
-                            lambda index=0: SimpleNamespace(total_memory=15 * 1024**3))
+        monkeypatch.setattr(
+            torch.cuda, "get_device_properties", lambda index=0: SimpleNamespace(total_memory=15 * 1024**3)
+        )
         monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: bf16_claim)  # the lie on a T4
 
     return install

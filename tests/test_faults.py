@@ -12,6 +12,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
+from conftest import TINY_RUN
 
 from kagglekd.config import DistillConfig
 from kagglekd.errors import ConfigError, KaggleKDError
@@ -20,19 +21,13 @@ from kagglekd.trainer import Distiller, OutOfMemory, latest_checkpoint
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True)
-def _session_cache(kagglekd_cache, monkeypatch):
-    monkeypatch.setenv("KAGGLEKD_CACHE", str(kagglekd_cache))
+pytestmark = pytest.mark.usefixtures("use_kit_cache")
 
 
 def tiny(tmp_path, **changes) -> DistillConfig:
-    base = dict(
-        teacher_model="tiny-random-moe", student_model="tiny-random-dense", dataset_subset_size=12, max_length=32,
-        batch_size=4, max_steps=6, warmup_steps=1, eval_steps=None, eval_max_blocks=8, save_steps=2,
-        output_dir=str(tmp_path / "run"), resume="auto", seed=0,
+    return DistillConfig.from_dict(
+        {**TINY_RUN, "output_dir": str(tmp_path / "run"), "resume": "auto", "save_steps": 2, **changes}
     )
-    base.update(changes)
-    return DistillConfig.from_dict(base)
 
 
 def test_cuda_oom_is_explained_with_the_planner_estimate(tmp_path, monkeypatch):
@@ -102,8 +97,13 @@ Distiller(config).train()
 
 
 def _train_in_subprocess(config_path: Path, env: dict, kill_after_checkpoints: int | None):
-    process = subprocess.Popen([sys.executable, "-c", TRAIN_SCRIPT, str(config_path)], env=env, cwd=ROOT,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(
+        [sys.executable, "-c", TRAIN_SCRIPT, str(config_path)],
+        env=env,
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     if kill_after_checkpoints is None:
         assert process.wait(timeout=600) == 0
         return

@@ -43,9 +43,7 @@ def test_tiny_configs_are_the_real_classes_with_the_documented_shapes():
     assert moe.tie_word_embeddings is False and moe.norm_topk_prob and not moe.output_router_logits
     dense = models.tiny_dense_config(4096)
     assert isinstance(dense, LlamaConfig) and dense.model_type == "llama"
-    assert (
-        dense.tie_word_embeddings and dense.hidden_size // dense.num_attention_heads == dense.head_dim == 24
-    )
+    assert dense.tie_word_embeddings and dense.hidden_size // dense.num_attention_heads == dense.head_dim == 24
     assert dense.pad_token_id is None  # a pad id would freeze the eos embedding row
 
 
@@ -74,16 +72,12 @@ def test_resolve_tiny_random_round_trips_with_identical_logits(fresh_cache, name
     assert models.resolve_model(name, vocab_size=4096, seed=0) == directory  # cached
     assert (directory / "config.json").stat().st_mtime_ns == stamp
 
-    built = (models.tiny_random_dense if name == models.TINY_RANDOM_DENSE else models.tiny_random_moe)(
-        4096, 0
-    )
+    built = (models.tiny_random_dense if name == models.TINY_RANDOM_DENSE else models.tiny_random_moe)(4096, 0)
     loaded = AutoModelForCausalLM.from_pretrained(directory)
     assert type(loaded) is type(built)
     input_ids = torch.randint(0, 4096, (2, 16), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        assert torch.equal(
-            built.eval()(input_ids=input_ids).logits, loaded.eval()(input_ids=input_ids).logits
-        )
+        assert torch.equal(built.eval()(input_ids=input_ids).logits, loaded.eval()(input_ids=input_ids).logits)
     assert len(AutoTokenizer.from_pretrained(directory)) == 4096
 
 

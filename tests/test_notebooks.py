@@ -22,8 +22,15 @@ TIMINGS: dict[str, float] = {}
 
 def execute(source: Path, out: Path, cwd: Path, **parameters) -> nbformat.NotebookNode:
     start = time.perf_counter()
-    papermill.execute_notebook(str(source), str(out), parameters={"SMOKE": True, **parameters}, kernel_name="python3",
-                               cwd=str(cwd), progress_bar=False, log_output=False)
+    papermill.execute_notebook(
+        str(source),
+        str(out),
+        parameters={"SMOKE": True, **parameters},
+        kernel_name="python3",
+        cwd=str(cwd),
+        progress_bar=False,
+        log_output=False,
+    )
     TIMINGS[source.stem] = time.perf_counter() - start
     return nbformat.read(out, as_version=4)
 
@@ -72,8 +79,9 @@ def staged(child_env, tmp_path_factory):
     executed = {}
     for name in NOTEBOOKS:
         extra = {"TRAIN_CE_BASELINE": True} if name == "02_train" else {}
-        executed[name] = execute(REPO / "notebooks" / f"{name}.ipynb", work / f"{name}.out.ipynb", work,
-                                 RUN_DIR=str(run_dir), **extra)
+        executed[name] = execute(
+            REPO / "notebooks" / f"{name}.ipynb", work / f"{name}.out.ipynb", work, RUN_DIR=str(run_dir), **extra
+        )
     child_env.delenv("PYTHONPATH", raising=False)
     return run_dir, executed
 
@@ -83,8 +91,9 @@ def bundled(child_env, staged, tmp_path_factory):
     work = tmp_path_factory.mktemp("bundled")
     meta = json.loads((REPO / "kaggle_kernel" / "kernel-metadata.json").read_text())
     child_env.delenv("PYTHONPATH", raising=False)  # only the embedded kit
-    notebook = execute(REPO / "kaggle_kernel" / meta["code_file"], work / "bundle.out.ipynb", work,
-                       RUN_DIR=str(work / "run"))
+    notebook = execute(
+        REPO / "kaggle_kernel" / meta["code_file"], work / "bundle.out.ipynb", work, RUN_DIR=str(work / "run")
+    )
     return work / "run", notebook
 
 
@@ -108,8 +117,14 @@ def test_committed_notebook_shape(name):
 def test_00_setup(staged):
     run_dir, executed = staged
     text = output_text(executed["00_setup"])
-    for expected in ("torch build", "GPU profile", "Kaggle run type", "transformers", "smollm2-360m-to-135m-t4x2",
-                     "tiny-random-moe"):
+    for expected in (
+        "torch build",
+        "GPU profile",
+        "Kaggle run type",
+        "transformers",
+        "smollm2-360m-to-135m-t4x2",
+        "tiny-random-moe",
+    ):
         assert expected in text, expected
     assert json.loads((run_dir / "doctor.json").read_text())["exit_code"] == 0
 
@@ -141,8 +156,19 @@ def test_02_train(staged):
 def test_03_evaluate(staged):
     run_dir, executed = staged
     text = output_text(executed["03_evaluate"])
-    for expected in ("eval_ppl", "top1_agreement", "teacher", "student (KD)", "student (CE only)", "prompt",
-                     "parameters_m", "mb_on_disk", "forward_tokens_per_s", "generate_tokens_per_s", "## Results"):
+    for expected in (
+        "eval_ppl",
+        "top1_agreement",
+        "teacher",
+        "student (KD)",
+        "student (CE only)",
+        "prompt",
+        "parameters_m",
+        "mb_on_disk",
+        "forward_tokens_per_s",
+        "generate_tokens_per_s",
+        "## Results",
+    ):
         assert expected in text, expected
     for chart in ("eval_ppl.png", "size_speed.png", "history.png"):
         assert_png(run_dir / chart)
@@ -154,8 +180,13 @@ def test_bundled_kernel_notebook(bundled):
     run_dir, notebook = bundled
     text = output_text(notebook)
     assert "kagglekd 0.1.0 from" in text and "kagglekd-kit-" in text, "the embedded kit was not the one imported"
-    for chart in ("diagnostics/lr_plan.png", "diagnostics/memory.png", "live_chart.png", "eval_ppl.png",
-                  "size_speed.png"):
+    for chart in (
+        "diagnostics/lr_plan.png",
+        "diagnostics/memory.png",
+        "live_chart.png",
+        "eval_ppl.png",
+        "size_speed.png",
+    ):
         assert_png(run_dir / chart)
     for expected in ("severity", "tokens_per_s", "eval_ppl", "top1_agreement", "mb_on_disk"):
         assert expected in text, expected

@@ -44,7 +44,9 @@ def test_without_a_baseline_dir(runs, kagglekd_cache, monkeypatch):
     monkeypatch.setenv("KAGGLEKD_CACHE", str(kagglekd_cache))
     root, _ = runs
     assert list(report.load_evaluation(root / "kd", ce_run_dir=root / "missing").models) == [
-        report.TEACHER, report.STUDENT]
+        report.TEACHER,
+        report.STUDENT,
+    ]
 
 
 def test_unfinished_run_is_a_config_error(tmp_path):
@@ -85,8 +87,9 @@ def test_forward_speed_counts_tokens(monkeypatch):
     model = torch.nn.Linear(2, 2)
     calls = []
     model.forward = lambda input_ids: calls.append(input_ids.numel())
-    speed = report.forward_tokens_per_s(model, torch.zeros(10, 5, dtype=torch.long), batch_size=4, max_batches=2,
-                                        min_seconds=0.0)
+    speed = report.forward_tokens_per_s(
+        model, torch.zeros(10, 5, dtype=torch.long), batch_size=4, max_batches=2, min_seconds=0.0
+    )
     assert speed > 0 and calls[:3] == [16, 16, 8]
 
 
@@ -98,16 +101,29 @@ def test_model_card(evaluation, tmp_path):
     text = card.read_text()
     assert text.startswith("---\nlibrary_name: transformers")
     cfg = evaluation.config
-    for expected in (cfg.teacher_model, cfg.student_model, "## Data", "stdlib-docs", "train blocks", "## Training",
-                     "| alpha_kd | 0.5 |", "## Results", f"{rows[1]['eval_ppl']:,.4g}", "## Size and speed",
-                     "## Sample generations", "from_pretrained"):
+    for expected in (
+        cfg.teacher_model,
+        cfg.student_model,
+        "## Data",
+        "stdlib-docs",
+        "train blocks",
+        "## Training",
+        "| alpha_kd | 0.5 |",
+        "## Results",
+        f"{rows[1]['eval_ppl']:,.4g}",
+        "## Size and speed",
+        "## Sample generations",
+        "from_pretrained",
+    ):
         assert expected in text, expected
     default = report.write_model_card(evaluation, rows)
     assert default == evaluation.run_dir / "student" / "README.md"
 
 
 def test_plot_size_speed(tmp_path):
-    rows = [{"model": "teacher", "parameters_m": 6.0, "forward_tokens_per_s": 2000.0},
-            {"model": "student", "parameters_m": 0.6, "forward_tokens_per_s": 5000.0}]
+    rows = [
+        {"model": "teacher", "parameters_m": 6.0, "forward_tokens_per_s": 2000.0},
+        {"model": "student", "parameters_m": 0.6, "forward_tokens_per_s": 5000.0},
+    ]
     report.plot_size_speed(rows, tmp_path / "s.png")
     assert (tmp_path / "s.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

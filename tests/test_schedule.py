@@ -34,8 +34,13 @@ def test_curve_equals_get_scheduler_stepped_by_hand(name):
     plan = plan_schedule(config, batches_per_epoch=100)
     weight = torch.nn.Parameter(torch.ones(2))
     optimizer = torch.optim.AdamW([weight], lr=0.02)
-    scheduler = get_scheduler(name, optimizer, num_warmup_steps=7, num_training_steps=57,
-                              scheduler_specific_kwargs=dict(plan.scheduler_kwargs))
+    scheduler = get_scheduler(
+        name,
+        optimizer,
+        num_warmup_steps=7,
+        num_training_steps=57,
+        scheduler_specific_kwargs=dict(plan.scheduler_kwargs),
+    )
     expected = []
     for _ in range(57):
         expected.append(optimizer.param_groups[0]["lr"])

@@ -6,27 +6,27 @@ import math
 import pandas as pd
 import pytest
 import torch
+from conftest import TINY_RUN
 from transformers import AutoModelForCausalLM
 
 from kagglekd import data
 from kagglekd.config import DistillConfig
 from kagglekd.trainer import Distiller, TrainingStopped, latest_checkpoint
 
-
-@pytest.fixture(autouse=True)
-def _session_cache(kagglekd_cache, monkeypatch):
-    monkeypatch.setenv("KAGGLEKD_CACHE", str(kagglekd_cache))
+pytestmark = pytest.mark.usefixtures("use_kit_cache")
 
 
 def tiny_config(tmp_path, **changes) -> DistillConfig:
-    base = dict(
-        teacher_model="tiny-random-moe", student_model="tiny-random-dense", dataset="stdlib-docs",
-        dataset_subset_size=12, max_length=32, batch_size=4, gradient_accumulation_steps=1, learning_rate=3e-3,
-        max_steps=6, warmup_steps=1, eval_steps=3, eval_max_blocks=8, save_steps=None, output_dir=str(tmp_path / "run"),
-        resume="never", alpha_kd=0.5, alpha_ce=0.5, seed=0, weight_decay=0.0,
+    return DistillConfig.from_dict(
+        {
+            **TINY_RUN,
+            "output_dir": str(tmp_path / "run"),
+            "learning_rate": 3e-3,
+            "eval_steps": 3,
+            "weight_decay": 0.0,
+            **changes,
+        }
     )
-    base.update(changes)
-    return DistillConfig.from_dict(base)
 
 
 def history(run_dir) -> pd.DataFrame:
@@ -53,8 +53,16 @@ def truncate_train(monkeypatch):
 
 def test_logged_lr_equals_plan_in_odd_case(tmp_path, kagglekd_cache, truncate_train):
     truncate_train(37)  # batch 1 -> 37 batches per epoch
-    config = tiny_config(tmp_path, batch_size=1, gradient_accumulation_steps=8, num_epochs=2, max_steps=None,
-                         scheduler_type="cosine", warmup_steps=2, eval_steps=None)
+    config = tiny_config(
+        tmp_path,
+        batch_size=1,
+        gradient_accumulation_steps=8,
+        num_epochs=2,
+        max_steps=None,
+        scheduler_type="cosine",
+        warmup_steps=2,
+        eval_steps=None,
+    )
     distiller = Distiller(config)
     distiller.train()
     assert distiller.plan.batches_per_epoch == 37 and distiller.plan.optimizer_steps == 10
@@ -171,8 +179,9 @@ def test_ema_evaluated_separately(tmp_path, kagglekd_cache):
 def test_early_stopping_never_before_warmup(tmp_path, kagglekd_cache):
     # LR 0 after warmup start would never improve: patience 1 with a huge min_delta stops at the first eval
     # after warmup, not during it.
-    config = tiny_config(tmp_path, max_steps=12, warmup_steps=4, eval_steps=1, early_stopping_patience=1,
-                         early_stopping_min_delta=1e9)
+    config = tiny_config(
+        tmp_path, max_steps=12, warmup_steps=4, eval_steps=1, early_stopping_patience=1, early_stopping_min_delta=1e9
+    )
     distiller = Distiller(config)
     summary = distiller.train()
     assert summary["stopped_early"] and summary["optimizer_steps"] == 5

@@ -5,6 +5,7 @@ import json
 import pandas as pd
 import pytest
 import torch
+from conftest import TINY_RUN
 from safetensors.torch import load_file
 
 from kagglekd import moe
@@ -12,20 +13,20 @@ from kagglekd.config import DistillConfig
 from kagglekd.errors import ConfigError
 from kagglekd.trainer import Distiller
 
-
-@pytest.fixture(autouse=True)
-def _session_cache(kagglekd_cache, monkeypatch):
-    monkeypatch.setenv("KAGGLEKD_CACHE", str(kagglekd_cache))
+pytestmark = pytest.mark.usefixtures("use_kit_cache")
 
 
 def tiny(tmp_path, **changes) -> DistillConfig:
-    base = dict(
-        teacher_model="tiny-random-moe", student_model="tiny-random-dense", dataset_subset_size=12, max_length=32,
-        batch_size=2, max_steps=3, warmup_steps=1, eval_steps=None, eval_max_blocks=4, save_steps=None,
-        output_dir=str(tmp_path / "run"), resume="never", seed=0,
+    return DistillConfig.from_dict(
+        {
+            **TINY_RUN,
+            "output_dir": str(tmp_path / "run"),
+            "batch_size": 2,
+            "max_steps": 3,
+            "eval_max_blocks": 4,
+            **changes,
+        }
     )
-    base.update(changes)
-    return DistillConfig.from_dict(base)
 
 
 def _router_names(teacher):
@@ -39,15 +40,16 @@ def test_sar_changes_only_router_weights_and_keeps_them_out_of_student(tmp_path)
     routers = _router_names(teacher)
     assert routers and all(p.requires_grad == (n in routers) for n, p in teacher.named_parameters())
     distiller.train()
-    changed = {name for name, p in teacher.named_parameters() if not torch.equal(p.detach().float(), before[name].float())}
+    changed = {name for name, p in teacher.named_parameters() if not torch.equal(p.detach(), before[name])}
     assert changed == routers  # experts, attention, embeddings, norms: bitwise unchanged
     rows = pd.read_csv(distiller.output_dir / "history.csv")
     assert rows["router"].notna().all() and rows["share_router"].notna().all()
     saved = load_file(str(distiller.output_dir / "teacher_routers" / "routers.safetensors"))
     assert set(saved) == {name for name in routers if name.endswith("weight")}
     student = load_file(str(distiller.output_dir / "student" / "model.safetensors"))
-    assert not any("expert" in k or "gate" in k and "gate_proj" not in k or "router" in k or "projection" in k
-                   for k in student)
+    assert not any(
+        "expert" in k or "gate" in k and "gate_proj" not in k or "router" in k or "projection" in k for k in student
+    )
     assert set(student) <= set(distiller.accelerator.unwrap_model(distiller.student).state_dict())
 
 
@@ -70,8 +72,16 @@ def test_all_experts_and_top_k_schedule_change_expert_activations(tmp_path):
 
 
 def test_feature_attention_and_ka_components_are_logged(tmp_path):
-    config = tiny(tmp_path, alpha_kd=0.4, alpha_ce=0.3, alpha_feature=0.2, alpha_attention=0.1, feature_layers=2,
-                  attention_layers=1, ka_samples=2)
+    config = tiny(
+        tmp_path,
+        alpha_kd=0.4,
+        alpha_ce=0.3,
+        alpha_feature=0.2,
+        alpha_attention=0.1,
+        feature_layers=2,
+        attention_layers=1,
+        ka_samples=2,
+    )
     distiller = Distiller(config)
     distiller.train()
     rows = pd.read_csv(distiller.output_dir / "history.csv")
@@ -84,8 +94,16 @@ def test_feature_attention_and_ka_components_are_logged(tmp_path):
 
 def test_normalized_balance_realises_the_alphas(tmp_path):
     alphas = {"kd": 0.5, "ce": 0.3, "feature": 0.2}
-    config = tiny(tmp_path, alpha_kd=alphas["kd"], alpha_ce=alphas["ce"], alpha_feature=alphas["feature"],
-                  feature_layers=1, loss_balance="normalized", max_steps=50, learning_rate=1e-3)
+    config = tiny(
+        tmp_path,
+        alpha_kd=alphas["kd"],
+        alpha_ce=alphas["ce"],
+        alpha_feature=alphas["feature"],
+        feature_layers=1,
+        loss_balance="normalized",
+        max_steps=50,
+        learning_rate=1e-3,
+    )
     distiller = Distiller(config)
     distiller.train()
     # the realised share over steps 40-49 (one step's share moves with that batch's noise)
