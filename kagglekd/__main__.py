@@ -56,6 +56,11 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--resume", help="auto (newest checkpoint in the output dir), never, or a checkpoint path")
     train.add_argument("--help-config", action="store_true", help="list every config key with its default")
 
+    cache = sub.add_parser("cache-teacher", help="write the teacher's top-k targets of the training blocks to disk")
+    _add_config_args(cache)
+    cache.add_argument("--output", help="cache directory (default: <output_dir>/teacher_cache)")
+    cache.add_argument("--allow-over-budget", action="store_true", help="write even past Kaggle's 20 GB output limit")
+
     evaluate = sub.add_parser("evaluate", help="evaluate a finished run's student/ (prints and writes eval.json)")
     evaluate.add_argument("--run", required=True, help="run directory written by `train`")
 
@@ -120,6 +125,32 @@ def cmd_train(args) -> int:
         return EXIT_STOPPED
     if distiller.is_main:  # under DDP every rank returns; one prints
         print(json.dumps(summary, indent=2, default=str))
+    return 0
+
+
+def cmd_cache_teacher(args) -> int:
+    from kagglekd import teacher_cache
+    from kagglekd.errors import ConfigError
+    from kagglekd.trainer import Distiller
+
+    config = _load_config(args)
+    if config.kd_top_k is None:
+        raise ConfigError("cache-teacher stores the teacher's top-k tokens; set kd_top_k (e.g. --set kd_top_k=64).")
+    config = config.replace(teacher_cache=None, alpha_kd=max(config.alpha_kd, 1e-9))
+    distiller = Distiller(config, write_run_dir=False).setup()
+    output = Path(args.output or Path(config.output_dir) / "teacher_cache")
+    tokens = distiller.blocks.train.shape[0] * (distiller.blocks.train.shape[1] - 1)
+    size = teacher_cache.estimate_cache_bytes(tokens, config.kd_top_k)
+    print(f"teacher cache: {distiller.blocks.train.shape[0]} blocks, {tokens:,} tokens, top-{config.kd_top_k} "
+          f"-> about {size / 1e9:.2f} GB in {output}")
+    teacher = distiller.teacher
+    manifest = {**distiller.cache_manifest(),
+                "teacher_revision": getattr(teacher.config, "_commit_hash", None) or "local"}
+    path = teacher_cache.write_cache(
+        teacher, distiller.blocks.train, output, k=config.kd_top_k, temperature=config.temperature,
+        batch_size=config.batch_size, manifest=manifest, allow_over_budget=args.allow_over_budget,
+    )
+    print(f"written: {path} (train with --set teacher_cache={path})")
     return 0
 
 
@@ -197,6 +228,7 @@ def main(argv: list[str] | None = None) -> int:
         "demo": cmd_demo,
         "doctor": cmd_doctor,
         "bundle": cmd_bundle,
+        "cache-teacher": cmd_cache_teacher,
     }[args.command]
     try:
         return handler(args)

@@ -106,6 +106,12 @@ class DistillConfig:
     dataset_subset_size: int | None = _f(None, "Use only the first N documents (None = all).", min=1)
     max_length: int = _f(128, "Tokens per packed training block.", min=8)
     eval_fraction: float = _f(0.05, "Fraction of documents held out for evaluation.", gt=0.0, lt=1.0)
+    split_seed: int = _f(
+        0,
+        "Seed of the train/eval document split, kept apart from `seed` so changing the training seed never moves "
+        "documents between the splits (tiny-moe was pretrained on the split of split_seed 0, eval_fraction 0.05).",
+        min=0,
+    )
     eval_max_blocks: int | None = _f(256, "Evaluate on at most this many held-out blocks (None = all).", min=1)
     output_dir: str = _f("runs/default", "Run directory: config, plan, history, checkpoints, student/.")
 
@@ -184,6 +190,16 @@ class DistillConfig:
         "average", "KA targets: average over the samples, or a single sample per step.", choices=("average", "single")
     )
     router_patterns: list[str] = _f([], "Regexes naming router modules of MoE families the kit does not know.")
+    fused_kd: bool = _f(
+        False,
+        "Compute lm_head + KD + CE in token chunks straight from the student's hidden states, never building its "
+        "[B, T, V] logits (the big memory saver on a T4 with a 49k-152k vocabulary).",
+    )
+    teacher_cache: str | None = _f(
+        None,
+        "Directory of offline teacher top-k targets written by `python -m kagglekd cache-teacher`; training reads "
+        "it instead of running the teacher (needs kd_top_k equal to the cache's k).",
+    )
     loss_chunk_size: int = _f(1024, "Token positions per chunk in the loss (bounds float32 vocab copies).", min=1)
 
     # ---- evaluation, EMA, stopping ---------------------------------------------------------------------
@@ -228,6 +244,16 @@ class DistillConfig:
             raise ConfigError(f"expert_top_k_start and expert_top_k_end go together; set {missing} too.", missing)
         if self.sar and self.alpha_kd == 0:
             raise ConfigError("sar trains the teacher's routers through the KD loss; it needs alpha_kd > 0.", "sar")
+        if self.teacher_cache is not None:
+            if self.kd_top_k is None:
+                raise ConfigError("teacher_cache holds top-k targets; set kd_top_k to the cache's k.", "kd_top_k")
+            for name in ("sar", "ka_samples", "alpha_feature", "alpha_attention", "all_experts", "expert_top_k_start"):
+                if getattr(self, name):
+                    raise ConfigError(
+                        f"{name} needs the live teacher (its routers, experts, hidden states or attention), but "
+                        "teacher_cache replaces the teacher with stored targets. Drop one of them.",
+                        name,
+                    )
         if self.resume not in ("auto", "never") and not self.resume:
             raise ConfigError("resume must be 'auto', 'never' or a checkpoint path.", field="resume")
 

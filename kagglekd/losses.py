@@ -300,8 +300,9 @@ def _flat_rows(teacher: Teacher, vocab: int) -> Teacher:
 
 def _select_rows(teacher: Teacher, positions: Tensor) -> Teacher:
     if isinstance(teacher, TeacherTopK):
-        return TeacherTopK(*(field.index_select(0, positions) for field in teacher))
-    return teacher.index_select(0, positions)
+        return TeacherTopK(*(field[positions] for field in teacher))
+    # advanced indexing, not index_select: on CPU index_select of wide rows is ~10x slower
+    return teacher[positions]
 
 
 def _needs_grad(*tensors: Tensor | TeacherTopK) -> bool:
@@ -376,7 +377,7 @@ def kd_loss(
 
     def chunk_fn(student_rows: Tensor, teacher_rows: Teacher, chunk: Tensor) -> Tensor:
         per_position = kd_per_position(
-            student_rows.index_select(0, chunk),
+            student_rows[chunk],
             _select_rows(teacher_rows, chunk),
             temperature=temperature,
             divergence=divergence,
@@ -409,8 +410,8 @@ def ce_loss(
         return _zero_with_grad(logits)
 
     def chunk_fn(rows: Tensor, targets: Tensor, chunk: Tensor) -> Tensor:
-        chunk_logits = _upcast(rows.index_select(0, chunk))
-        return F.cross_entropy(chunk_logits, targets.index_select(0, chunk), reduction="sum")
+        chunk_logits = _upcast(rows[chunk])
+        return F.cross_entropy(chunk_logits, targets[chunk], reduction="sum")
 
     total = _chunked_sum(chunk_fn, (logits.reshape(-1, vocab), labels.reshape(-1)), positions, chunk_size)
     return total / _normaliser(num_items, positions.numel())

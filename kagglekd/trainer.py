@@ -55,6 +55,7 @@ class Window:
     epoch: int
     micro_batches: list[torch.Tensor]  # each [b, max_length + 1] token blocks
     block_indices: list[int]
+    micro_rows: list[torch.Tensor] | None = None  # the train-block index of each micro-batch row
 
 
 class Distiller:
@@ -120,7 +121,9 @@ class Distiller:
         cfg = self.config
         self.tokenizer = models.load_tokenizer(cfg.tokenizer or cfg.student_model)
         vocab = len(self.tokenizer)
-        self.needs_teacher = cfg.alpha_kd > 0 or cfg.alpha_feature > 0 or cfg.alpha_attention > 0
+        self.needs_teacher = (cfg.alpha_kd > 0 or cfg.alpha_feature > 0 or cfg.alpha_attention > 0) and (
+            cfg.teacher_cache is None  # the cache stands in for the teacher; eval then reports no KD/agreement
+        )
         self.teacher = None
         if self.needs_teacher:
             teacher_tokenizer = models.load_tokenizer(cfg.teacher_tokenizer or cfg.teacher_model)
@@ -168,7 +171,7 @@ class Distiller:
             max_length=cfg.max_length,
             text_column=cfg.text_column,
             eval_fraction=cfg.eval_fraction,
-            seed=cfg.seed,
+            seed=cfg.split_seed,
         )
         global_batch = cfg.batch_size * self.world
         if self.world == 1:
@@ -184,10 +187,27 @@ class Distiller:
                 "or add data.",
                 field="batch_size",
             )
+        self.teacher_cache = None
+        if cfg.teacher_cache is not None:
+            from kagglekd.teacher_cache import open_cache
+
+            self.teacher_cache = open_cache(cfg.teacher_cache, self.cache_manifest())
         eval_blocks = self.blocks.eval
         if cfg.eval_max_blocks is not None:
             eval_blocks = eval_blocks[: cfg.eval_max_blocks]
         self.eval_blocks = eval_blocks
+
+    def cache_manifest(self) -> dict:
+        """What a teacher cache must have been built for to serve this run."""
+        cfg = self.config
+        fingerprint = data.dataset_fingerprint(
+            source=cfg.dataset, tokenizer=self.tokenizer, max_length=cfg.max_length, eval_fraction=cfg.eval_fraction,
+            seed=cfg.split_seed, subset_size=cfg.dataset_subset_size, text_column=cfg.text_column,
+            dataset_config=cfg.dataset_config, split=cfg.dataset_split,
+        )
+        return {"teacher_model": cfg.teacher_model, "tokenizer_hash": data.tokenizer_fingerprint(self.tokenizer),
+                "max_length": cfg.max_length, "dataset_fingerprint": fingerprint, "k": cfg.kd_top_k,
+                "temperature": cfg.temperature}
 
     def _setup_transfer(self) -> None:
         """MoE options, SAR, feature projections and attention layer maps; all checked before any step."""
@@ -379,7 +399,9 @@ class Distiller:
             out["logits"] = _match_vocab(out["logits"], self.student_vocab)
         return out
 
-    def _loss_step(self, micro_batch: torch.Tensor, num_items: int) -> tuple[torch.Tensor, dict]:
+    def _loss_step(
+        self, micro_batch: torch.Tensor, num_items: int, rows: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, dict]:
         """Loss of one micro-batch, already divided by the window's valid-target count."""
         from kagglekd import moe
 
@@ -387,20 +409,39 @@ class Distiller:
         input_ids, labels = data.next_token_batch(micro_batch.to(self.device))
         micro_tokens = max(losses.valid_count(labels), 1)
         layers = [s for s, _ in self.attention_pairs]
+        forward = {"output_hidden_states": bool(self.feature_pairs) or cfg.fused_kd}
+        if cfg.fused_kd:
+            forward["logits_to_keep"] = 1  # the fused loss computes the logits chunk by chunk itself
         with self.accelerator.autocast():
             with (
                 moe.capture_attention(self.accelerator.unwrap_model(self.student), layers)
                 if layers
                 else _nullcontext() as capture
             ):
-                result = self.student(input_ids=input_ids, output_hidden_states=bool(self.feature_pairs))
+                result = self.student(input_ids=input_ids, **forward)
             student_logits = result.logits
         parts: dict[str, torch.Tensor] = {}
-        if cfg.alpha_ce > 0:
-            parts["ce"] = losses.ce_loss(student_logits, labels, num_items=num_items, chunk_size=cfg.loss_chunk_size)
+        teacher = None
         if self.teacher is not None:
             teacher = self._teacher_forward(input_ids, labels, num_items, micro_tokens)
-            if cfg.alpha_kd > 0:
+        elif self.teacher_cache is not None and cfg.alpha_kd > 0:
+            teacher = {"logits": self.teacher_cache.get(rows, device=self.device), "hidden": None, "maps": None,
+                       "router": None}
+        fused_total = None
+        if cfg.fused_kd:
+            head = self.accelerator.unwrap_model(self.student).get_output_embeddings()
+            fused_total, fused_parts = losses.fused_lm_head_kd(
+                result.hidden_states[-1], head.weight, teacher["logits"] if teacher and cfg.alpha_kd > 0 else None,
+                labels, alpha_kd=self._weight("kd"), alpha_ce=self._weight("ce"), temperature=cfg.temperature,
+                divergence=cfg.divergence, beta=cfg.jsd_beta, skew_alpha=cfg.skew_alpha, top_k=cfg.kd_top_k,
+                scale_t2=cfg.kd_scale_t2, num_items=num_items, chunk_size=cfg.loss_chunk_size,
+                lm_head_bias=head.bias,
+            )
+            parts.update({name: value for name, value in fused_parts.items() if self._alpha(name) > 0})
+        elif cfg.alpha_ce > 0:
+            parts["ce"] = losses.ce_loss(student_logits, labels, num_items=num_items, chunk_size=cfg.loss_chunk_size)
+        if teacher is not None:
+            if cfg.alpha_kd > 0 and not cfg.fused_kd:
                 parts["kd"] = losses.kd_loss(
                     student_logits,
                     teacher["logits"],
@@ -437,7 +478,10 @@ class Distiller:
                 parts["attention"] = sum(per_layer) / len(per_layer)
             if teacher["router"] is not None:
                 parts["router"] = teacher["router"]
-        total = sum(self._weight(name) * value for name, value in parts.items())
+        unfused = {name: value for name, value in parts.items() if fused_total is None or name not in ("kd", "ce")}
+        total = sum(self._weight(name) * value for name, value in unfused.items())
+        if fused_total is not None:
+            total = fused_total + total
         return total, {name: value.detach() for name, value in parts.items()}
 
     def _alpha(self, name: str) -> float:
@@ -479,7 +523,8 @@ class Distiller:
             last = index == len(window.micro_batches) - 1
             context = self.accelerator.no_sync(self.student) if not last else _nullcontext()
             with context:
-                loss, parts = self._loss_step(micro_batch, num_items)
+                rows = window.micro_rows[index] if window.micro_rows else None
+                loss, parts = self._loss_step(micro_batch, num_items, rows)
                 # DDP averages gradients over ranks; the loss is already a global mean, so undo that average.
                 self.accelerator.backward(loss * self.world)
             loss_sum += float(loss.detach())
@@ -529,15 +574,16 @@ class Distiller:
             epoch, step_in_epoch = divmod(step, per_epoch)
             order = self._epoch_order(epoch)
             first = step_in_epoch * ga
-            batches, indices = [], []
+            batches, indices, micro_rows = [], [], []
             for batch_index in range(first, min(first + ga, self.batches_per_epoch)):
                 rows = order[batch_index * global_batch : (batch_index + 1) * global_batch]
                 rows = rows[self.rank :: self.world]
                 if len(rows) == 0:
                     continue
                 batches.append(self.blocks.train[rows])
+                micro_rows.append(rows)
                 indices.extend(int(r) for r in rows)
-            yield Window(step=step, epoch=epoch, micro_batches=batches, block_indices=indices)
+            yield Window(step=step, epoch=epoch, micro_batches=batches, block_indices=indices, micro_rows=micro_rows)
 
     # ---- train -----------------------------------------------------------------------------------------
     def train(self, max_steps: int | None = None) -> dict:
