@@ -26,8 +26,8 @@ test: $(VENV)/.installed-test
 	$(PY) -m pytest -q
 
 lint: $(VENV)/.installed-test
-	$(PY) -m ruff check kagglekd tests bench
-	$(PY) -m ruff format --check kagglekd tests bench
+	$(PY) -m ruff check kagglekd tests bench tools
+	$(PY) -m ruff format --check kagglekd tests bench tools
 
 bench: $(VENV)/.installed-test
 	$(PY) -m pip install --quiet -r bench/requirements.txt

@@ -190,6 +190,9 @@ class DistillConfig:
         "average", "KA targets: average over the samples, or a single sample per step.", choices=("average", "single")
     )
     router_patterns: list[str] = _f([], "Regexes naming router modules of MoE families the kit does not know.")
+    gradient_checkpointing: bool = _f(
+        False, "Recompute the student's layer activations in backward instead of keeping them (less memory)."
+    )
     fused_kd: bool = _f(
         False,
         "Compute lm_head + KD + CE in token chunks straight from the student's hidden states, never building its "

@@ -161,7 +161,9 @@ def resolve_model(
             logger.info("Saved %s to %s", reference, out_dir)
         return out_dir
     if reference == TINY_MOE:
-        return pretrain_tiny_moe(vocab_size=vocab_size, seed=seed)
+        # One fixed artifact, like a hub model: never re-pretrained per run seed. Its held-out documents are
+        # those of split seed 0, which is why DistillConfig.split_seed is kept apart from seed.
+        return pretrain_tiny_moe(vocab_size=vocab_size, seed=0)
     path = Path(reference).expanduser()
     if path.is_dir():
         if not (path / "config.json").is_file():

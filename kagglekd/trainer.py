@@ -153,6 +153,8 @@ class Distiller:
             vocab_size=vocab,
             seed=cfg.seed,
         )
+        if cfg.gradient_checkpointing:
+            self.student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.student.train()
         self.student_vocab = self.student.get_output_embeddings().weight.shape[0]
 

@@ -135,3 +135,13 @@ def test_scheduler_names_are_transformers_names():
 def test_every_field_is_documented():
     for name, help_text, _default in describe_fields():
         assert len(help_text) > 10, name
+
+
+def test_readme_documents_every_field_alias_and_finding():
+    from pathlib import Path
+
+    from kagglekd.diagnose import FINDINGS
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    for name in list(DistillConfig.fields()) + list(ALIASES) + list(FINDINGS):
+        assert f"`{name}`" in readme, f"README.md does not mention `{name}`: run python tools/readme_tables.py"

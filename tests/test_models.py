@@ -201,3 +201,12 @@ def test_default_tiny_moe_teacher_beats_the_target_perplexity():
     # Measured on the document-level held-out split (CPU, seed 0): teacher 30.4; a tiny-random-dense
     # student trained 600 CE steps on the same blocks reaches 34.2. The teacher must stay clearly better.
     assert report["steps"] == models.PRETRAIN_STEPS and report["eval_perplexity"] < 32.0
+
+
+def test_tiny_moe_is_one_artifact_whatever_the_run_seed(monkeypatch, tmp_path):
+    from kagglekd import models
+
+    seen = []
+    monkeypatch.setattr(models, "pretrain_tiny_moe", lambda **kw: seen.append(kw["seed"]) or tmp_path)
+    models.resolve_model("tiny-moe", vocab_size=4096, seed=7)
+    assert seen == [0]  # its held-out split is split seed 0's, so it must not follow the run seed
