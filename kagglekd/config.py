@@ -8,6 +8,7 @@ the closest valid name.
 
 from __future__ import annotations
 
+import contextvars
 import dataclasses
 import difflib
 import json
@@ -68,6 +69,8 @@ ALIASES = {
     "output_path": "output_dir",
     "num_samples": "dataset_subset_size",
 }
+
+_SKIP_COMBINATIONS = contextvars.ContextVar("kagglekd_skip_combinations", default=False)
 
 # Arguments some schedules cannot run without, used when `scheduler_kwargs` does not give them.
 SCHEDULER_DEFAULT_KWARGS = {
@@ -233,9 +236,20 @@ class DistillConfig:
             value = getattr(self, name)
             setattr(self, name, _check_type(name, value, _resolved_types()[name]))
             _check_range(name, getattr(self, name), f.metadata)
-        self._check_combinations()
+        if not _SKIP_COMBINATIONS.get():
+            self.check_combinations()
 
-    def _check_combinations(self) -> None:
+    @classmethod
+    def without_combination_checks(cls, **values: Any) -> DistillConfig:
+        """Types and ranges checked, cross-field rules not: for diagnostics, which report each conflict."""
+        token = _SKIP_COMBINATIONS.set(True)
+        try:
+            return cls(**values)
+        finally:
+            _SKIP_COMBINATIONS.reset(token)
+
+    def check_combinations(self) -> None:
+        """Cross-field rules; the first one broken raises a ConfigError naming its field."""
         if self.alpha_kd == 0 and self.alpha_ce == 0:
             raise ConfigError(
                 "alpha_kd and alpha_ce are both 0: the student would learn nothing. Set alpha_kd > 0 (distil) "

@@ -109,10 +109,6 @@ GPU_KEYS = ("gpu", "device", "machine", "machine_shape", "accelerator", "gpu_typ
 # Keys of later issues: understood here, passed through when DistillConfig has them.
 PENDING_KEYS = {
     "cross_tokenizer": "cross-tokenizer distillation (offset-aligned, kagglekd.alignment) -- its own issue",
-    "gradient_checkpointing": "gradient checkpointing of the student",
-    "teacher_cache": "offline top-k teacher cache (kagglekd.teacher_cache)",
-    "teacher_cache_dir": "offline top-k teacher cache (kagglekd.teacher_cache)",
-    "use_sar": "the Student-Aware Router (kagglekd.moe)",
     "bf16": "precision is chosen by the kit from the GPU (use_amp); bf16 is never forced",
 }
 EXTRA_ALIASES = {
@@ -120,8 +116,9 @@ EXTRA_ALIASES = {
     "train_samples": "dataset_subset_size",
     "max_samples": "dataset_subset_size",
     "subset_size": "dataset_subset_size",
-    "sar": "use_sar",
-    "student_aware_router": "use_sar",
+    "use_sar": "sar",
+    "student_aware_router": "sar",
+    "teacher_cache_dir": "teacher_cache",
     "use_cross_tokenizer": "cross_tokenizer",
 }
 KAGGLE_SESSION_H = 12.0
@@ -303,16 +300,21 @@ def parse_lenient(raw: dict) -> Parsed:
     config = None
     for _ in range(2 * len(fields) + 2):
         try:
-            config = DistillConfig(**values)
+            config = DistillConfig.without_combination_checks(**values)
+            config.check_combinations()
             break
         except ConfigError as err:
             name = err.field if err.field in values else None
-            if name is not None and _valid_alone(name, values[name]):
-                name = None  # the value is fine on its own: a combination is rejected
+            if config is not None and (name is None or _valid_alone(name, values[name])):
+                # the values are fine on their own: a combination is rejected. Report it; the checks below
+                # (incompatible, loss-prerequisite, ...) say more about most of these.
                 findings.append(Finding("config-conflict", "error", err.field, str(err), "change one of the values."))
-                for culprit in ("alpha_kd", "alpha_ce"):
-                    values.pop(culprit, None)
-                continue
+                if err.field in ("alpha_kd", "alpha_ce"):
+                    for culprit in ("alpha_kd", "alpha_ce"):
+                        values.pop(culprit, None)
+                    config = None
+                    continue
+                break
             bad = values.pop(name)
             default = _default(name)
             if name == "scheduler_type":
@@ -819,7 +821,7 @@ def _check_memory(ctx: _Context) -> None:
     if ctx.teacher_cfg is None or ctx.student_cfg is None:
         return
     cfg = ctx.config
-    sar = bool(_setting(ctx.parsed, "use_sar"))
+    sar = bool(_setting(ctx.parsed, "sar"))
     checkpointing = bool(_setting(ctx.parsed, "gradient_checkpointing"))
     ctx.memory_plan = plan = plan_memory(
         cfg,
@@ -862,17 +864,17 @@ def _check_memory(ctx: _Context) -> None:
 
 def _check_extras(ctx: _Context) -> None:
     cfg, extras = ctx.config, ctx.parsed.extras
-    cache = _setting(ctx.parsed, "teacher_cache") or _setting(ctx.parsed, "teacher_cache_dir")
-    sar = bool(_setting(ctx.parsed, "use_sar"))
+    cache = _setting(ctx.parsed, "teacher_cache")
+    sar = bool(_setting(ctx.parsed, "sar"))
     if cache:
         if sar:
             ctx.add(
                 "incompatible",
                 "error",
-                "use_sar",
+                "sar",
                 "the Student-Aware Router adapts the teacher's routing during training, but a teacher cache holds "
                 "targets computed once with the original router.",
-                "turn off either use_sar or teacher_cache.",
+                "turn off either sar or teacher_cache.",
             )
         for name in ("alpha_feature", "alpha_attention"):
             if getattr(cfg, name) > 0:
@@ -1207,8 +1209,8 @@ def fix_config(report: Report) -> dict:
         elif f.id == "max-length":
             limit = int(f.fix.rsplit(" ", 1)[-1].rstrip("."))
             change("max_length", limit, f.message)
-        elif f.id == "incompatible" and f.field == "use_sar":
-            change("use_sar", False, f.message)
+        elif f.id == "incompatible" and f.field == "sar":
+            change("sar", False, f.message)
         elif f.id == "config-conflict" and f.severity == "error":
             fixes.append(f"reset {f.field or 'alpha_kd/alpha_ce'} to the defaults: {f.message}")
         elif f.id == "model-unknown":

@@ -430,3 +430,12 @@ def pretrain_tiny_moe(
         _save_with_tokenizer(model, vocab_size, staging)
         (staging / "pretrain.json").write_text(json.dumps(report, indent=2), encoding="utf-8")
     return out_dir
+
+
+def enable_gradient_checkpointing(model: torch.nn.Module) -> None:
+    """Non-reentrant activation checkpointing under the name each transformers line has (5.x renamed it)."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers 5.x
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:  # transformers 4.5x
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)

@@ -179,7 +179,7 @@ def plot_history(history: pd.DataFrame, path: str | Path | None = None) -> Figur
             style = dict(marker="o", ms=4) if title == "eval perplexity" else dict(lw=1.4)
             ax.plot(steps[keep], values[keep], label=column, **style)
         if "skipped" in history and title == "loss components":
-            skipped = history["skipped"].fillna(False).astype(bool)
+            skipped = history["skipped"].fillna(0).astype(bool)
             for step in steps[skipped]:
                 ax.axvline(step, color="tab:red", alpha=0.3, lw=0.8)
         ax.set_title(title, fontsize=10)

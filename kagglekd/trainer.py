@@ -154,7 +154,7 @@ class Distiller:
             seed=cfg.seed,
         )
         if cfg.gradient_checkpointing:
-            self.student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            models.enable_gradient_checkpointing(self.student)
         self.student.train()
         self.student_vocab = self.student.get_output_embeddings().weight.shape[0]
 

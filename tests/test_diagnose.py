@@ -141,15 +141,16 @@ def test_unknown_alias_invalid_pending_and_gpu_hint():
         "num_train_epochs": 2,
         "batch_size": -3,
         "use_sar": False,
+        "cross_tokenizer": False,
         "machine_shape": "NvidiaTeslaT4",
     }
     report = diagnose(raw, gpu=None)
     unknown = _find(report, "unknown-key", "learnin_rate")[0]
     assert "learning_rate" in unknown.message and unknown.severity == "warning"
-    assert {f.field for f in _find(report, "alias")} == {"lr", "num_train_epochs"}
+    assert {f.field for f in _find(report, "alias")} == {"lr", "num_train_epochs", "use_sar"}
     assert report.config.learning_rate == 5e-4 and report.config.num_epochs == 2  # '5e-4' read as a number
     assert _find(report, "invalid-value", "batch_size")[0].severity == "error" and report.config.batch_size == 16
-    assert _find(report, "pending-key", "use_sar")
+    assert _find(report, "pending-key", "cross_tokenizer")
     assert report.gpu == "T4x2" and _find(report, "gpu-hint", "machine_shape")
 
 
@@ -310,10 +311,11 @@ def test_session_time_beyond_12_hours():
 
 
 def test_teacher_cache_size_and_incompatible_combinations():
-    big = diagnose({**SAME_TOKENIZER, "dataset_subset_size": 400_000, "teacher_cache": True, "kd_top_k": 256})
+    cache = "/kaggle/working/teacher_cache"
+    big = diagnose({**SAME_TOKENIZER, "dataset_subset_size": 400_000, "teacher_cache": cache, "kd_top_k": 256})
     assert _find(big, "teacher-cache")[0].severity == "error"
-    sar = diagnose({**SAME_TOKENIZER, "teacher_cache": True, "use_sar": True, "alpha_feature": 0.1})
-    assert {f.field for f in _find(sar, "incompatible")} == {"use_sar", "alpha_feature"}
+    sar = diagnose({**SAME_TOKENIZER, "teacher_cache": cache, "use_sar": True, "alpha_feature": 0.1})
+    assert {f.field for f in _find(sar, "incompatible")} == {"sar", "alpha_feature"}
 
 
 def test_every_finding_id_is_documented():

@@ -81,10 +81,21 @@ def test_unwritable_output_dir_is_a_clear_error(tmp_path):
     assert err.value.field == "output_dir" and "afile" in str(err.value)
 
 
-def test_model_mismatch_is_caught_at_setup(tmp_path):
+@pytest.mark.parametrize(
+    "changes, field",
+    [
+        ({"alpha_attention": 0.2, "attention_layers": 40}, "attention_layers"),
+        ({"alpha_feature": 0.2, "feature_layers": 40}, "feature_layers"),
+        ({"teacher_model": "tiny-random-dense", "sar": True}, "sar"),
+        ({"alpha_kd": 0.0, "alpha_ce": 1.0, "alpha_feature": 0.2}, "alpha_feature"),
+    ],
+)
+def test_model_mismatch_is_caught_at_setup(tmp_path, changes, field):
+    distiller = Distiller(tiny(tmp_path, **changes))
     with pytest.raises(ConfigError) as err:
-        Distiller(tiny(tmp_path, alpha_attention=0.2)).setup()
-    assert err.value.field == "alpha_attention"
+        distiller.setup()
+    assert err.value.field == field
+    assert not (tmp_path / "run" / "history.csv").exists()  # before any step
 
 
 TRAIN_SCRIPT = """
