@@ -153,3 +153,23 @@ def test_kill_9_during_checkpoint_write_then_resume_matches_uninterrupted(tmp_pa
     for column in ("loss", "lr", "kd", "ce"):
         assert (a[column] - b[column]).abs().max() < 1e-6, column
     assert (a["eval_ppl"].dropna() - b["eval_ppl"].dropna()).abs().max() < 1e-6
+
+
+def test_grad_scaler_skip_is_counted_not_hidden(tmp_path, monkeypatch):
+    """Under fp16 the GradScaler skips an overflowing step itself; the trainer must count it (CPU has no scaler,
+    so accelerate's two signals are stood in for: a scaler exists, and it reports the step as skipped)."""
+    from accelerate import Accelerator
+
+    distiller = Distiller(tiny(tmp_path, max_steps=4, save_steps=None, ema_decay=0.5)).setup()
+    monkeypatch.setattr(distiller.accelerator, "scaler", torch.amp.GradScaler("cpu", enabled=False), raising=False)
+    overflow_steps = {1, 2}
+    monkeypatch.setattr(
+        Accelerator, "optimizer_step_was_skipped", property(lambda self: distiller.state["step"] in overflow_steps)
+    )
+    ema_before = [p.detach().clone() for p in distiller.ema.module.parameters()]
+    distiller.train()
+    rows = pd.read_csv(distiller.output_dir / "history.csv")
+    assert list(rows["skipped"]) == [0, 1, 2, 2]
+    assert distiller.state["consecutive_skips"] == 0
+    # the EMA was updated on the two real steps only (it moved, so it was updated at least once)
+    assert any(not torch.equal(a, b.detach()) for a, b in zip(ema_before, distiller.ema.module.parameters()))
