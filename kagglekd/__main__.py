@@ -141,14 +141,24 @@ def cmd_cache_teacher(args) -> int:
     output = Path(args.output or Path(config.output_dir) / "teacher_cache")
     tokens = distiller.blocks.train.shape[0] * (distiller.blocks.train.shape[1] - 1)
     size = teacher_cache.estimate_cache_bytes(tokens, config.kd_top_k)
-    print(f"teacher cache: {distiller.blocks.train.shape[0]} blocks, {tokens:,} tokens, top-{config.kd_top_k} "
-          f"-> about {size / 1e9:.2f} GB in {output}")
+    print(
+        f"teacher cache: {distiller.blocks.train.shape[0]} blocks, {tokens:,} tokens, top-{config.kd_top_k} "
+        f"-> about {size / 1e9:.2f} GB in {output}"
+    )
     teacher = distiller.teacher
-    manifest = {**distiller.cache_manifest(),
-                "teacher_revision": getattr(teacher.config, "_commit_hash", None) or "local"}
+    manifest = {
+        **distiller.cache_manifest(),
+        "teacher_revision": getattr(teacher.config, "_commit_hash", None) or "local",
+    }
     path = teacher_cache.write_cache(
-        teacher, distiller.blocks.train, output, k=config.kd_top_k, temperature=config.temperature,
-        batch_size=config.batch_size, manifest=manifest, allow_over_budget=args.allow_over_budget,
+        teacher,
+        distiller.blocks.train,
+        output,
+        k=config.kd_top_k,
+        temperature=config.temperature,
+        batch_size=config.batch_size,
+        manifest=manifest,
+        allow_over_budget=args.allow_over_budget,
     )
     print(f"written: {path} (train with --set teacher_cache={path})")
     return 0

@@ -157,9 +157,7 @@ def _buckets(log_top: Tensor, log_tail: Tensor) -> Tensor:
     return torch.cat([log_top, log_tail.unsqueeze(-1)], dim=-1)
 
 
-def teacher_topk(
-    teacher_logits: Tensor, k: int, temperature: float = 1.0, chunk_size: int = 1024
-) -> TeacherTopK:
+def teacher_topk(teacher_logits: Tensor, k: int, temperature: float = 1.0, chunk_size: int = 1024) -> TeacherTopK:
     """The teacher's k most likely tokens per position, their log-probs at ``temperature``, and the tail.
 
     ``teacher_logits`` ``[..., V]`` -> ``TeacherTopK`` with ``indices`` ``[..., k]`` int64, ``logprobs``
@@ -292,9 +290,7 @@ def _check_labels(logits: Tensor, labels: Tensor, what: str) -> None:
 def _flat_rows(teacher: Teacher, vocab: int) -> Teacher:
     if isinstance(teacher, TeacherTopK):
         k = teacher.k
-        return TeacherTopK(
-            teacher.indices.reshape(-1, k), teacher.logprobs.reshape(-1, k), teacher.tail.reshape(-1)
-        )
+        return TeacherTopK(teacher.indices.reshape(-1, k), teacher.logprobs.reshape(-1, k), teacher.tail.reshape(-1))
     return teacher.reshape(-1, vocab)
 
 
@@ -312,9 +308,7 @@ def _needs_grad(*tensors: Tensor | TeacherTopK) -> bool:
     return any(t.requires_grad for t in flat)
 
 
-def _chunked_sum(
-    chunk_fn: Callable[..., Tensor], inputs: tuple, positions: Tensor, chunk_size: int
-) -> Tensor:
+def _chunked_sum(chunk_fn: Callable[..., Tensor], inputs: tuple, positions: Tensor, chunk_size: int) -> Tensor:
     """sum over chunks of ``chunk_fn(*inputs, position_chunk)`` (each a float32 scalar).
 
     Under autograd each chunk is checkpointed: only ``inputs`` (already alive) and the index chunk are kept,

@@ -203,13 +203,24 @@ class Distiller:
         """What a teacher cache must have been built for to serve this run."""
         cfg = self.config
         fingerprint = data.dataset_fingerprint(
-            source=cfg.dataset, tokenizer=self.tokenizer, max_length=cfg.max_length, eval_fraction=cfg.eval_fraction,
-            seed=cfg.split_seed, subset_size=cfg.dataset_subset_size, text_column=cfg.text_column,
-            dataset_config=cfg.dataset_config, split=cfg.dataset_split,
+            source=cfg.dataset,
+            tokenizer=self.tokenizer,
+            max_length=cfg.max_length,
+            eval_fraction=cfg.eval_fraction,
+            seed=cfg.split_seed,
+            subset_size=cfg.dataset_subset_size,
+            text_column=cfg.text_column,
+            dataset_config=cfg.dataset_config,
+            split=cfg.dataset_split,
         )
-        return {"teacher_model": cfg.teacher_model, "tokenizer_hash": data.tokenizer_fingerprint(self.tokenizer),
-                "max_length": cfg.max_length, "dataset_fingerprint": fingerprint, "k": cfg.kd_top_k,
-                "temperature": cfg.temperature}
+        return {
+            "teacher_model": cfg.teacher_model,
+            "tokenizer_hash": data.tokenizer_fingerprint(self.tokenizer),
+            "max_length": cfg.max_length,
+            "dataset_fingerprint": fingerprint,
+            "k": cfg.kd_top_k,
+            "temperature": cfg.temperature,
+        }
 
     def _setup_transfer(self) -> None:
         """MoE options, SAR, feature projections and attention layer maps; all checked before any step."""
@@ -427,16 +438,30 @@ class Distiller:
         if self.teacher is not None:
             teacher = self._teacher_forward(input_ids, labels, num_items, micro_tokens)
         elif self.teacher_cache is not None and cfg.alpha_kd > 0:
-            teacher = {"logits": self.teacher_cache.get(rows, device=self.device), "hidden": None, "maps": None,
-                       "router": None}
+            teacher = {
+                "logits": self.teacher_cache.get(rows, device=self.device),
+                "hidden": None,
+                "maps": None,
+                "router": None,
+            }
         fused_total = None
         if cfg.fused_kd:
             head = self.accelerator.unwrap_model(self.student).get_output_embeddings()
             fused_total, fused_parts = losses.fused_lm_head_kd(
-                result.hidden_states[-1], head.weight, teacher["logits"] if teacher and cfg.alpha_kd > 0 else None,
-                labels, alpha_kd=self._weight("kd"), alpha_ce=self._weight("ce"), temperature=cfg.temperature,
-                divergence=cfg.divergence, beta=cfg.jsd_beta, skew_alpha=cfg.skew_alpha, top_k=cfg.kd_top_k,
-                scale_t2=cfg.kd_scale_t2, num_items=num_items, chunk_size=cfg.loss_chunk_size,
+                result.hidden_states[-1],
+                head.weight,
+                teacher["logits"] if teacher and cfg.alpha_kd > 0 else None,
+                labels,
+                alpha_kd=self._weight("kd"),
+                alpha_ce=self._weight("ce"),
+                temperature=cfg.temperature,
+                divergence=cfg.divergence,
+                beta=cfg.jsd_beta,
+                skew_alpha=cfg.skew_alpha,
+                top_k=cfg.kd_top_k,
+                scale_t2=cfg.kd_scale_t2,
+                num_items=num_items,
+                chunk_size=cfg.loss_chunk_size,
                 lm_head_bias=head.bias,
             )
             parts.update({name: value for name, value in fused_parts.items() if self._alpha(name) > 0})

@@ -100,9 +100,7 @@ def test_full_vocab_matches_probability_reference_values_and_grads(divergence, t
     ref_student = student.detach().clone().requires_grad_()
     n = valid_count(labels)
     ref = (
-        ref_divergence(
-            valid_rows(ref_student, labels), valid_rows(teacher, labels), divergence, temperature, beta=0.3
-        )
+        ref_divergence(valid_rows(ref_student, labels), valid_rows(teacher, labels), divergence, temperature, beta=0.3)
         * temperature**2
         / n
     )
@@ -199,9 +197,7 @@ def test_golden_tiny_case_by_hand(temperature):
         tail=torch.tensor([[math.log(p[1] + p[2])]]),
     )
     top1 = p[0] * math.log(p[0] / q[0]) + (1 - p[0]) * math.log((1 - p[0]) / (1 - q[0]))
-    assert kd_loss(student, hand_made, labels, temperature=temperature).item() == pytest.approx(
-        scale * top1, rel=1e-5
-    )
+    assert kd_loss(student, hand_made, labels, temperature=temperature).item() == pytest.approx(scale * top1, rel=1e-5)
     assert kd_loss(student, teacher, labels, temperature=temperature, top_k=1).item() == pytest.approx(
         scale * top1, rel=1e-6
     )
@@ -217,9 +213,7 @@ def test_top_k_at_least_vocab_and_v_minus_one_equal_full(divergence):
     for k in (6, 50):
         assert kd_loss(student, teacher, labels, divergence=divergence, top_k=k).item() == full
     # k = V - 1: the tail bucket holds exactly one token, so the buckets are the full distribution
-    assert kd_loss(student, teacher, labels, divergence=divergence, top_k=5).item() == pytest.approx(
-        full, rel=1e-9
-    )
+    assert kd_loss(student, teacher, labels, divergence=divergence, top_k=5).item() == pytest.approx(full, rel=1e-9)
 
 
 @pytest.mark.parametrize("divergence", DIVERGENCES)

@@ -13,8 +13,16 @@ pytestmark = pytest.mark.usefixtures("use_kit_cache")
 
 
 def tiny(tmp_path, name="run", **changes) -> DistillConfig:
-    return DistillConfig.from_dict({**TINY_RUN, "output_dir": str(tmp_path / name), "max_steps": 4,
-                                    "eval_steps": 2, "weight_decay": 0.0, **changes})
+    return DistillConfig.from_dict(
+        {
+            **TINY_RUN,
+            "output_dir": str(tmp_path / name),
+            "max_steps": 4,
+            "eval_steps": 2,
+            "weight_decay": 0.0,
+            **changes,
+        }
+    )
 
 
 @pytest.mark.parametrize("top_k", [None, 16])

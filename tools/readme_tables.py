@@ -27,7 +27,8 @@ def main() -> None:
     text = README.read_text()
     for name, table in (("fields", fields_table()), ("findings", findings_table())):
         pattern = re.compile(rf"<!-- {name}:start -->.*?<!-- {name}:end -->", re.S)
-        text = pattern.sub(lambda _: f"<!-- {name}:start -->\n{table}\n<!-- {name}:end -->", text)
+        block = f"<!-- {name}:start -->\n{table}\n<!-- {name}:end -->"
+        text = pattern.sub(lambda _, block=block: block, text)
     README.write_text(text)
 
 
