@@ -8,7 +8,6 @@ PIP    := $(PY) -m pip
 
 $(VENV)/.installed: requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(PIP) install --quiet --upgrade pip
 	# The CPU build of torch lies on disk here; installing it first keeps the ranges below from pulling CUDA.
 	$(PIP) install --quiet torch==2.13.0
 	$(PIP) install --quiet -r requirements.txt
