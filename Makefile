@@ -34,3 +34,7 @@ bench: $(VENV)/.installed-test
 
 clean:
 	rm -rf $(VENV) .pytest_cache runs
+
+# Regenerate the committed kernel folder after changing the package (a test fails while it is stale).
+bundle: $(VENV)/.installed
+	$(PY) -m kagglekd bundle --owner your-kaggle-username --out kaggle_kernel

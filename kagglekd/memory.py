@@ -391,6 +391,12 @@ def plan_memory(
         chunk = min(config.loss_chunk_size, tokens)
         parts["kd_intermediates"] = chunk * 3 * student.vocab * 4  # CE only
         kd_mode = "none"
+    if config.fused_kd:
+        # lm_head + KD + CE in token chunks: no [B, T, V_s] logits or logit gradient; the fused function keeps
+        # a float32 copy of the lm_head gradient [V_s, H] and of the hidden-state gradient [B, T, H] instead.
+        parts["student_logits"] = 0
+        parts["kd_intermediates"] += student.vocab * student.hidden * 4 + tokens * student.hidden * 4
+        kd_mode = f"fused {kd_mode}"
     parts["sar_router_states"] = t_params.router * 16 if sar else 0
 
     notes = []

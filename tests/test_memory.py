@@ -277,3 +277,15 @@ def test_prediction_matches_measured_peak_on_cpu(spec):
     ratio = predicted / measured
     print(f"predicted {predicted / 2**20:.1f} MiB, measured {measured / 2**20:.1f} MiB, ratio {ratio:.2f}")
     assert 0.5 <= ratio <= 2.0
+
+
+def test_fused_kd_plans_no_student_logits():
+    from kagglekd.config import DistillConfig
+    from kagglekd.memory import plan_memory, resolve_model_config
+
+    config = DistillConfig.load("smollm2-360m-to-135m-t4x2")
+    (teacher, _), (student, _) = resolve_model_config(config.teacher_model), resolve_model_config(config.student_model)
+    fused = plan_memory(config, gpu="T4x2", teacher_cfg=teacher, student_cfg=student)
+    plain = plan_memory(config.replace(fused_kd=False), gpu="T4x2", teacher_cfg=teacher, student_cfg=student)
+    assert fused.parts["student_logits"] == 0 < plain.parts["student_logits"]
+    assert fused.total < plain.total
