@@ -620,7 +620,7 @@ class Distiller:
         stop_at = self.plan.optimizer_steps if max_steps is None else min(max_steps, self.plan.optimizer_steps)
         start = time.perf_counter()
         start_step = self.state["step"]
-        bar = tqdm(
+        bar = _progress_bar()(
             total=stop_at, initial=start_step, desc="distil", unit="step", disable=not self.is_main, dynamic_ncols=True
         )
         for window in self._windows(start_step):
@@ -1058,6 +1058,16 @@ def _match_vocab(logits: torch.Tensor, vocab: int) -> torch.Tensor:
         return logits[..., :vocab]
     pad = logits.new_full((*logits.shape[:-1], vocab - width), float("-inf"))
     return torch.cat([logits, pad], dim=-1)
+
+
+def _progress_bar():
+    """tqdm.auto draws an ipywidget in notebooks, whose state a Kaggle commit run ("Save & Run All", run type
+    Batch) does not keep; there a text bar is what survives in the saved notebook."""
+    if os.environ.get("KAGGLE_KERNEL_RUN_TYPE") == "Batch":
+        from tqdm.std import tqdm as text_tqdm
+
+        return text_tqdm
+    return tqdm
 
 
 def _median(values: list[float]) -> float:

@@ -200,3 +200,12 @@ def test_gradient_checkpointing_gives_the_same_gradients(tmp_path):
     plain, _ = _first_window_grads(tiny_config(tmp_path / "a"))
     checkpointed, _ = _first_window_grads(tiny_config(tmp_path / "b", gradient_checkpointing=True))
     assert (plain - checkpointed).norm() / plain.norm() < 1e-6
+
+
+def test_kaggle_commit_runs_use_text_progress_bars(monkeypatch):
+    from tqdm.std import tqdm as text_tqdm
+
+    from kagglekd.trainer import _progress_bar
+
+    monkeypatch.setenv("KAGGLE_KERNEL_RUN_TYPE", "Batch")
+    assert _progress_bar() is text_tqdm
