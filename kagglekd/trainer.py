@@ -454,12 +454,7 @@ class Distiller:
                 labels,
                 alpha_kd=self._weight("kd"),
                 alpha_ce=self._weight("ce"),
-                temperature=cfg.temperature,
-                divergence=cfg.divergence,
-                beta=cfg.jsd_beta,
-                skew_alpha=cfg.skew_alpha,
-                top_k=cfg.kd_top_k,
-                scale_t2=cfg.kd_scale_t2,
+                **self._kd_options(),
                 num_items=num_items,
                 chunk_size=cfg.loss_chunk_size,
                 lm_head_bias=head.bias,
@@ -473,12 +468,7 @@ class Distiller:
                     student_logits,
                     teacher["logits"],
                     labels,
-                    temperature=cfg.temperature,
-                    divergence=cfg.divergence,
-                    beta=cfg.jsd_beta,
-                    skew_alpha=cfg.skew_alpha,
-                    top_k=cfg.kd_top_k,
-                    scale_t2=cfg.kd_scale_t2,
+                    **self._kd_options(),
                     num_items=num_items,
                     chunk_size=cfg.loss_chunk_size,
                 )
@@ -510,6 +500,18 @@ class Distiller:
         if fused_total is not None:
             total = fused_total + total
         return total, {name: value.detach() for name, value in parts.items()}
+
+    def _kd_options(self) -> dict:
+        """The KD arguments every KD call of a run shares (train, fused and eval)."""
+        cfg = self.config
+        return {
+            "temperature": cfg.temperature,
+            "divergence": cfg.divergence,
+            "beta": cfg.jsd_beta,
+            "skew_alpha": cfg.skew_alpha,
+            "top_k": cfg.kd_top_k,
+            "scale_t2": cfg.kd_scale_t2,
+        }
 
     def _alpha(self, name: str) -> float:
         cfg = self.config
@@ -854,12 +856,7 @@ class Distiller:
                         logits,
                         teacher_logits,
                         labels,
-                        temperature=cfg.temperature,
-                        divergence=cfg.divergence,
-                        beta=cfg.jsd_beta,
-                        skew_alpha=cfg.skew_alpha,
-                        top_k=cfg.kd_top_k,
-                        scale_t2=cfg.kd_scale_t2,
+                        **self._kd_options(),
                         num_items=1,
                         chunk_size=cfg.loss_chunk_size,
                     )
