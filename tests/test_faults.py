@@ -173,3 +173,15 @@ def test_grad_scaler_skip_is_counted_not_hidden(tmp_path, monkeypatch):
     assert distiller.state["consecutive_skips"] == 0
     # the EMA was updated on the two real steps only (it moved, so it was updated at least once)
     assert any(not torch.equal(a, b.detach()) for a, b in zip(ema_before, distiller.ema.module.parameters()))
+
+
+def test_cli_exits_3_after_a_non_finite_storm(tmp_path, monkeypatch, capsys):
+    from kagglekd.__main__ import main
+
+    original = Distiller._teacher_logits
+    monkeypatch.setattr(Distiller, "_teacher_logits", lambda self, ids: original(self, ids) * float("nan"))
+    config = tiny(tmp_path, max_consecutive_skips=2, save_steps=None)
+    config.to_json(tmp_path / "storm.json")
+    assert main(["train", "--config", str(tmp_path / "storm.json")]) == 3
+    assert "failure_report.json" in capsys.readouterr().err
+    assert json.loads((tmp_path / "run" / "failure_report.json").read_text())["skipped_total"] == 2
