@@ -365,7 +365,8 @@ class Distiller:
     # ---- the step --------------------------------------------------------------------------------------
     def _teacher_logits(self, input_ids: torch.Tensor) -> torch.Tensor:
         """[B, T, V_teacher] logits, no grad. Extra teacher rows beyond the shared vocabulary get -inf."""
-        with torch.no_grad():
+        # Same autocast as the student: the fp16/bf16 teacher's matmuls meet fp32 parts (SAR routers) safely.
+        with torch.no_grad(), self.accelerator.autocast():
             logits = self.teacher(input_ids=input_ids).logits
         if logits.shape[-1] != self.student_vocab:
             logits = _match_vocab(logits, self.student_vocab)
@@ -384,7 +385,8 @@ class Distiller:
             return out
         grad = torch.enable_grad() if cfg.sar else torch.no_grad()
         layers = [t for _, t in self.attention_pairs]
-        with grad, moe.capture_router_logits(self.teacher, self.patterns) if cfg.sar else _nullcontext() as routed:
+        routers = moe.capture_router_logits(self.teacher, self.patterns) if cfg.sar else _nullcontext()
+        with grad, self.accelerator.autocast(), routers as routed:
             if cfg.ka_samples:
                 generator = None if cfg.teacher_gradient_checkpointing else self._ka_generator
                 out["logits"] = moe.knowledge_augmentation(
@@ -833,9 +835,9 @@ class Distiller:
         self.setup()
         if self.teacher is None:
             return float("nan")
-        return self._eval_model(self.teacher, with_teacher=False, autocast=False).ppl
+        return self._eval_model(self.teacher, with_teacher=False).ppl
 
-    def _eval_model(self, model, with_teacher: bool, autocast: bool = True) -> EvalTotals:
+    def _eval_model(self, model, with_teacher: bool) -> EvalTotals:
         cfg = self.config
         was_training = model.training
         model.eval()
@@ -843,7 +845,7 @@ class Distiller:
         rows = self.eval_blocks[self.rank :: self.world]
         for start in range(0, len(rows), cfg.batch_size):
             input_ids, labels = data.next_token_batch(rows[start : start + cfg.batch_size].to(self.device))
-            with self.accelerator.autocast() if autocast else _nullcontext():
+            with self.accelerator.autocast():
                 logits = model(input_ids=input_ids).logits
             logits = _match_vocab(logits, self.student_vocab) if logits.shape[-1] != self.student_vocab else logits
             tokens = losses.valid_count(labels)
