@@ -349,12 +349,10 @@ class DistillConfig:
             except json.JSONDecodeError:
                 value = text
             changes[ALIASES.get(key.strip(), key.strip())] = value
-        data = self.to_dict()
-        unknown = [k for k in changes if k not in data]
+        unknown = [k for k in changes if k not in self.fields()]
         if unknown:
             raise ConfigError(f"--set: unknown key '{unknown[0]}'. {_suggest(unknown[0], self.fields())}", unknown[0])
-        data.update(changes)
-        return DistillConfig.from_dict(data)
+        return self.replace(**changes)
 
 
 def preset_names() -> list[str]:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import csv
 import math
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
@@ -40,7 +40,6 @@ class EvalTotals:
     ce_sum: float = 0.0
     kd_sum: float = 0.0
     agree: int = 0
-    extra: dict = field(default_factory=dict)
 
     def add(self, tokens: int, ce_sum: float, kd_sum: float = 0.0, agree: int = 0) -> None:
         self.tokens += tokens

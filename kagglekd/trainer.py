@@ -15,6 +15,7 @@ import os
 import random
 import shutil
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -121,11 +122,11 @@ class Distiller:
         cfg = self.config
         self.tokenizer = models.load_tokenizer(cfg.tokenizer or cfg.student_model)
         vocab = len(self.tokenizer)
-        self.needs_teacher = (cfg.alpha_kd > 0 or cfg.alpha_feature > 0 or cfg.alpha_attention > 0) and (
+        needs_teacher = (cfg.alpha_kd > 0 or cfg.alpha_feature > 0 or cfg.alpha_attention > 0) and (
             cfg.teacher_cache is None  # the cache stands in for the teacher; eval then reports no KD/agreement
         )
         self.teacher = None
-        if self.needs_teacher:
+        if needs_teacher:
             teacher_tokenizer = models.load_tokenizer(cfg.teacher_tokenizer or cfg.teacher_model)
             self.vocab_relation = classify_vocab_pair(teacher_tokenizer, self.tokenizer)
             if self.vocab_relation == "different":
@@ -368,9 +369,7 @@ class Distiller:
         # Same autocast as the student: the fp16/bf16 teacher's matmuls meet fp32 parts (SAR routers) safely.
         with torch.no_grad(), self.accelerator.autocast():
             logits = self.teacher(input_ids=input_ids).logits
-        if logits.shape[-1] != self.student_vocab:
-            logits = _match_vocab(logits, self.student_vocab)
-        return logits
+        return _match_vocab(logits, self.student_vocab)
 
     def _teacher_forward(self, input_ids: torch.Tensor, labels: torch.Tensor, num_items: int, micro_tokens: int):
         """Teacher logits, hidden states, attention maps and (under SAR) the router component."""
@@ -385,7 +384,7 @@ class Distiller:
             return out
         grad = torch.enable_grad() if cfg.sar else torch.no_grad()
         layers = [t for _, t in self.attention_pairs]
-        routers = moe.capture_router_logits(self.teacher, self.patterns) if cfg.sar else _nullcontext()
+        routers = moe.capture_router_logits(self.teacher, self.patterns) if cfg.sar else nullcontext()
         with grad, self.accelerator.autocast(), routers as routed:
             if cfg.ka_samples:
                 generator = None if cfg.teacher_gradient_checkpointing else self._ka_generator
@@ -393,7 +392,7 @@ class Distiller:
                     self.teacher, input_ids, cfg.ka_samples, mode=cfg.ka_mode, generator=generator
                 )
             if want_hidden or layers or not cfg.ka_samples:
-                with moe.capture_attention(self.teacher, layers) if layers else _nullcontext() as capture:
+                with moe.capture_attention(self.teacher, layers) if layers else nullcontext() as capture:
                     result = self.teacher(input_ids=input_ids, output_hidden_states=want_hidden)
                 if "logits" not in out:
                     out["logits"] = result.logits
@@ -410,8 +409,7 @@ class Distiller:
                 )
                 # a per-micro-batch mean, weighted by its share of the window's tokens
                 out["router"] = mean * (micro_tokens / num_items)
-        if out["logits"].shape[-1] != self.student_vocab:
-            out["logits"] = _match_vocab(out["logits"], self.student_vocab)
+        out["logits"] = _match_vocab(out["logits"], self.student_vocab)
         return out
 
     def _loss_step(
@@ -431,7 +429,7 @@ class Distiller:
             with (
                 moe.capture_attention(self.accelerator.unwrap_model(self.student), layers)
                 if layers
-                else _nullcontext() as capture
+                else nullcontext() as capture
             ):
                 result = self.student(input_ids=input_ids, **forward)
             student_logits = result.logits
@@ -552,7 +550,7 @@ class Distiller:
         loss_sum = 0.0
         for index, micro_batch in enumerate(window.micro_batches):
             last = index == len(window.micro_batches) - 1
-            context = self.accelerator.no_sync(self.student) if not last else _nullcontext()
+            context = self.accelerator.no_sync(self.student) if not last else nullcontext()
             with context:
                 rows = window.micro_rows[index] if window.micro_rows else None
                 loss, parts = self._loss_step(micro_batch, num_items, rows)
@@ -797,7 +795,7 @@ class Distiller:
                 if self.router_params:
                     self.save_teacher_routers(self.output_dir / "teacher_routers")
         rows = self.history.rows
-        tokens = sum(r["tokens"] for r in rows[-max(1, self.state["step"]) :])
+        tokens = sum(r["tokens"] for r in rows)
         summary = {
             "optimizer_steps": self.state["step"],
             "planned_steps": self.plan.optimizer_steps,
@@ -819,7 +817,6 @@ class Distiller:
     def evaluate(self, model: torch.nn.Module | None = None, with_ema: bool = True) -> dict:
         """Perplexity, KD loss and top-1 agreement of ``model`` (default: the student now training)."""
         self.setup()
-        cfg = self.config
         model = model or self.accelerator.unwrap_model(self.student)
         totals = self._eval_model(model, with_teacher=self.teacher is not None)
         out = {"ppl": totals.ppl, "tokens": totals.tokens}
@@ -827,7 +824,6 @@ class Distiller:
             out.update(kd=totals.kd, top1_agreement=totals.top1_agreement)
         if with_ema and self.ema is not None:
             out["ppl_ema"] = self._eval_model(self.ema.module, with_teacher=False).ppl
-        del cfg
         return out
 
     @torch.no_grad()
@@ -847,7 +843,7 @@ class Distiller:
             input_ids, labels = data.next_token_batch(rows[start : start + cfg.batch_size].to(self.device))
             with self.accelerator.autocast():
                 logits = model(input_ids=input_ids).logits
-            logits = _match_vocab(logits, self.student_vocab) if logits.shape[-1] != self.student_vocab else logits
+            logits = _match_vocab(logits, self.student_vocab)
             tokens = losses.valid_count(labels)
             ce_sum = float(losses.ce_loss(logits, labels, num_items=1, chunk_size=cfg.loss_chunk_size))
             kd_sum, agree = 0.0, 0
@@ -1053,6 +1049,8 @@ def _match_vocab(logits: torch.Tensor, vocab: int) -> torch.Tensor:
     (probability 0), never with zeros (which would be probability mass on tokens that do not exist).
     """
     width = logits.shape[-1]
+    if width == vocab:
+        return logits
     if width > vocab:
         return logits[..., :vocab]
     pad = logits.new_full((*logits.shape[:-1], vocab - width), float("-inf"))
@@ -1088,11 +1086,3 @@ def _json_default(value):
     if isinstance(value, tuple):
         return list(value)
     return str(value)
-
-
-class _nullcontext:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False

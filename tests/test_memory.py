@@ -8,7 +8,7 @@ import subprocess
 import sys
 
 import pytest
-from transformers import LlamaConfig, Qwen3MoeConfig
+from transformers import AutoConfig, LlamaConfig
 
 from kagglekd.config import DistillConfig
 from kagglekd.memory import (
@@ -23,6 +23,7 @@ from kagglekd.memory import (
     plan_memory,
     resolve_model_config,
 )
+from kagglekd.models import tiny_dense_config, tiny_moe_config
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -145,7 +146,7 @@ def test_gpu_profiles():
 MEASURE = r"""
 import json, sys
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig, Qwen3MoeConfig
+from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, Qwen3MoeConfig
 from kagglekd import losses
 
 def rss(key):
@@ -155,7 +156,7 @@ def rss(key):
 
 spec = json.loads(sys.argv[1])
 torch.manual_seed(0)
-teacher_cfg, student_cfg = Qwen3MoeConfig(**spec["teacher"]), LlamaConfig(**spec["student"])
+teacher_cfg, student_cfg = AutoConfig.for_model(**spec["teacher"]), AutoConfig.for_model(**spec["student"])
 batch, length, chunk = spec["batch"], spec["length"], spec["chunk"]
 ids = torch.randint(0, spec["student"]["vocab_size"], (batch, length + 1))
 # Warm up: import the modeling code and initialise the CPU kernels (fixed costs, not part of a step).
@@ -182,38 +183,17 @@ optimizer.step()
 print(json.dumps({"measured": rss("VmHWM") - baseline}))
 """
 
+# The demo's own shapes (kagglekd.models owns them), as JSON for the measuring subprocess.
 TINY = {
-    "teacher": dict(
-        vocab_size=4096,
-        hidden_size=256,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=64,
-        intermediate_size=512,
-        moe_intermediate_size=256,
-        num_experts=4,
-        num_experts_per_tok=2,
-        max_position_embeddings=512,
-        tie_word_embeddings=False,
-    ),
-    "student": dict(
-        vocab_size=4096,
-        hidden_size=96,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=24,
-        intermediate_size=192,
-        max_position_embeddings=512,
-        tie_word_embeddings=True,
-    ),
+    "teacher": tiny_moe_config(4096).to_dict(),
+    "student": tiny_dense_config(4096).to_dict(),
     "batch": 8,
     "length": 128,
     "chunk": 1024,
 }
 MID = {
     "teacher": dict(
+        model_type="qwen3_moe",
         vocab_size=16384,
         hidden_size=384,
         num_hidden_layers=6,
@@ -228,6 +208,7 @@ MID = {
         tie_word_embeddings=False,
     ),
     "student": dict(
+        model_type="llama",
         vocab_size=16384,
         hidden_size=256,
         num_hidden_layers=6,
@@ -264,7 +245,10 @@ def measure_and_predict(spec: dict) -> tuple[int, int]:
         use_amp=False,
     )
     plan = plan_memory(
-        config, gpu="cpu", teacher_cfg=Qwen3MoeConfig(**spec["teacher"]), student_cfg=LlamaConfig(**spec["student"])
+        config,
+        gpu="cpu",
+        teacher_cfg=AutoConfig.for_model(**spec["teacher"]),
+        student_cfg=AutoConfig.for_model(**spec["student"]),
     )
     return measured, plan.total
 
