@@ -146,6 +146,19 @@ class DistillConfig:
     skew_alpha: float = _f(0.1, "Alpha of the skew KL divergences.", min=0.0, max=1.0)
     kd_top_k: int | None = _f(None, "KD against the teacher's top-k tokens plus a tail bucket (None = full).", min=1)
     kd_scale_t2: bool = _f(True, "Multiply the KD loss by T^2 (keeps gradient scale across temperatures).")
+    cross_tokenizer: bool = _f(
+        False,
+        "Distil across different vocabularies: the teacher reads the same text in its own tokens, positions are "
+        "aligned by character offsets and its distribution is mapped onto the student's vocabulary by exact token "
+        "strings (the rest goes to a tail bucket). Needed when teacher and student tokenizers differ.",
+    )
+    cross_tokenizer_loss: str = _f(
+        "exact",
+        "Cross-tokenizer KD target: exact = the teacher's distribution mapped through exact token-string matches "
+        "(plus a tail bucket); uld = Universal Logit Distillation, an L1 distance between both sides' sorted "
+        "probability vectors (no token matching; for pairs that share few tokens).",
+        choices=("exact", "uld"),
+    )
     alpha_feature: float = _f(
         0.0, "Weight of the hidden-state (feature) loss; needs the MoE/feature-transfer support to be > 0.", min=0.0
     )
@@ -205,6 +218,14 @@ class DistillConfig:
         None,
         "Directory of offline teacher top-k targets written by `python -m kagglekd cache-teacher`; training reads "
         "it instead of running the teacher (needs kd_top_k equal to the cache's k).",
+    )
+    strategy: str = _f(
+        "auto",
+        "Placement over GPUs: single (one device), ddp (data parallel, one process per GPU; launch with accelerate "
+        "launch or from a notebook with kagglekd.launch.notebook_launch), split (one process, teacher on cuda:1 and "
+        "student on cuda:0, for pairs that do not fit twice), or auto (ddp when launched over several processes, "
+        "else split when 2 GPUs are visible and a teacher runs live, else single).",
+        choices=("auto", "single", "ddp", "split"),
     )
     loss_chunk_size: int = _f(1024, "Token positions per chunk in the loss (bounds float32 vocab copies).", min=1)
 

@@ -108,7 +108,6 @@ STEP_KEYS = (
 GPU_KEYS = ("gpu", "device", "machine", "machine_shape", "accelerator", "gpu_type", "hardware")
 # Keys of later issues: understood here, passed through when DistillConfig has them.
 PENDING_KEYS = {
-    "cross_tokenizer": "cross-tokenizer distillation (offset-aligned, kagglekd.alignment) -- its own issue",
     "bf16": "precision is chosen by the kit from the GPU (use_amp); bf16 is never forced",
 }
 EXTRA_ALIASES = {
@@ -542,8 +541,8 @@ def _check_tokenizers(ctx: _Context) -> None:
             f"teacher {cfg.teacher_model} ({fams['teacher']} tokenizer) and student {cfg.student_model} "
             f"({fams['student']} tokenizer) use different vocabularies{vocab}: token id i is a different token "
             "on each side, so logit KD (or truncating the wider logits) trains the student on noise.",
-            "set cross_tokenizer: true (offset-aligned cross-tokenizer distillation; the key is added to "
-            "DistillConfig by the cross-tokenizer issue), or pick a teacher/student pair sharing a tokenizer "
+            "set cross_tokenizer: true (offset-aligned cross-tokenizer distillation), or pick a "
+            "teacher/student pair sharing a tokenizer "
             "(e.g. HuggingFaceTB/SmolLM2-360M -> SmolLM2-135M).",
         )
     elif cfg.alpha_kd > 0:
@@ -1180,7 +1179,7 @@ def fix_config(report: Report) -> dict:
                 "cross_tokenizer",
                 True,
                 "teacher and student vocabularies differ; logit KD needs offset-aligned "
-                "cross-tokenizer distillation (the key arrives with the cross-tokenizer issue)",
+                "cross-tokenizer distillation",
             )
         elif f.id == "loss-prerequisite":
             change(f.field, 0.0, f.message)
@@ -1222,7 +1221,7 @@ def fix_config(report: Report) -> dict:
     _fix_memory_and_saves(report, out, change)
     if report.gpu != "T4x2" and any(f.id == "device" and f.severity == "error" for f in report.findings):
         pass  # the GPU is not a config key; see _unfixable
-    out = {k: v for k, v in out.items() if not (k in PENDING_KEYS and k != "cross_tokenizer" and not v)}
+    out = {k: v for k, v in out.items() if not (k in PENDING_KEYS and not v)}
     return {"_fixes": fixes, "_unfixable": unfixable, **out}
 
 

@@ -80,10 +80,10 @@ def test_must_show_fix_then_rediagnose_on_t4x2_exits_0(tmp_path, capsys):
     # Same GPU as before: only the error no config change can fix remains.
     code, out = _run_json(capsys, "--config", str(fixed_path), "--gpu", "P100")
     assert code == 1 and {f["id"] for f in out["findings"] if f["severity"] == "error"} == {"device"}
-    # the fixed config's kit keys (minus the pending cross_tokenizer key) load as a DistillConfig
+    # the fixed config loads as a DistillConfig, cross_tokenizer on
     from kagglekd.config import DistillConfig
 
-    DistillConfig.from_dict({k: v for k, v in fixed.items() if k != "cross_tokenizer"})
+    assert DistillConfig.from_dict(fixed).cross_tokenizer is True
 
 
 def test_must_show_via_python_m_kagglekd(tmp_path):
@@ -141,16 +141,16 @@ def test_unknown_alias_invalid_pending_and_gpu_hint():
         "num_train_epochs": 2,
         "batch_size": -3,
         "use_sar": False,
-        "cross_tokenizer": False,
+        "use_cross_tokenizer": False,
         "machine_shape": "NvidiaTeslaT4",
     }
     report = diagnose(raw, gpu=None)
     unknown = _find(report, "unknown-key", "learnin_rate")[0]
     assert "learning_rate" in unknown.message and unknown.severity == "warning"
-    assert {f.field for f in _find(report, "alias")} == {"lr", "num_train_epochs", "use_sar"}
+    assert {f.field for f in _find(report, "alias")} == {"lr", "num_train_epochs", "use_sar", "use_cross_tokenizer"}
     assert report.config.learning_rate == 5e-4 and report.config.num_epochs == 2  # '5e-4' read as a number
     assert _find(report, "invalid-value", "batch_size")[0].severity == "error" and report.config.batch_size == 16
-    assert _find(report, "pending-key", "cross_tokenizer")
+    assert report.config.cross_tokenizer is False
     assert report.gpu == "T4x2" and _find(report, "gpu-hint", "machine_shape")
 
 
