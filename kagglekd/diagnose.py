@@ -16,7 +16,9 @@ Every finding is ``{id, severity, field, message, fix}``; the ids are stable and
 
 Time estimates are estimates. Without a dry run: training FLOPs per token (6 x active student params +
 2 x active teacher params + attention, see ``memory.flops_per_token``) over the GPU's fp16/bf16 peak times an
-assumed model-FLOPs utilisation of 20 % (small models on T4s rarely do better), x 0.9 per extra DDP GPU.
+assumed model-FLOPs utilisation of 20 % (small models on T4s rarely do better), times the strategy's speed-up
+(``memory.choose_strategy``: ddp 1 + 0.9 per extra GPU, split and single 1). Under ddp an optimizer step holds
+every process's micro-batches, so its tokens (and seconds) are multiplied by the process count.
 With ``--dry-run N``: N real optimizer steps of ``Distiller`` run on the configured models when they are tiny
 presets or local directories, else on tiny stand-ins of the same family. Tokens/s measured on the configured
 models on the target device are used as they are; on stand-ins they are scaled by the FLOPs-per-token
@@ -47,12 +49,13 @@ from kagglekd.memory import (
     TINY_PRESETS,
     GpuProfile,
     MemoryPlan,
+    StrategyChoice,
+    choose_strategy,
     flops_per_token,
     format_bytes,
     gpu_profile,
     largest_fitting,
     load_card,
-    plan_memory,
     resolve_model_config,
 )
 
@@ -88,6 +91,7 @@ FINDINGS: dict[str, str] = {
     "model-unknown": "A model id with no model card and no local config.json; memory/time cannot be planned.",
     "max-length": "max_length beyond a model's max_position_embeddings.",
     "memory": "Predicted peak memory per GPU against capacity (fits < 85 % <= tight <= 100 % < OOM).",
+    "strategy": "How the run uses the GPUs (single, ddp, split) and why, in memory numbers; a requested one checked.",
     "session-time": "Projected run time against Kaggle's 12 h session.",
     "teacher-cache": "Teacher top-k cache size against Kaggle's 20 GB output limit.",
     "incompatible": "A combination the kit cannot run (SAR or feature/attention transfer with a teacher cache).",
@@ -123,7 +127,6 @@ EXTRA_ALIASES = {
 KAGGLE_SESSION_H = 12.0
 KAGGLE_OUTPUT_BYTES = 20e9
 MFU = 0.20
-DDP_EFFICIENCY = 0.9
 AT_RISK_S = 30 * 60
 DEMO_FAMILY = "kagglekd-demo"
 
@@ -159,6 +162,7 @@ class Report:
     schedule: Any = None  # SchedulePlan, for plots
     memory_plan: MemoryPlan | None = None
     history: list[dict] = field(default_factory=list)  # dry-run rows
+    strategy: dict = field(default_factory=dict)  # StrategyChoice.to_dict() of the memory plan's profile
 
     @property
     def errors(self) -> list[Finding]:
@@ -177,6 +181,7 @@ class Report:
             "findings": [f.to_dict() for f in self.findings],
             "plan": self.plan,
             "memory": self.memory,
+            "strategy": self.strategy,
             "time": self.time,
         }
 
@@ -193,6 +198,9 @@ class Report:
             lines.append(f"  memory: {self.memory_plan.summary()}")
             parts = ", ".join(f"{k} {format_bytes(v)}" for k, v in self.memory_plan.parts.items() if v)
             lines.append(f"          {parts}")
+        if self.strategy:
+            s = self.strategy
+            lines.append(f"  strategy: {s['strategy']}, {s['processes']} process(es), ~{s['speedup']:.1f}x")
         if self.time:
             t = self.time
             lines.append(
@@ -419,6 +427,7 @@ class _Context:
         self.plan = None
         self.teacher_cfg = self.student_cfg = None
         self.memory_plan: MemoryPlan | None = None
+        self.strategy: StrategyChoice | None = None
         self.time: dict = {}
         self.cross = bool(_setting(parsed, "cross_tokenizer"))
         self.tokenizers_differ = False
@@ -822,29 +831,27 @@ def _check_memory(ctx: _Context) -> None:
     cfg = ctx.config
     sar = bool(_setting(ctx.parsed, "sar"))
     checkpointing = bool(_setting(ctx.parsed, "gradient_checkpointing"))
-    ctx.memory_plan = plan = plan_memory(
-        cfg,
+    models = dict(
         gpu=ctx.profile,
         teacher_cfg=ctx.teacher_cfg,
         student_cfg=ctx.student_cfg,
         gradient_checkpointing=checkpointing,
         sar=sar,
     )
-    best = largest_fitting(
-        cfg,
-        gpu=ctx.profile,
-        teacher_cfg=ctx.teacher_cfg,
-        student_cfg=ctx.student_cfg,
-        gradient_checkpointing=checkpointing,
-        sar=sar,
-    )
+    ctx.strategy = choice = choose_strategy(cfg, **models)
+    ctx.memory_plan = plan = choice.worst  # the fullest GPU of the chosen strategy
+    best = largest_fitting(cfg, strategy=choice.strategy, **models)
     plan.notes.append(
         f"largest fitting (< 85 %): batch_size {best['batch_size']} at max_length {cfg.max_length}, "
         f"max_length {best['max_length']} at batch_size {cfg.batch_size}"
     )
     top = sorted(plan.parts.items(), key=lambda kv: -kv[1])[:3]
     biggest = ", ".join(f"{k} {format_bytes(v)}" for k, v in top)
-    per = " per GPU (DDP: each GPU holds both models)" if ctx.profile.devices > 1 else ""
+    if choice.strategy == "split":
+        student, teacher = choice.plans["student"], choice.plans["teacher"]
+        per = f" (strategy split: student GPU {format_bytes(student.total)}, teacher GPU {format_bytes(teacher.total)})"
+    else:
+        per = " per GPU (ddp: each GPU holds both models)" if choice.strategy == "ddp" else ""
     message = f"predicted peak {plan.summary()}{per}; largest parts: {biggest}."
     if plan.verdict == "fits":
         ctx.add("memory", "info", "batch_size", message)
@@ -859,6 +866,24 @@ def _check_memory(ctx: _Context) -> None:
     if cfg.alpha_kd > 0 and not cfg.kd_top_k:
         fix += "; kd_top_k 256 shrinks the KD intermediates"
     ctx.add("memory", "error" if plan.verdict == "OOM" else "warning", "batch_size", message, fix + ".")
+
+
+def _check_strategy(ctx: _Context) -> None:
+    choice = ctx.strategy
+    if choice is None:
+        return
+    message = f"{choice.strategy} with {choice.processes} process(es): {choice.reason}."
+    n = choice.processes
+    if choice.strategy == "ddp":
+        message += (
+            f" batch_size is per process: an optimizer step takes {n} x batch_size x gradient_accumulation_steps "
+            f"blocks, so an epoch has 1/{n} of the optimizer steps planned for one process. Launch: `accelerate "
+            f"launch --multi_gpu --num_processes {n} -m kagglekd train --config ...`, or kagglekd.launch from a "
+            "notebook."
+        )
+    if choice.problem:
+        message = f"{choice.problem} {message}"
+    ctx.add("strategy", choice.severity, "strategy", message, choice.fix)
 
 
 def _check_extras(ctx: _Context) -> None:
@@ -914,13 +939,14 @@ def plan_time(ctx: _Context, dry: dict | None = None) -> dict:
     if plan is None or ctx.teacher_cfg is None or ctx.student_cfg is None:
         return {}
     target_flops = flops_per_token(ctx.teacher_cfg, ctx.student_cfg, cfg.max_length)
-    devices = p.devices
-    scaling = 1 + (devices - 1) * DDP_EFFICIENCY
+    choice = ctx.strategy
+    scaling = choice.speedup if choice is not None else 1.0
+    processes = choice.processes if choice is not None else 1
     estimate = p.peak_flops * (MFU if p.name != "cpu" else 0.3) * scaling / target_flops
     tokens_per_s, source = (
         estimate,
         f"FLOP estimate ({MFU:.0%} MFU of {p.peak_flops / 1e12:g} TFLOPS"
-        + (f" x {scaling:g} GPUs)" if devices > 1 else ")"),
+        + (f" x {scaling:g} for {choice.strategy} on {processes} GPUs)" if processes > 1 else ")"),
     )
     measured = None
     if dry and dry.get("tokens_per_s"):
@@ -933,7 +959,7 @@ def plan_time(ctx: _Context, dry: dict | None = None) -> dict:
             tokens_per_s, source = measured * scaling, "dry run on the configured models"
         else:
             source += f"; the dry run ran on {dry['device']} and cannot time {p.name}"
-    tokens_per_step = cfg.batch_size * cfg.gradient_accumulation_steps * cfg.max_length
+    tokens_per_step = cfg.batch_size * cfg.gradient_accumulation_steps * cfg.max_length * processes
     epoch_tokens = plan.batches_per_epoch * cfg.batch_size * cfg.max_length
     run_tokens = min(plan.optimizer_steps * tokens_per_step, math.ceil(epoch_tokens * plan.epochs))
     step_s = tokens_per_step / tokens_per_s
@@ -1088,6 +1114,7 @@ def diagnose(
     _check_models(ctx)
     _check_tokenizers(ctx)
     _check_memory(ctx)
+    _check_strategy(ctx)
     _check_losses(ctx)
     dry: dict | None = None
     if dry_run > 0:
@@ -1140,6 +1167,7 @@ def diagnose(
         ctx.plan,
         ctx.memory_plan,
         dry["history"] if dry else [],
+        ctx.strategy.to_dict() if ctx.strategy is not None else {},
     )
 
 
@@ -1178,8 +1206,7 @@ def fix_config(report: Report) -> dict:
             change(
                 "cross_tokenizer",
                 True,
-                "teacher and student vocabularies differ; logit KD needs offset-aligned "
-                "cross-tokenizer distillation",
+                "teacher and student vocabularies differ; logit KD needs offset-aligned cross-tokenizer distillation",
             )
         elif f.id == "loss-prerequisite":
             change(f.field, 0.0, f.message)
@@ -1208,6 +1235,8 @@ def fix_config(report: Report) -> dict:
         elif f.id == "max-length":
             limit = int(f.fix.rsplit(" ", 1)[-1].rstrip("."))
             change("max_length", limit, f.message)
+        elif f.id == "strategy" and f.severity == "error" and report.strategy.get("best"):
+            change("strategy", report.strategy["best"], f.message)
         elif f.id == "incompatible" and f.field == "sar":
             change("sar", False, f.message)
         elif f.id == "config-conflict" and f.severity == "error":
@@ -1238,7 +1267,8 @@ def _fix_memory_and_saves(report: Report, out: dict, change) -> None:
             if fixed.alpha_kd > 0 and not fixed.kd_top_k:
                 change("kd_top_k", 256, "top-256 teacher targets shrink the KD intermediates and speed up KD")
                 fixed = fixed.replace(kd_top_k=256)
-            best = largest_fitting(fixed, gpu=profile, teacher_cfg=t_cfg, student_cfg=s_cfg)
+            strategy = report.strategy.get("strategy", "single") if profile.name == report.gpu else "single"
+            best = largest_fitting(fixed, gpu=profile, teacher_cfg=t_cfg, student_cfg=s_cfg, strategy=strategy)
             if 0 < best["batch_size"] < fixed.batch_size:
                 effective = fixed.batch_size * fixed.gradient_accumulation_steps
                 change("batch_size", best["batch_size"], f"largest batch under 85 % of {profile.name} memory")

@@ -31,6 +31,12 @@ kd_intermediates       per loss chunk of ``min(loss_chunk_size, B*T)`` tokens: s
 sar_router_states      SAR: teacher router weights' grads + AdamW states + fp32 master copy.
 =====================  ==================================================================================
 
+Placement (``strategy``): under ``single`` and ``ddp`` one GPU holds everything above (DDP keeps a whole copy of
+both models and a whole micro-batch per process). Under ``split`` the student GPU (cuda:0) holds the student's
+parts, the KD intermediates and a copy of the teacher's logits moved over from the teacher GPU (cuda:1), which
+holds the teacher's weights and activations and two micro-batches of its logits (the one being consumed and the
+prefetched next one). ``choose_strategy`` compares these placements on a profile with several GPUs.
+
 Verdict: ``fits`` below 85 % of the GPU's usable capacity, ``tight`` from 85 % (allocator fragmentation and
 the transient peaks this model does not see can tip it over), ``OOM`` above 100 %.
 
@@ -58,6 +64,11 @@ from kagglekd.config import PRESETS_DIR, DistillConfig
 
 GiB = 1024**3
 TIGHT_FRACTION = 0.85
+# Throughput of each extra data-parallel GPU relative to the first (gradient all-reduce, stragglers): an assumption
+# for time estimates, not a measurement.
+DDP_EFFICIENCY = 0.9
+PLACEMENTS = ("both", "student", "teacher")
+TEACHER_PARTS = ("teacher_weights", "teacher_activations", "sar_router_states")
 CUDA_OVERHEAD_BYTES = int(0.4 * GiB)
 CPU_OVERHEAD_BYTES = int(0.125 * GiB)
 
@@ -284,6 +295,7 @@ class MemoryPlan:
     gradient_checkpointing: bool
     kd_mode: str  # "full", "chunked" or "top-k"
     notes: list[str] = field(default_factory=list)
+    placement: str = "both"  # both models on this device, or (strategy split) its "student" or "teacher" GPU
 
     @property
     def total(self) -> int:
@@ -300,8 +312,9 @@ class MemoryPlan:
         return "tight" if self.fraction >= TIGHT_FRACTION else "fits"
 
     def summary(self) -> str:
+        where = "per device" if self.placement == "both" else f"on the {self.placement} GPU"
         return (
-            f"{self.total / GiB:.2f} GiB of {self.capacity / GiB:.1f} GiB per device on {self.gpu} "
+            f"{self.total / GiB:.2f} GiB of {self.capacity / GiB:.1f} GiB {where} on {self.gpu} "
             f"({self.fraction:.0%}, {self.verdict}) at batch_size {self.batch_size}, max_length {self.max_length}"
         )
 
@@ -317,6 +330,7 @@ class MemoryPlan:
             "max_length": self.max_length,
             "gradient_checkpointing": self.gradient_checkpointing,
             "kd_mode": self.kd_mode,
+            "placement": self.placement,
             "notes": list(self.notes),
         }
 
@@ -331,12 +345,16 @@ def plan_memory(
     sar: bool = False,
     batch_size: int | None = None,
     max_length: int | None = None,
+    placement: str = "both",
 ) -> MemoryPlan:
     """Predicted peak bytes per device of one training step of ``config`` on ``gpu``.
 
     ``teacher_cfg``/``student_cfg`` are transformers configs (see ``resolve_model_config``). ``batch_size`` and
-    ``max_length`` override the config's (used by ``largest_fitting``).
+    ``max_length`` override the config's (used by ``largest_fitting``). ``placement``: ``both`` (one device holds
+    both models: strategies single and ddp) or, under strategy split, the ``student`` or the ``teacher`` GPU.
     """
+    if placement not in PLACEMENTS:
+        raise ValueError(f"placement {placement!r}: one of {', '.join(PLACEMENTS)}")
     profile = gpu if isinstance(gpu, GpuProfile) else gpu_profile(gpu)
     on_gpu = profile.name != "cpu"
     amp = on_gpu and config.use_amp
@@ -364,12 +382,9 @@ def plan_memory(
         parts["student_activations"] = tokens * (student.layers * per_layer + edges)
 
     attention = config.alpha_attention > 0
-    parts["attention_maps"] = (
-        batch * length * length * b * (student.layers * student.heads)
-        + batch * length * length * bt * (teacher.layers * teacher.heads)
-        if attention
-        else 0
-    )
+    student_maps = batch * length * length * b * (student.layers * student.heads) if attention else 0
+    teacher_maps = batch * length * length * bt * (teacher.layers * teacher.heads) if attention else 0
+    parts["attention_maps"] = student_maps + teacher_maps
 
     if sar:
         teacher_act = tokens * teacher.layers * teacher.saved_bytes_per_token_layer(bt)
@@ -398,6 +413,15 @@ def plan_memory(
         parts["kd_intermediates"] += student.vocab * student.hidden * 4 + tokens * student.hidden * 4
         kd_mode = f"fused {kd_mode}"
     parts["sar_router_states"] = t_params.router * 16 if sar else 0
+    if placement == "student":
+        for name in TEACHER_PARTS:
+            parts[name] = 0
+        parts["attention_maps"] = student_maps  # teacher_logits stays: the copy moved over to this GPU
+    elif placement == "teacher":
+        parts = {name: (value if name in ("runtime_overhead", *TEACHER_PARTS) else 0) for name, value in parts.items()}
+        parts["attention_maps"] = teacher_maps
+        # the micro-batch being consumed and the prefetched next one
+        parts["teacher_logits"] = 2 * (tokens * teacher.vocab * bt if config.alpha_kd > 0 else 0)
 
     notes = []
     if attention:
@@ -405,7 +429,7 @@ def plan_memory(
     if not profile.supported:
         notes.append(f"{profile.name} is not supported by the current Kaggle PyTorch (no sm_60 kernels)")
     return MemoryPlan(
-        profile.name, parts, profile.capacity_bytes, batch, length, gradient_checkpointing, kd_mode, notes
+        profile.name, parts, profile.capacity_bytes, batch, length, gradient_checkpointing, kd_mode, notes, placement
     )
 
 
@@ -418,9 +442,11 @@ def largest_fitting(
     gradient_checkpointing: bool = False,
     sar: bool = False,
     limit: float = TIGHT_FRACTION,
+    strategy: str = "single",
 ) -> dict[str, int]:
     """Largest ``batch_size`` (at the config's max_length) and ``max_length`` (at its batch size) whose plan
-    stays below ``limit`` of capacity (default: the 'fits' verdict). 0 when nothing fits."""
+    stays below ``limit`` of capacity (default: the 'fits' verdict) on every GPU of ``strategy``. 0 when nothing
+    fits."""
     kw: dict[str, Any] = dict(
         gpu=gpu,
         teacher_cfg=teacher_cfg,
@@ -428,12 +454,13 @@ def largest_fitting(
         gradient_checkpointing=gradient_checkpointing,
         sar=sar,
     )
+    placements = ("student", "teacher") if strategy == "split" else ("both",)
 
     def ok_batch(value: int) -> bool:
-        return plan_memory(config, batch_size=value, **kw).fraction < limit
+        return all(plan_memory(config, batch_size=value, placement=p, **kw).fraction < limit for p in placements)
 
     def ok_length(value: int) -> bool:
-        return plan_memory(config, max_length=value, **kw).fraction < limit
+        return all(plan_memory(config, max_length=value, placement=p, **kw).fraction < limit for p in placements)
 
     positions = Shape.of(student_cfg).max_positions or 1 << 20
     teacher_positions = Shape.of(teacher_cfg).max_positions or 1 << 20
@@ -470,3 +497,185 @@ def flops_per_token(teacher_cfg, student_cfg, max_length: int) -> float:
     s_active, t_active = count_parameters(student_cfg).active, count_parameters(teacher_cfg).active
     attention = 12 * s.layers * s.heads * s.head_dim * max_length + 4 * t.layers * t.heads * t.head_dim * max_length
     return 6 * s_active + 2 * t_active + attention
+
+
+# ---- strategy: how a run uses the GPUs of a profile ------------------------------------------------------
+STRATEGIES = ("single", "ddp", "split")
+_VERDICT_RANK = {"fits": 0, "tight": 1, "OOM": 2}
+
+
+@dataclass
+class StrategyChoice:
+    """How a run uses the GPUs of a profile (see ``choose_strategy``), with the memory numbers that decided it."""
+
+    strategy: str  # single | ddp | split
+    processes: int  # processes to launch: one per GPU under ddp, else 1
+    speedup: float  # expected tokens/s relative to one GPU (ddp: 1 + (N-1) x DDP_EFFICIENCY; split counted as 1)
+    plans: dict[str, MemoryPlan]  # per GPU role: {"gpu": plan} (single, ddp) or {"student": ..., "teacher": ...}
+    reason: str
+    alternatives: dict[str, str]  # every other strategy of this profile -> what it would give
+    requested: str = "auto"  # the config's strategy
+    severity: str = "info"  # warning: a requested strategy is slower than one that fits; error: it cannot run/fit
+    problem: str | None = None
+    fix: str | None = None
+    fallback: str = "single"  # the best strategy for one process (a notebook that cannot launch several)
+    best: str = ""  # what auto would choose (the fix when a requested strategy is an error)
+
+    @property
+    def worst(self) -> MemoryPlan:
+        """The plan of the fullest GPU under this strategy."""
+        return max(self.plans.values(), key=lambda plan: plan.fraction)
+
+    @property
+    def verdict(self) -> str:
+        return self.worst.verdict
+
+    def to_dict(self) -> dict:
+        return {
+            "strategy": self.strategy,
+            "processes": self.processes,
+            "speedup": self.speedup,
+            "verdict": self.verdict,
+            "requested": self.requested,
+            "reason": self.reason,
+            "alternatives": dict(self.alternatives),
+            "problem": self.problem,
+            "fix": self.fix,
+            "fallback": self.fallback,
+            "best": self.best,
+            "devices": {role: plan.to_dict() for role, plan in self.plans.items()},
+        }
+
+
+def live_teacher(config: DistillConfig) -> bool:
+    """Whether a run loads and runs the teacher (the trainer's rule): a teacher cache or a CE-only run does not."""
+    transfers = config.alpha_kd > 0 or config.alpha_feature > 0 or config.alpha_attention > 0
+    return transfers and config.teacher_cache is None
+
+
+def _teacher_student_split(plan: MemoryPlan) -> tuple[int, int]:
+    """(teacher bytes, student bytes) of a one-device plan; the runtime overhead counts on neither side."""
+    teacher = sum(plan.parts.get(name, 0) for name in (*TEACHER_PARTS, "teacher_logits"))
+    return teacher, plan.total - teacher - plan.parts.get("runtime_overhead", 0)
+
+
+def _describe(name: str, plans: dict[str, MemoryPlan], speed: float, devices: int, device: str) -> str:
+    if name == "split":
+        s, t = plans["student"], plans["teacher"]
+        return (
+            f"split: student GPU {format_bytes(s.total)} ({s.fraction:.0%}, {s.verdict}), teacher GPU "
+            f"{format_bytes(t.total)} ({t.fraction:.0%}, {t.verdict}) of {format_bytes(s.capacity)} each; one "
+            "process, ~1x tokens/s (the teacher's prefetch overlaps the student's backward at best)"
+        )
+    plan = plans["gpu"]
+    teacher, student = _teacher_student_split(plan)
+    runtime = plan.total - teacher - student
+    sizes = (
+        f"teacher {format_bytes(teacher)} + student {format_bytes(student)} (+ {format_bytes(runtime)} runtime) = "
+        f"{format_bytes(plan.total)}, {plan.fraction:.0%} of one {format_bytes(plan.capacity)} {device}"
+    )
+    if name == "single":
+        return f"single: {sizes} ({plan.verdict}); one device, 1x tokens/s"
+    if plan.verdict == "OOM":
+        return f"ddp: {sizes}: they do not fit, and under ddp every GPU holds both models"
+    fit = "fit" if plan.verdict == "fits" else "fit, tightly (>= 85 %),"
+    return (
+        f"ddp: {sizes}: they {fit} there, so each of the {devices} GPUs trains its own micro-batches "
+        f"(global batch x{devices}): ~{speed:.1f}x tokens/s"
+    )
+
+
+def choose_strategy(
+    config: DistillConfig,
+    *,
+    gpu: str | GpuProfile,
+    teacher_cfg,
+    student_cfg,
+    gradient_checkpointing: bool = False,
+    sar: bool = False,
+) -> StrategyChoice:
+    """The placement that fits and is fastest on ``gpu``, and why, in memory numbers.
+
+    With several GPUs: ``ddp`` when the whole pair (teacher + student training + activations) fits one GPU (each
+    GPU then trains its own micro-batches: ~1 + (N-1) x DDP_EFFICIENCY times the tokens/s), else ``split`` when
+    the teacher fits one GPU and the student's training the other (fits, ~1x), else whichever is least full. One
+    GPU (or CPU): ``single``. A ``config.strategy`` other than auto is honoured and checked: one that cannot run
+    on the profile, or does not fit where another does, gets ``severity`` error with a ``fix``; one slower than a
+    fitting alternative gets a warning.
+    """
+    profile = gpu if isinstance(gpu, GpuProfile) else gpu_profile(gpu)
+    kw: dict[str, Any] = dict(
+        gpu=profile,
+        teacher_cfg=teacher_cfg,
+        student_cfg=student_cfg,
+        gradient_checkpointing=gradient_checkpointing,
+        sar=sar,
+    )
+    devices = 1 if profile.name == "cpu" else profile.devices
+    both = {"gpu": plan_memory(config, placement="both", **kw)}
+    candidates: dict[str, tuple[dict[str, MemoryPlan], float, int]] = {"single": (both, 1.0, 1)}
+    if devices > 1:
+        candidates["ddp"] = (both, 1 + (devices - 1) * DDP_EFFICIENCY, devices)
+        if live_teacher(config):
+            split = {p: plan_memory(config, placement=p, **kw) for p in ("student", "teacher")}
+            candidates["split"] = (split, 1.0, 1)
+
+    def rank(name: str) -> tuple:
+        plans, speed, _ = candidates[name]
+        worst = max(plan.fraction for plan in plans.values())
+        verdict = _VERDICT_RANK[max(plans.values(), key=lambda plan: plan.fraction).verdict]
+        # fits before tight before OOM; then faster; a split beats single at equal speed (both GPUs hold memory)
+        return (verdict, -speed if verdict < 2 else worst, name == "single")
+
+    device = "CPU (RAM)" if profile.name == "cpu" else f"{profile.name.split('x')[0]} GPU"
+    described = {name: _describe(name, plans, speed, devices, device) for name, (plans, speed, _) in candidates.items()}
+    pool = [name for name in candidates if devices == 1 or name != "single"]
+    best = min(pool, key=rank)
+    fallback = min((name for name in ("split", "single") if name in candidates), key=rank)
+    requested = config.strategy
+    severity, problem, fix = "info", None, None
+    chosen = best
+    if requested != "auto":
+        if requested not in candidates:
+            severity = "error"
+            if requested in ("ddp", "split") and devices < 2:
+                problem = f"strategy {requested} needs two GPUs; {profile.name} has {devices}."
+            else:
+                problem = (
+                    "strategy split puts the teacher on a GPU of its own, but this run has no live teacher "
+                    "(teacher_cache or a CE-only run)."
+                )
+            fix = f"strategy {best} (or auto)."
+        else:
+            chosen = requested
+            own, wanted = rank(requested), rank(best)
+            if own[0] == 2 and wanted[0] < 2:
+                severity = "error"
+                problem = f"strategy {requested} does not fit ({described[requested]})."
+                fix = f"strategy {best}: {described[best]}."
+            elif own > wanted:
+                severity = "warning"
+                problem = f"strategy {requested} is not the best fit on {profile.name}."
+                fix = f"strategy {best} (or auto): {described[best]}."
+    plans, speed, processes = candidates[chosen]
+    if chosen == best and requested == "auto":
+        why = described[chosen]
+        if devices > 1 and chosen == "split":
+            why += f". Not ddp: {described['ddp']}"
+        reason = why
+    else:
+        reason = described[chosen] + (f" (strategy {requested} requested)" if requested != "auto" else "")
+    return StrategyChoice(
+        strategy=chosen,
+        processes=processes,
+        speedup=speed,
+        plans=plans,
+        reason=reason,
+        alternatives={name: text for name, text in described.items() if name != chosen},
+        requested=requested,
+        severity=severity,
+        problem=problem,
+        fix=fix,
+        fallback=fallback,
+        best=best,
+    )

@@ -78,7 +78,9 @@ def staged(child_env, tmp_path_factory):
     child_env.setenv("PYTHONPATH", str(REPO))  # the checkout's kit, as `pip install -e .` would give
     executed = {}
     for name in NOTEBOOKS:
-        extra = {"TRAIN_CE_BASELINE": True} if name == "02_train" else {}
+        # 02 trains through the notebook_launcher path (one process on CPU); the bundle below keeps the planner's
+        # default (in-process), so both launch paths run.
+        extra = {"TRAIN_CE_BASELINE": True, "LAUNCH": "notebook_launcher"} if name == "02_train" else {}
         executed[name] = execute(
             REPO / "notebooks" / f"{name}.ipynb", work / f"{name}.out.ipynb", work, RUN_DIR=str(run_dir), **extra
         )
@@ -148,6 +150,8 @@ def test_02_train(staged):
     text = output_text(notebook)
     for column in ("step", "loss", "kd", "ce", "grad_norm", "tokens_per_s", "eval_ppl", "optimizer_steps"):
         assert column in text, column
+    assert "launch: notebook_launcher, 1 process(es), strategy single on cpu" in text
+    assert "Launching training on CPU" in text  # accelerate.notebook_launcher's own line: it ran the function
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["optimizer_steps"] == 4 and (run_dir / "student" / "config.json").is_file()
     assert (Path(f"{run_dir}-ce") / "student" / "config.json").is_file()
@@ -188,7 +192,7 @@ def test_bundled_kernel_notebook(bundled):
         "size_speed.png",
     ):
         assert_png(run_dir / chart)
-    for expected in ("severity", "tokens_per_s", "eval_ppl", "top1_agreement", "mb_on_disk"):
+    for expected in ("severity", "tokens_per_s", "eval_ppl", "top1_agreement", "mb_on_disk", "launch: in-process"):
         assert expected in text, expected
     assert (run_dir / "student" / "README.md").is_file()
 
