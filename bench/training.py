@@ -8,11 +8,17 @@ blocks of 128 + 1 tokens, batch 8, AdamW. Each "epoch" is a pass over the same 8
 * kit:    teacher forward + student hidden states + ``fused_lm_head_kd`` (full vocab, alpha 0.5/0.5) + step
 * live:   teacher forward + ``teacher_topk`` + student forward + fused top-k KD + CE + step
 * cached: ``TeacherCache.get`` + student forward + fused top-k KD + CE + step
+* kit_kd: teacher forward + ``fused_lm_head_kd`` forward KL only (alpha_kd 1, alpha_ce 0) + step: the kit's side of
+          the comparison with TRL
+* trl:    TRL's ``GKDTrainer.training_step`` (lmbda=0, beta=0: forward KL on the teacher's full distribution, no
+          generation) on the same models, batches and AdamW + step. TRL shifts inside ``compute_loss``, so it gets
+          the 129-token blocks and predicts the same 128 positions per row.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -70,6 +76,11 @@ def main(epochs: int, threads: int) -> dict:
     def cached_step(index, input_ids, labels):
         return fused_lm_head_kd(student_hidden(student, input_ids), head, cache.get(index), labels)[0]
 
+    def kit_kd_step(index, input_ids, labels):
+        with torch.no_grad():
+            logits = teacher(input_ids=input_ids).logits
+        return fused_lm_head_kd(student_hidden(student, input_ids), head, logits, labels, alpha_kd=1.0, alpha_ce=0.0)[0]
+
     def epoch_seconds(step):
         started = time.perf_counter()
         for i in range(BATCHES):
@@ -91,13 +102,63 @@ def main(epochs: int, threads: int) -> dict:
 
     results = {"threads": threads, "epochs_timed": epochs, "tokens_per_epoch": BATCH * BATCHES * LENGTH}
     results["cache_write_s"] = cache_write_s
-    for name, step in (("floor", floor_step), ("kit", kit_step), ("live", live_step), ("cached", cached_step)):
+    steps = (("floor", floor_step), ("kit", kit_step), ("live", live_step), ("cached", cached_step),
+             ("kit_kd", kit_kd_step))  # fmt: skip
+    for name, step in steps:
         times = [epoch_seconds(step) for _ in range(epochs + 1)][1:]
         results[f"{name}_epoch_s"] = statistics.median(times)
         results[f"{name}_tokens_per_s"] = results["tokens_per_epoch"] / statistics.median(times)
+    try:
+        times = trl_epoch_seconds(teacher, blocks, epochs)
+        results["trl_epoch_s"] = statistics.median(times)
+        results["trl_tokens_per_s"] = results["tokens_per_epoch"] / statistics.median(times)
+    except Exception as error:  # report why TRL could not run instead of failing the whole benchmark
+        results["trl_error"] = f"{type(error).__name__}: {error}"
     results["teacher_forward_s"] = forward_seconds(teacher)
     results["student_forward_s"] = forward_seconds(student)
     return results
+
+
+def trl_epoch_seconds(teacher, blocks, epochs: int) -> list[float]:
+    """Epoch times of TRL's GKDTrainer.training_step + AdamW step on a fresh copy of the same student."""
+    import warnings
+
+    os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from datasets import Dataset
+        from transformers import AutoTokenizer
+        from trl.experimental.gkd import GKDConfig, GKDTrainer
+
+    from kagglekd.data import demo_tokenizer
+
+    student = tiny_random_dense(VOCAB, 1)
+    output_dir = tempfile.mkdtemp(prefix="kagglekd-bench-trl-")
+    args = GKDConfig(output_dir=output_dir, lmbda=0.0, beta=0.0, temperature=1.0, learning_rate=1e-4,
+                     per_device_train_batch_size=BATCH, report_to=[], use_cpu=True, max_length=LENGTH + 1,
+                     disable_dropout=True, logging_strategy="no", save_strategy="no")  # fmt: skip
+    rows = Dataset.from_dict({"input_ids": blocks.tolist()})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer = GKDTrainer(model=student, teacher_model=teacher, args=args, train_dataset=rows,
+                             processing_class=AutoTokenizer.from_pretrained(demo_tokenizer(VOCAB)),
+                             data_collator=lambda batch: batch)  # fmt: skip
+    trainer.create_optimizer()
+    optimizer = trainer.optimizer
+    trainer.current_gradient_accumulation_steps = 1  # set by Trainer.train(), which this loop replaces
+    trainer.model.train()
+
+    def epoch():
+        started = time.perf_counter()
+        for i in range(BATCHES):
+            input_ids = blocks[i * BATCH : (i + 1) * BATCH]
+            inputs = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "labels": input_ids}
+            trainer.training_step(trainer.model, inputs, num_items_in_batch=None)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        return time.perf_counter() - started
+
+    return [epoch() for _ in range(epochs + 1)][1:]
 
 
 if __name__ == "__main__":

@@ -12,9 +12,12 @@ Conventions every function here shares:
 * softmax / log-softmax always run in float32 whatever the input dtype (fp16/bf16 are upcast; float64 is
   kept, which tests use for tight references); the temperature divides the logits before the log-softmax.
   Losses come back as float32 scalars (float64 for float64 inputs).
-* valid positions are gathered and processed ``chunk_size`` rows at a time. When gradients are needed each
-  chunk runs under (non-reentrant) activation checkpointing, so the float32 full-vocab intermediates of
-  one chunk only are alive at a time, in the forward and in the backward pass.
+* valid positions are processed at most ``chunk_size`` rows at a time (on a CPU in smaller, cache-sized
+  blocks), so the float32 full-vocab intermediates of one chunk only are alive at a time. ``kd_loss`` and
+  ``ce_loss`` compute the gradient w.r.t. the student's logits in closed form during the forward pass (see
+  "Closed-form gradients"), store it in the logits' dtype and only scale it in ``backward``: nothing is
+  recomputed, so call ``backward`` once per loss call. When the teacher's logits require grad, ``kd_loss``
+  falls back to autograd over checkpointed chunks, which also differentiates the teacher side.
 * when no position is valid the result is a float32 zero that is still attached to the student's graph,
   so ``.backward()`` works and yields zero gradients.
 """
@@ -301,6 +304,12 @@ def _select_rows(teacher: Teacher, positions: Tensor) -> Teacher:
     return teacher[positions]
 
 
+def _row_range(teacher: Teacher, start: int, end: int) -> Teacher:
+    if isinstance(teacher, TeacherTopK):
+        return TeacherTopK(*(field[start:end] for field in teacher))
+    return teacher[start:end]
+
+
 def _needs_grad(*tensors: Tensor | TeacherTopK) -> bool:
     if not torch.is_grad_enabled():
         return False
@@ -329,6 +338,256 @@ def _chunked_sum(chunk_fn: Callable[..., Tensor], inputs: tuple, positions: Tens
 
 def _valid_positions(labels: Tensor) -> Tensor:
     return (labels.reshape(-1) != IGNORE_INDEX).nonzero().squeeze(-1)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Closed-form gradients: the loss and d loss / d student logits in one pass over cache-sized row blocks
+# ---------------------------------------------------------------------------------------------------------
+# With s = student_logits / T, q = softmax(s), every divergence here is a function D(p, q) whose gradient
+# w.r.t. s has a closed form built from p, q and log p - log q; so the forward pass computes the value and
+# the gradient together, once, and the backward pass only scales the stored gradient by the incoming one.
+# Written as h_i = dD/dq_i, dD/ds_i = q_i (h_i - sum_j q_j h_j):
+#   forward KL   KL(p || q)                         dD/ds = q sum(p) - p
+#   reverse KL   KL(q || p)                         dD/ds = q (log q - log p - D)
+#   jsd(beta)    [b KL(p||m) + (1-b) KL(q||m)] / (b (1-b)), m = b p + (1-b) q
+#                                                   dD/ds = q (log q - log m - KL(q||m)) / b
+#   skew fwd     KL(p || m), m = a p + (1-a) q      dD/ds = (1-a) q (sum_j q_j w_j - w), w = p / m
+#   skew rev     KL(q || m), m = a q + (1-a) p      dD/ds = q (u - sum_j q_j u_j), u = log(q/m) - a q/m
+# For top-k buckets the same formulas run over the k + 1 buckets (g = the bucket gradient); a vocabulary
+# entry v outside the top k receives g_tail * q_v / Q_tail, its share of the student's tail bucket.
+# On a CPU the rows go through in blocks of about half a megabyte per [rows, V] buffer, so the dozen passes
+# of a block hit the cache; over a whole [1024, V] chunk every pass would run from main memory (4-8x slower).
+
+_CPU_BLOCK_BYTES = 1 << 19
+
+
+def _block_rows(vocab: int, chunk_size: int, device: torch.device) -> int:
+    """Rows per block: cache-sized on a CPU, ``chunk_size`` elsewhere (a GPU wants wide kernels)."""
+    if device.type != "cpu":
+        return chunk_size
+    return max(1, min(chunk_size, _CPU_BLOCK_BYTES // (4 * vocab)))
+
+
+def _scaled(logits: Tensor, temperature: float, dtype: torch.dtype) -> Tensor:
+    """``logits / temperature`` in ``dtype`` (may be ``logits`` itself: never modify it in place)."""
+    logits = logits.to(dtype)
+    return logits / temperature if temperature != 1.0 else logits
+
+
+def _wide(x: Tensor) -> torch.dtype:
+    """float64 for per-row scalars (cheap, ``[c]``), except on MPS which has no float64."""
+    return torch.float32 if x.device.type == "mps" else torch.float64
+
+
+def _softmax_and_lse(x: Tensor) -> tuple[Tensor, Tensor]:
+    """softmax ``[c, n]`` (dtype of ``x``) and logsumexp ``[c]`` (float64) over the last dim with one exp pass.
+
+    The largest probability is ``exp(max - lse)`` up to the rounding of the normaliser that every
+    probability shares, which ``log(sum(probs))`` measures: ``lse = max - log(max prob) + log(sum probs)``,
+    kept in float64: within ~1.2e-7 of the exact value from float32 inputs (a float32 ``logsumexp`` is off by
+    up to ~7e-7 at V = 49152, being rounded at the magnitude of the result).
+    """
+    probs = torch.softmax(x, dim=-1)
+    wide = _wide(x)
+    lse = x.amax(-1).to(wide) - probs.amax(-1).to(wide).log() + probs.sum(-1).to(wide).log()
+    return probs, lse
+
+
+def _finite(x: Tensor) -> Tensor:
+    """In place: -inf -> -1e30 (p = 0 terms then vanish as 0 * finite), +inf -> 1e30, nan -> 0."""
+    return x.nan_to_num_(nan=0.0, posinf=-_MASKED_LOGPROB, neginf=_MASKED_LOGPROB)
+
+
+def _mixture_log_ratios(d: Tensor, weight_p: float) -> tuple[Tensor, Tensor]:
+    """``(log p - log m, log q - log m)`` for ``m = weight_p p + (1 - weight_p) q``, from ``d = log p - log q``.
+
+    Exact in log space without forming m: for p <= q, log m - log q = log1p(weight_p expm1(d)); for p > q,
+    log m - log p = log1p((1 - weight_p) expm1(-d)). Identical inputs (d = 0) give exactly 0.
+    """
+    coef = (d <= 0).to(d.dtype).mul_(2 * weight_p - 1).add_(1 - weight_p)
+    larger_side = torch.log1p(torch.expm1(-d.abs()).mul_(coef)).neg_()  # log max(p, q) - log m
+    log_p_ratio = larger_side + d.clamp(max=0)
+    return log_p_ratio, larger_side.sub_(d.clamp(min=0))
+
+
+def _vecdot(a: Tensor, b: Tensor) -> Tensor:
+    return torch.linalg.vecdot(a, b)
+
+
+def _divergence_and_grad(
+    p: Tensor, q: Tensor, d: Tensor, divergence: str, beta: float, skew_alpha: float, need_grad: bool
+) -> tuple[Tensor, Tensor | None]:
+    """Per-row divergence ``[c]`` and its gradient ``[c, n]`` w.r.t. the student's (scaled) logits.
+
+    ``p``, ``q`` ``[c, n]`` probabilities (q a softmax of the student's logits or bucket log-probs), ``d`` =
+    log p - log q, finite. Same definitions as ``_divergence``. ``q`` and ``d`` may be overwritten.
+    """
+    if divergence == "jsd" and beta in (0.0, 1.0):
+        divergence = "forward_kl" if beta == 0.0 else "reverse_kl"
+    if divergence.startswith("skew_"):
+        if skew_alpha == 1.0:  # m equals the first argument: KL = 0
+            return p.new_zeros(p.shape[:-1]), (torch.zeros_like(q) if need_grad else None)
+        if skew_alpha == 0.0:
+            divergence = divergence.removeprefix("skew_")
+    grad = None
+    if divergence == "forward_kl":
+        value = _vecdot(p, d)
+        if need_grad:
+            grad = q.mul_(p.sum(-1, keepdim=True)).sub_(p)
+    elif divergence == "reverse_kl":
+        value = -_vecdot(q, d)
+        if need_grad:
+            grad = d.add_(value.unsqueeze(-1)).mul_(q).neg_()
+    elif divergence == "jsd":
+        log_p_ratio, log_q_ratio = _mixture_log_ratios(d, beta)
+        kl_q = _vecdot(q, log_q_ratio)
+        value = (beta * _vecdot(p, log_p_ratio) + (1.0 - beta) * kl_q) / (beta * (1.0 - beta))
+        if need_grad:
+            grad = log_q_ratio.sub_(kl_q.unsqueeze(-1)).mul_(q).div_(beta)
+    elif divergence == "skew_forward_kl":
+        log_p_ratio, _ = _mixture_log_ratios(d, skew_alpha)
+        value = _vecdot(p, log_p_ratio)
+        if need_grad:
+            ratio = log_p_ratio.exp_()  # p / m
+            grad = ratio.sub_(_vecdot(q, ratio).unsqueeze(-1)).mul_(q).mul_(skew_alpha - 1.0)
+    elif divergence == "skew_reverse_kl":
+        _, log_q_ratio = _mixture_log_ratios(d, 1.0 - skew_alpha)
+        value = _vecdot(q, log_q_ratio)
+        if need_grad:
+            u = log_q_ratio.exp().mul_(-skew_alpha).add_(log_q_ratio)  # log(q/m) - a q/m
+            grad = u.sub_(_vecdot(q, u).unsqueeze(-1)).mul_(q)
+    else:
+        raise ValueError(f"unknown divergence {divergence!r}; valid names: {', '.join(DIVERGENCES)}")
+    return value, grad
+
+
+def _split_top(logits: Tensor, indices: Tensor) -> tuple[Tensor, Tensor | None, Tensor, Tensor]:
+    """Top-k / tail split of one block of logits ``[c, V]`` at ``indices`` ``[c, k]``.
+
+    Returns the logits at ``indices`` ``[c, k]``; the softmax over the other entries ``[c, V]`` (0 at
+    ``indices``; None when k == V); the logsumexp over the other entries ``[c]`` (-inf when k == V); the
+    logsumexp over all entries ``[c]``; both logsumexps in float64. The tail is summed directly, never as
+    1 - (top-k mass).
+    """
+    top = logits.gather(-1, indices)
+    wide = _wide(logits)
+    if indices.shape[-1] < logits.shape[-1]:
+        tail_probs, lse_tail = _softmax_and_lse(logits.scatter(-1, indices, float("-inf")))
+    else:
+        tail_probs, lse_tail = None, torch.full(top.shape[:-1], float("-inf"), dtype=wide, device=top.device)
+    return top, tail_probs, lse_tail, torch.logaddexp(torch.logsumexp(top.to(wide), -1), lse_tail)
+
+
+def _kd_rows(
+    student: Tensor,
+    teacher: Teacher,
+    *,
+    temperature: float,
+    divergence: str,
+    beta: float,
+    skew_alpha: float,
+    top_k: int | None,
+    need_grad: bool,
+) -> tuple[Tensor, Tensor | None]:
+    """Divergence per row ``[c]`` and its gradient w.r.t. ``student / temperature`` ``[c, V]`` (or None).
+
+    ``student`` ``[c, V]`` logits, ``teacher`` dense ``[c, V]`` logits or a ``TeacherTopK`` with ``[c, k]``
+    fields; the same values as ``kd_per_position``. Math in float32 (float64 if either side is float64).
+    Multiply the gradient by 1 / temperature to get d / d student.
+    """
+    vocab = student.shape[-1]
+    if isinstance(teacher, TeacherTopK):
+        dtype = torch.promote_types(torch.promote_types(student.dtype, teacher.logprobs.dtype), torch.float32)
+        indices, log_p_top, log_p_tail = teacher.indices, teacher.logprobs.to(dtype), teacher.tail.to(dtype)
+    else:
+        dtype = torch.promote_types(torch.promote_types(student.dtype, teacher.dtype), torch.float32)
+    s = _scaled(student, temperature, dtype)
+    if not isinstance(teacher, TeacherTopK):
+        t = _scaled(teacher, temperature, dtype)
+        if top_k is None or top_k >= vocab:
+            q, lse_s = _softmax_and_lse(s)
+            p, lse_t = _softmax_and_lse(t)
+            d = _finite(torch.sub(t, s).sub_((lse_t - lse_s).to(dtype).unsqueeze(-1)))
+            del t
+            return _divergence_and_grad(p, q, d, divergence, beta, skew_alpha, need_grad)
+        indices = t.topk(top_k, dim=-1, sorted=False).indices
+        t_top, _, t_lse_tail, t_lse = _split_top(t, indices)
+        log_p_top, log_p_tail = t_top.to(t_lse.dtype) - t_lse.unsqueeze(-1), t_lse_tail - t_lse
+        del t
+    s_top, tail_probs, lse_tail, lse = _split_top(s, indices)
+    log_q = torch.cat([s_top.to(lse.dtype) - lse.unsqueeze(-1), (lse_tail - lse).unsqueeze(-1)], -1)
+    log_q = log_q.to(dtype).clamp_min_(_MASKED_LOGPROB)
+    log_p = torch.cat([log_p_top, log_p_tail.unsqueeze(-1)], -1).to(dtype).clamp_min_(_MASKED_LOGPROB)
+    value, bucket_grad = _divergence_and_grad(
+        log_p.exp(), log_q.exp(), _finite(log_p - log_q), divergence, beta, skew_alpha, need_grad
+    )
+    if not need_grad:
+        return value, None
+    # an entry outside the top k moves with the student's tail bucket, in proportion to its share of it
+    grad = tail_probs.mul_(bucket_grad[:, -1:]) if tail_probs is not None else torch.zeros_like(s)
+    return value, grad.scatter_(-1, indices, bucket_grad[:, :-1])
+
+
+def _ce_rows(logits: Tensor, targets: Tensor, need_grad: bool) -> tuple[Tensor, Tensor | None]:
+    """Cross-entropy per row ``[c]`` (float32, float64 stays) and its gradient softmax - onehot ``[c, V]``."""
+    z = _upcast(logits)
+    probs, lse = _softmax_and_lse(z)
+    target_rows = targets.unsqueeze(-1)
+    value = (lse - z.gather(-1, target_rows).squeeze(-1).to(lse.dtype)).to(z.dtype)
+    if not need_grad:
+        return value, None
+    return value, probs.scatter_add_(-1, target_rows, torch.full(target_rows.shape, -1.0, dtype=probs.dtype,
+                                                                  device=probs.device))  # fmt: skip
+
+
+def _valid_runs(labels: Tensor) -> list[tuple[int, int]]:
+    """``[start, end)`` row ranges of consecutive valid positions of the flattened labels."""
+    valid = (labels.reshape(-1) != IGNORE_INDEX).to(device="cpu", dtype=torch.int8)
+    edges = torch.diff(valid, prepend=valid.new_zeros(1), append=valid.new_zeros(1)).nonzero().flatten().tolist()
+    return list(zip(edges[0::2], edges[1::2]))
+
+
+class _RowwiseLoss(torch.autograd.Function):
+    """Sum over valid rows of a per-row loss whose gradient w.r.t. the rows comes with its value.
+
+    ``rows`` ``[M, V]``; ``row_fn(start, end, need_grad)`` returns the per-row losses of ``rows[start:end]``
+    and their gradient ``[end - start, V]`` (or None); ``runs`` the valid row ranges; ``grad_scale`` multiplies
+    the stored gradient (1 / temperature). The gradient ``[M, V]`` is built in the forward pass, in the rows'
+    dtype and with zeros at ignored rows, and handed to autograd in ``backward`` after an in-place scaling:
+    no recomputation and no second ``[M, V]`` buffer. So ``backward`` can run once per call.
+    """
+
+    @staticmethod
+    def forward(ctx, rows, row_fn, runs, block_rows, grad_scale):
+        need_grad = ctx.needs_input_grad[0]
+        grad = torch.empty(rows.shape, dtype=rows.dtype, device=rows.device) if need_grad else None
+        sums, done = [], 0
+        for start, end in runs:
+            if need_grad:
+                grad[done:start].zero_()
+            for block_start in range(start, end, block_rows):
+                block_end = min(block_start + block_rows, end)
+                values, block_grad = row_fn(block_start, block_end, need_grad)
+                sums.append(values.sum())
+                if need_grad:
+                    grad[block_start:block_end].copy_(block_grad)
+            done = end
+        if need_grad:
+            grad[done:].zero_()
+        ctx.grad, ctx.grad_scale = grad, grad_scale
+        return torch.stack(sums).sum()
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        grad, ctx.grad = ctx.grad, None
+        if grad is None:
+            raise RuntimeError("this loss's gradient was already handed out: call backward once per loss call")
+        return grad.mul_(grad_output * ctx.grad_scale), None, None, None, None
+
+
+def _check_topk_k(teacher: Teacher, top_k: int | None, vocab: int) -> None:
+    if isinstance(teacher, TeacherTopK) and top_k is not None and min(top_k, vocab) != teacher.k:
+        raise ValueError(f"top_k={top_k} does not match the k={teacher.k} of the TeacherTopK targets")
 
 
 def kd_loss(
@@ -365,27 +624,33 @@ def kd_loss(
             f"teacher_logits shape {tuple(teacher_logits.shape)} != student_logits shape "
             f"{tuple(student_logits.shape)}; different vocabularies need kagglekd.alignment, never truncation"
         )
-    positions = _valid_positions(labels)
-    if positions.numel() == 0:
+    _check_topk_k(teacher_logits, top_k, vocab)
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    runs = _valid_runs(labels)
+    valid = sum(end - start for start, end in runs)
+    if valid == 0:
         return _zero_with_grad(student_logits)
+    rows, teacher_rows = student_logits.reshape(-1, vocab), _flat_rows(teacher_logits, vocab)
+    kd_kwargs = {"temperature": temperature, "divergence": divergence, "beta": beta, "skew_alpha": skew_alpha,
+                 "top_k": top_k}  # fmt: skip
+    if _needs_grad(teacher_rows):
+        # Gradients for the teacher too (SAR trains the teacher's routers through this loss): plain autograd
+        # over checkpointed chunks, which differentiates both sides.
+        def chunk_fn(student_rows: Tensor, teacher_chunk: Teacher, chunk: Tensor) -> Tensor:
+            return kd_per_position(student_rows[chunk], _select_rows(teacher_chunk, chunk), **kd_kwargs).sum()
 
-    def chunk_fn(student_rows: Tensor, teacher_rows: Teacher, chunk: Tensor) -> Tensor:
-        per_position = kd_per_position(
-            student_rows[chunk],
-            _select_rows(teacher_rows, chunk),
-            temperature=temperature,
-            divergence=divergence,
-            beta=beta,
-            skew_alpha=skew_alpha,
-            top_k=top_k,
-        )
-        return per_position.sum()
+        total = _chunked_sum(chunk_fn, (rows, teacher_rows), _valid_positions(labels), chunk_size)
+    else:
 
-    inputs = (student_logits.reshape(-1, vocab), _flat_rows(teacher_logits, vocab))
-    total = _chunked_sum(chunk_fn, inputs, positions, chunk_size)
+        def row_fn(start: int, end: int, need_grad: bool) -> tuple[Tensor, Tensor | None]:
+            return _kd_rows(rows[start:end], _row_range(teacher_rows, start, end), need_grad=need_grad, **kd_kwargs)
+
+        block_rows = _block_rows(vocab, chunk_size, student_logits.device)
+        total = _RowwiseLoss.apply(rows, row_fn, runs, block_rows, 1.0 / temperature)
     if scale_t2:
         total = total * (temperature**2)
-    return total / _normaliser(num_items, positions.numel())
+    return total / _normaliser(num_items, valid)
 
 
 def ce_loss(
@@ -399,16 +664,19 @@ def ce_loss(
     """
     _check_labels(logits, labels, "logits")
     vocab = logits.shape[-1]
-    positions = _valid_positions(labels)
-    if positions.numel() == 0:
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    runs = _valid_runs(labels)
+    valid = sum(end - start for start, end in runs)
+    if valid == 0:
         return _zero_with_grad(logits)
+    rows, targets = logits.reshape(-1, vocab), labels.reshape(-1)
 
-    def chunk_fn(rows: Tensor, targets: Tensor, chunk: Tensor) -> Tensor:
-        chunk_logits = _upcast(rows[chunk])
-        return F.cross_entropy(chunk_logits, targets[chunk], reduction="sum")
+    def row_fn(start: int, end: int, need_grad: bool) -> tuple[Tensor, Tensor | None]:
+        return _ce_rows(rows[start:end], targets[start:end], need_grad)
 
-    total = _chunked_sum(chunk_fn, (logits.reshape(-1, vocab), labels.reshape(-1)), positions, chunk_size)
-    return total / _normaliser(num_items, positions.numel())
+    total = _RowwiseLoss.apply(rows, row_fn, runs, _block_rows(vocab, chunk_size, logits.device), 1.0)
+    return total / _normaliser(num_items, valid)
 
 
 def token_log_probs(logits: Tensor, labels: Tensor, chunk_size: int = 1024) -> Tensor:
@@ -451,84 +719,35 @@ __all__ = [
 # recomputed in the backward pass (unlike checkpointed chunks, which run every chunk's forward twice).
 
 
-def _fused_chunk_autograd(logits, teacher_rows, targets, need_grad, options):
-    """Any divergence: the chunk's KD and CE sums, and d(weighted loss)/d logits by autograd."""
-    alpha_kd, alpha_ce, kd_scale = options["alpha_kd"], options["alpha_ce"], options["kd_scale"]
-    with torch.set_grad_enabled(need_grad):
-        logits.requires_grad_(need_grad)
-        kd_sum = ce_sum = None
-        if alpha_kd != 0:
-            kd_sum = kd_per_position(logits, teacher_rows, **options["kd_kwargs"]).sum()
-        if alpha_ce != 0:
-            ce_sum = F.cross_entropy(logits, targets, reduction="sum")
-        parts = [(alpha_kd * kd_scale, kd_sum), (alpha_ce, ce_sum)]
-        chunk_loss = sum(weight * part for weight, part in parts if part is not None)
-    grad_logits = torch.autograd.grad(chunk_loss, logits)[0] if need_grad else None
-    return kd_sum, ce_sum, grad_logits
-
-
 def _fused_chunk(logits, teacher_rows, targets, need_grad, options):
     """The chunk's KD sum, CE sum and d(weighted loss)/d logits ``[c, V]`` (None without grad).
 
-    Forward KL (the default) and CE have closed-form gradients, used here instead of autograd: with
-    q = softmax(z / T), d KL(p || q) / dz = (q - p) / T, where for top-k buckets p is spread over the tail
-    tokens in proportion to q (p_tail * q_v / Q_tail), and d CE / dz = softmax(z) - onehot(label).
-    Other divergences go through autograd on the chunk.
+    The closed forms of ``_kd_rows`` and ``_ce_rows`` (d CE / dz = softmax(z) - onehot(label)), in cache-sized
+    row blocks. The gradient overwrites ``logits`` block by block (the chunk's logits are not needed again).
     """
     kd_kwargs = options["kd_kwargs"]
-    if options["alpha_kd"] != 0 and kd_kwargs["divergence"] != "forward_kl":
-        return _fused_chunk_autograd(logits, teacher_rows, targets, need_grad, options)
     alpha_kd, alpha_ce, kd_scale = options["alpha_kd"], options["alpha_ce"], options["kd_scale"]
-    temperature, top_k = kd_kwargs["temperature"], kd_kwargs["top_k"]
-    vocab = logits.shape[-1]
-    kd_sum = ce_sum = None
-    grad = None
-    log_q = None
-    if alpha_kd != 0:
-        log_q = F.log_softmax(logits / temperature if temperature != 1.0 else logits, dim=-1)
-        if isinstance(teacher_rows, TeacherTopK):
-            if top_k is not None and min(top_k, vocab) != teacher_rows.k:
-                raise ValueError(f"top_k={top_k} does not match the k={teacher_rows.k} of the TeacherTopK targets")
-            indices = teacher_rows.indices
-            log_p_top, log_p_tail = _upcast(teacher_rows.logprobs), _upcast(teacher_rows.tail)
-        else:
-            if teacher_rows.shape[-1] != vocab:
-                raise ValueError(f"teacher vocab {teacher_rows.shape[-1]} != student vocab {vocab}")
-            log_p = F.log_softmax(_upcast(teacher_rows) / temperature, dim=-1)
-            indices = None
-            if top_k is not None and top_k < vocab:
-                log_p_top, indices = log_p.topk(top_k, dim=-1)
-                log_p_tail = _tail_logprob(log_p, indices)
-        # In-place arithmetic below keeps about four [c, V] float32 buffers alive per chunk.
-        if indices is None:  # full vocabulary: KL(p || q) = sum p (log p - log q), p = 0 terms are 0
-            p = log_p.exp()
-            log_ratio = log_p.sub_(log_q).masked_fill_(p == 0, 0.0)
-            kd_sum = log_ratio.mul_(p).sum()
-            del log_p, log_ratio
+    kd_weight = alpha_kd * kd_scale / kd_kwargs["temperature"]
+    kd_sums, ce_sums = [], []
+    block_rows = _block_rows(logits.shape[-1], logits.shape[0], logits.device)
+    for start in range(0, logits.shape[0], block_rows):
+        end = start + block_rows
+        block, grad = logits[start:end], None
+        if alpha_kd != 0:
+            values, grad = _kd_rows(block, _row_range(teacher_rows, start, end), need_grad=need_grad, **kd_kwargs)
+            kd_sums.append(values.sum())
             if need_grad:
-                grad = log_q.exp().sub_(p)
-            del p
-        else:  # k token buckets + one tail bucket
-            log_q_tail = _tail_logprob(log_q, indices)
-            log_q_buckets = _buckets(log_q.gather(-1, indices), log_q_tail)
-            kd_sum = _kl(_buckets(log_p_top, log_p_tail), log_q_buckets).sum()
+                grad.mul_(kd_weight)
+        if alpha_ce != 0:
+            values, ce_grad = _ce_rows(block, targets[start:end], need_grad)
+            ce_sums.append(values.sum())
             if need_grad:
-                # q - p~ with p~ = p_i on the k tokens and p_tail * q_v / Q_tail on the others
-                grad = log_q.exp()
-                grad.mul_(1.0 - (log_p_tail - log_q_tail).exp().unsqueeze(-1))
-                grad.scatter_(-1, indices, log_q.gather(-1, indices).exp() - log_p_top.exp())
+                grad = ce_grad.mul_(alpha_ce) if grad is None else grad.add_(ce_grad, alpha=alpha_ce)
         if need_grad:
-            grad.mul_(alpha_kd * kd_scale / temperature)
-    if alpha_ce != 0:
-        log_s = log_q if (log_q is not None and temperature == 1.0) else F.log_softmax(logits, dim=-1)
-        label_rows = targets.unsqueeze(-1)
-        ce_sum = -log_s.gather(-1, label_rows).sum()
-        if need_grad:
-            ce_grad = log_s.exp_() if log_s is not log_q else log_s.exp()
-            ce_grad.scatter_add_(-1, label_rows, torch.full(label_rows.shape, -1.0, dtype=ce_grad.dtype,
-                                                            device=ce_grad.device))  # fmt: skip
-            grad = ce_grad.mul_(alpha_ce) if grad is None else grad.add_(ce_grad, alpha=alpha_ce)
-    return kd_sum, ce_sum, grad
+            block.copy_(grad)
+    kd_sum = torch.stack(kd_sums).sum() if kd_sums else None
+    ce_sum = torch.stack(ce_sums).sum() if ce_sums else None
+    return kd_sum, ce_sum, logits if need_grad else None
 
 
 class _FusedLMHeadKD(torch.autograd.Function):
@@ -648,6 +867,7 @@ def fused_lm_head_kd(
             raise ValueError("teacher is None but alpha_kd != 0: pass teacher logits or TeacherTopK targets")
         if isinstance(teacher, TeacherTopK):
             _check_labels(teacher.logprobs, labels, "TeacherTopK.logprobs")
+            _check_topk_k(teacher, top_k, vocab)
             top_indices, top_logprobs, top_tail = _flat_rows(teacher, vocab)
         elif teacher.shape != (*labels.shape, vocab):
             raise ValueError(
