@@ -16,6 +16,7 @@ from kagglekd.errors import KaggleKDError
 
 EXIT_USAGE = 2
 EXIT_STOPPED = 3
+DEMO_OUTPUT = "runs/demo"
 
 
 class _Parser(argparse.ArgumentParser):
@@ -41,12 +42,18 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     demo = sub.add_parser("demo", help="the embedded default: KD vs CE-only student on the offline corpus")
-    demo.add_argument("--output-dir", default="runs/demo")
+    demo.add_argument("--output-dir", default=DEMO_OUTPUT)
     demo.add_argument("--max-steps", type=int, default=None, help="optimizer steps of each run (default: preset)")
     demo.add_argument(
         "--ablation",
         action="store_true",
         help="CE-only, KD, KD+feature+attention, SAR, SAR+KA on identical data -> ablation.csv/png",
+    )
+    demo.add_argument(
+        "--cross-tokenizer",
+        action="store_true",
+        help="the teacher reads the text with its own 8k-token vocabulary (tiny-moe-8k): KD across tokenizers "
+        "through offset alignment -> runs/demo-cross-tokenizer",
     )
 
     train = sub.add_parser("train", help="distil a student (resumes from the newest checkpoint by default)")
@@ -180,7 +187,10 @@ def cmd_demo(args) -> int:
     if args.ablation:
         run_ablation(output_dir=args.output_dir, max_steps=args.max_steps, echo=print)
     else:
-        run_demo(output_dir=args.output_dir, max_steps=args.max_steps, echo=print)
+        output_dir = args.output_dir
+        if args.cross_tokenizer and output_dir == DEMO_OUTPUT:
+            output_dir = "runs/demo-cross-tokenizer"
+        run_demo(output_dir=output_dir, max_steps=args.max_steps, echo=print, cross_tokenizer=args.cross_tokenizer)
     return 0
 
 

@@ -93,7 +93,8 @@ class DistillConfig:
     teacher_model: str = _f(
         "tiny-moe",
         "Teacher: hub id, local directory, or a tiny preset (tiny-moe = the pretrained tiny Qwen3-MoE of the "
-        "embedded default; tiny-random-moe, tiny-random-dense = random init, for smoke tests).",
+        "embedded default; tiny-moe-8k = the same teacher trained with its own 8192-token tokenizer, for the "
+        "cross-tokenizer demo; tiny-random-moe, tiny-random-dense = random init, for smoke tests).",
     )
     student_model: str = _f("tiny-random-dense", "Student: hub id, local directory or tiny preset (as above).")
     tokenizer: str | None = _f(None, "Tokenizer of the student (hub id or dir); None = the student's own.")
@@ -292,6 +293,12 @@ class DistillConfig:
                         "teacher_cache replaces the teacher with stored targets. Drop one of them.",
                         name,
                     )
+        if self.cross_tokenizer and self.teacher_cache is not None:
+            raise ConfigError(
+                "teacher_cache stores top-k targets per student position of one tokenizer; cross-tokenizer runs align "
+                "the live teacher's own tokens. Drop teacher_cache (or cross_tokenizer).",
+                "teacher_cache",
+            )
         if self.resume not in ("auto", "never") and not self.resume:
             raise ConfigError("resume must be 'auto', 'never' or a checkpoint path.", field="resume")
 

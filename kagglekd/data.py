@@ -42,7 +42,7 @@ logger = logging.getLogger(__name__)
 
 STDLIB_DATASET = "stdlib-docs"
 EOS_TOKEN = "<|endoftext|>"
-PRE_TOKENIZERS = ("bytelevel", "whitespace-digits")
+PRE_TOKENIZERS = ("bytelevel", "bytelevel-digits", "whitespace-digits")
 
 # Bump when the corpus recipe changes so cached corpora are rebuilt.
 _CORPUS_VERSION = 1
@@ -223,15 +223,21 @@ def _build_bpe(pre_tokenizer: str, vocab_size: int):
 
     * ``"bytelevel"``: GPT-2 style. Text is mapped to bytes (shown as printable characters, ``Ġ`` = space),
       so every string is representable without an unknown token.
+    * ``"bytelevel-digits"``: byte-level with every digit its own pre-token, as Qwen's tokenizer splits them:
+      the cross-tokenizer demo's teacher (different vocabulary and pre-tokenisation, same byte spelling).
     * ``"whitespace-digits"``: SentencePiece / Llama style. Spaces become ``▁`` and start a word, every
       digit is its own pre-token, and characters outside the vocabulary fall back to ``<0xNN>`` byte tokens.
       Same corpus, different segmentation: the pair exercises cross-tokenizer distillation.
     """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-    if pre_tokenizer == "bytelevel":
+    if pre_tokenizer in ("bytelevel", "bytelevel-digits"):
         tokenizer = Tokenizer(models.BPE())
         tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        if pre_tokenizer == "bytelevel-digits":
+            tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+                [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
+            )
         tokenizer.decoder = decoders.ByteLevel()
         trainer = trainers.BpeTrainer(
             vocab_size=vocab_size,

@@ -40,12 +40,15 @@ class EvalTotals:
     ce_sum: float = 0.0
     kd_sum: float = 0.0
     agree: int = 0
+    # positions where the teacher's top-1 could be compared (cross-tokenizer: aligned ones); 0 = all tokens
+    compared: int = 0
 
-    def add(self, tokens: int, ce_sum: float, kd_sum: float = 0.0, agree: int = 0) -> None:
+    def add(self, tokens: int, ce_sum: float, kd_sum: float = 0.0, agree: int = 0, compared: int = 0) -> None:
         self.tokens += tokens
         self.ce_sum += ce_sum
         self.kd_sum += kd_sum
         self.agree += agree
+        self.compared += compared
 
     @property
     def ppl(self) -> float:
@@ -57,7 +60,8 @@ class EvalTotals:
 
     @property
     def top1_agreement(self) -> float:
-        return self.agree / self.tokens if self.tokens else float("nan")
+        over = self.compared or self.tokens
+        return self.agree / over if over else float("nan")
 
 
 class HistoryWriter:

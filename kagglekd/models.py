@@ -38,7 +38,11 @@ logger = logging.getLogger(__name__)
 TINY_RANDOM_MOE = "tiny-random-moe"
 TINY_RANDOM_DENSE = "tiny-random-dense"
 TINY_MOE = "tiny-moe"
-TINY_MODELS = (TINY_MOE, TINY_RANDOM_MOE, TINY_RANDOM_DENSE)
+TINY_MOE_8K = "tiny-moe-8k"
+TINY_MODELS = (TINY_MOE, TINY_MOE_8K, TINY_RANDOM_MOE, TINY_RANDOM_DENSE)
+# Tiny presets with a tokenizer of their own: (vocab size, pre-tokenizer of data.train_demo_tokenizer).
+# tiny-moe-8k reads the same corpus through a different vocabulary: the cross-tokenizer demo's teacher.
+OWN_TOKENIZERS = {TINY_MOE_8K: (8192, "bytelevel-digits")}
 
 # The demo tokenizer's <|endoftext|> id (see data.train_demo_tokenizer).
 DEMO_EOS_ID = 0
@@ -133,9 +137,11 @@ def _model_field(role: str | None) -> str:
     return f"{role}_model" if role else "teacher_model/student_model"
 
 
-def _save_with_tokenizer(model: torch.nn.Module, vocab_size: int, out_dir: Path) -> None:
+def _save_with_tokenizer(
+    model: torch.nn.Module, vocab_size: int, out_dir: Path, pre_tokenizer: str = "bytelevel"
+) -> None:
     """``save_pretrained`` the model and the demo tokenizer into ``out_dir``."""
-    tokenizer = AutoTokenizer.from_pretrained(data.demo_tokenizer(vocab_size))
+    tokenizer = AutoTokenizer.from_pretrained(data.demo_tokenizer(vocab_size, pre_tokenizer=pre_tokenizer))
     if len(tokenizer) > vocab_size:
         raise ConfigError(f"demo tokenizer has {len(tokenizer)} tokens, more than vocab_size {vocab_size}.")
     model.save_pretrained(out_dir)
@@ -164,6 +170,9 @@ def resolve_model(
         # One fixed artifact, like a hub model: never re-pretrained per run seed. Its held-out documents are
         # those of split seed 0, which is why DistillConfig.split_seed is kept apart from seed.
         return pretrain_tiny_moe(vocab_size=vocab_size, seed=0)
+    if reference in OWN_TOKENIZERS:
+        own_vocab, pre_tokenizer = OWN_TOKENIZERS[reference]
+        return pretrain_tiny_moe(vocab_size=own_vocab, seed=0, pre_tokenizer=pre_tokenizer)
     path = Path(reference).expanduser()
     if path.is_dir():
         if not (path / "config.json").is_file():
@@ -237,8 +246,11 @@ def load_tokenizer(name_or_path: str | os.PathLike, *, vocab_size: int = 4096, f
     padding-based utilities working). Hub failures raise ConfigError naming ``field``.
     """
     reference = os.fspath(name_or_path)
-    if reference in TINY_MODELS:
-        source: Path | str = data.demo_tokenizer(vocab_size)
+    if reference in OWN_TOKENIZERS:
+        own_vocab, pre_tokenizer = OWN_TOKENIZERS[reference]
+        source: Path | str = data.demo_tokenizer(own_vocab, pre_tokenizer=pre_tokenizer)
+    elif reference in TINY_MODELS:
+        source = data.demo_tokenizer(vocab_size)
     else:
         source = Path(reference).expanduser() if Path(reference).expanduser().is_dir() else reference
     try:
@@ -367,6 +379,7 @@ def pretrain_tiny_moe(
     warmup_steps: int | None = None,
     max_length: int = PRETRAIN_MAX_LENGTH,
     eval_fraction: float = PRETRAIN_EVAL_FRACTION,
+    pre_tokenizer: str = "bytelevel",
 ) -> Path:
     """Pretrain the tiny Qwen3-MoE teacher on stdlib-docs (CE only) once; return its cached directory.
 
@@ -379,12 +392,13 @@ def pretrain_tiny_moe(
     """
     recipe = [_PRETRAIN_VERSION, batch_size, lr, warmup_steps, max_length, eval_fraction]
     recipe_hash = hashlib.sha256(json.dumps(recipe).encode()).hexdigest()[:8]
-    name = f"{TINY_MOE}-v{vocab_size}-s{seed}-n{steps}-{recipe_hash}"
+    spelled = "" if pre_tokenizer == "bytelevel" else f"-{pre_tokenizer}"
+    name = f"{TINY_MOE}{spelled}-v{vocab_size}-s{seed}-n{steps}-{recipe_hash}"
     out_dir = data.cache_root() / "models" / name
     if (out_dir / "pretrain.json").exists():
         return out_dir
 
-    tokenizer = AutoTokenizer.from_pretrained(data.demo_tokenizer(vocab_size))
+    tokenizer = AutoTokenizer.from_pretrained(data.demo_tokenizer(vocab_size, pre_tokenizer=pre_tokenizer))
     texts = data.load_texts(data.STDLIB_DATASET)
     blocks = data.build_blocks(
         texts, tokenizer, max_length=max_length, eval_fraction=eval_fraction, seed=seed,
@@ -413,6 +427,7 @@ def pretrain_tiny_moe(
         "max_length": max_length,
         "seed": seed,
         "eval_fraction": eval_fraction,
+        "pre_tokenizer": pre_tokenizer,
         "seconds": round(seconds, 1),
         "eval_perplexity": eval_ppl,
         "final_train_loss": final_loss,
@@ -427,7 +442,7 @@ def pretrain_tiny_moe(
         "data": blocks.info,
     }
     with data.staged_directory(out_dir) as staging:
-        _save_with_tokenizer(model, vocab_size, staging)
+        _save_with_tokenizer(model, vocab_size, staging, pre_tokenizer)
         (staging / "pretrain.json").write_text(json.dumps(report, indent=2), encoding="utf-8")
     return out_dir
 

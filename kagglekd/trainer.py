@@ -23,8 +23,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from kagglekd import data, losses, models
-from kagglekd.alignment import classify_vocab_pair
+from kagglekd import alignment, data, losses, models
 from kagglekd.config import DistillConfig
 from kagglekd.errors import ConfigError, KaggleKDError
 from kagglekd.metrics import EvalTotals, HistoryWriter
@@ -95,6 +94,19 @@ class Distiller:
 
     def _check_supported(self) -> None:
         cfg = self.config
+        if cfg.cross_tokenizer and cfg.alpha_attention > 0:
+            raise ConfigError(
+                "alpha_attention compares attention maps position by position, which a teacher reading other "
+                "tokens does not have; with cross_tokenizer set alpha_attention 0 (the feature loss works: it uses "
+                "span-averaged teacher states).",
+                field="alpha_attention",
+            )
+        if cfg.cross_tokenizer and cfg.fused_kd and cfg.cross_tokenizer_loss == "uld":
+            raise ConfigError(
+                "cross_tokenizer_loss uld sorts the student's full probability vector, which fused_kd never builds; "
+                "set fused_kd false or cross_tokenizer_loss exact.",
+                field="cross_tokenizer_loss",
+            )
         for name in ("alpha_feature", "alpha_attention"):
             if getattr(cfg, name) > 0 and cfg.alpha_kd == 0:
                 raise ConfigError(
@@ -117,6 +129,42 @@ class Distiller:
         self.world = self.accelerator.num_processes
         self.rank = self.accelerator.process_index
         self.is_main = self.accelerator.is_main_process
+        self.strategy = self._resolve_strategy()
+        self.teacher_device = self.device
+        if self.strategy == "split":
+            self.teacher_device = split_devices(self.device)
+            log.info("strategy split: student on %s, teacher on %s", self.device, self.teacher_device)
+
+    def _resolve_strategy(self) -> str:
+        """single, ddp or split, from ``config.strategy`` and what this process was launched with."""
+        from kagglekd.memory import live_teacher
+
+        cfg = self.config
+        if cfg.strategy == "auto":
+            if self.world > 1:
+                return "ddp"
+            two_gpus = torch.cuda.is_available() and torch.cuda.device_count() >= 2
+            return "split" if two_gpus and live_teacher(cfg) else "single"
+        if cfg.strategy == "ddp" and self.world == 1:
+            raise ConfigError(
+                "strategy ddp needs one process per GPU, but this is a single process. Launch with `accelerate launch "
+                "--multi_gpu --num_processes 2 -m kagglekd train ...` (or kagglekd.launch.notebook_launch from a "
+                "notebook), or set strategy auto.",
+                field="strategy",
+            )
+        if cfg.strategy in ("single", "split") and self.world > 1:
+            raise ConfigError(
+                f"strategy {cfg.strategy} runs in one process, but {self.world} were launched; set strategy ddp "
+                "(or auto), or launch one process.",
+                field="strategy",
+            )
+        if cfg.strategy == "split" and not live_teacher(cfg):
+            raise ConfigError(
+                "strategy split puts the teacher on its own GPU, but this run loads no teacher (CE-only or a teacher "
+                "cache); set strategy single.",
+                field="strategy",
+            )
+        return cfg.strategy
 
     def _setup_models(self) -> None:
         cfg = self.config
@@ -126,25 +174,35 @@ class Distiller:
             cfg.teacher_cache is None  # the cache stands in for the teacher; eval then reports no KD/agreement
         )
         self.teacher = None
+        self.cross: alignment.CrossTokenizer | None = None
         if needs_teacher:
             teacher_tokenizer = models.load_tokenizer(cfg.teacher_tokenizer or cfg.teacher_model)
-            self.vocab_relation = classify_vocab_pair(teacher_tokenizer, self.tokenizer)
-            if self.vocab_relation == "different":
+            self.vocab_relation = alignment.classify_vocab_pair(teacher_tokenizer, self.tokenizer)
+            if self.vocab_relation == "different" and not cfg.cross_tokenizer:
                 raise ConfigError(
                     f"teacher {cfg.teacher_model} and student {cfg.student_model} have different vocabularies: "
                     "token id i means a different token on each side, so comparing their logits (or truncating "
-                    "the wider one) trains the student on noise. Use a teacher/student pair that shares a "
-                    "tokenizer; cross-tokenizer distillation is not available in this version.",
-                    field="teacher_model",
+                    "the wider one) trains the student on noise. Set cross_tokenizer: true (the teacher reads the "
+                    "same text in its own tokens; positions are aligned by character offsets and its distribution "
+                    "is mapped onto the student's vocabulary), or use a pair that shares a tokenizer.",
+                    field="cross_tokenizer",
+                )
+            if self.vocab_relation != "different" and cfg.cross_tokenizer:
+                log.info(
+                    "cross_tokenizer is on but the vocabularies are %s: plain logit KD is used", self.vocab_relation
                 )
             self.teacher = models.load_model(
                 cfg.teacher_model,
                 role="teacher",
-                device=self.device,
+                device=self.teacher_device,
                 dtype=self.precision["teacher_dtype"],
                 vocab_size=vocab,
                 seed=cfg.seed,
             )
+            if self.vocab_relation == "different":
+                teacher_vocab = self.teacher.get_output_embeddings().weight.shape[0]
+                self.cross = alignment.CrossTokenizer(teacher_tokenizer, self.tokenizer, teacher_vocab=teacher_vocab)
+                self.alignment_stats = alignment.AlignmentStats()
         torch.manual_seed(cfg.seed)
         self.student = models.load_model(
             cfg.student_model,
@@ -237,7 +295,7 @@ class Distiller:
         self.balance: dict[str, float] = {}
         self._ka_generator = None
         if cfg.ka_samples:
-            self._ka_generator = torch.Generator(device=self.device).manual_seed(cfg.seed + 17)
+            self._ka_generator = torch.Generator(device=self.teacher_device).manual_seed(cfg.seed + 17)
         moe_options = [
             name
             for name, on in (
@@ -362,14 +420,25 @@ class Distiller:
         self.config.to_json(self.output_dir / "config.json")
         _write_json(self.output_dir / "plan.json", self.plan.to_dict())
         _write_json(self.output_dir / "data.json", self.blocks.info)
+        if self.cross is not None:
+            self._ready = True  # measure_alignment calls setup(); everything it needs is built
+            report = self.measure_alignment()
+            log.info(
+                "cross-tokenizer alignment on %d held-out blocks: %.1f %% of student positions aligned, %.1f %% of "
+                "the teacher's probability on tokens the student can spell (%d shared tokens, %.1f %% of its vocab)",
+                report["eval_blocks_measured"], 100 * report["aligned_fraction"], 100 * report["teacher_mass_mapped"],
+                report["shared_tokens"], 100 * report["student_vocab_shared"],
+            )  # fmt: skip
+            _write_json(self.output_dir / "alignment.json", {"setup": report})
 
     # ---- the step --------------------------------------------------------------------------------------
     def _teacher_logits(self, input_ids: torch.Tensor) -> torch.Tensor:
         """[B, T, V_teacher] logits, no grad. Extra teacher rows beyond the shared vocabulary get -inf."""
         # Same autocast as the student: the fp16/bf16 teacher's matmuls meet fp32 parts (SAR routers) safely.
         with torch.no_grad(), self.accelerator.autocast():
-            logits = self.teacher(input_ids=input_ids).logits
-        return _match_vocab(logits, self.student_vocab)
+            logits = self.teacher(input_ids=input_ids.to(self.teacher_device)).logits
+        logits = logits.to(self.device, non_blocking=True)
+        return logits if self.cross is not None else _match_vocab(logits, self.student_vocab)
 
     def _teacher_forward(self, input_ids: torch.Tensor, labels: torch.Tensor, num_items: int, micro_tokens: int):
         """Teacher logits, hidden states, attention maps and (under SAR) the router component."""
@@ -382,6 +451,7 @@ class Distiller:
         if plain:
             out["logits"] = self._teacher_logits(input_ids)
             return out
+        input_ids, labels = input_ids.to(self.teacher_device), labels.to(self.teacher_device)
         grad = torch.enable_grad() if cfg.sar else torch.no_grad()
         layers = [t for _, t in self.attention_pairs]
         routers = moe.capture_router_logits(self.teacher, self.patterns) if cfg.sar else nullcontext()
@@ -409,18 +479,39 @@ class Distiller:
                 )
                 # a per-micro-batch mean, weighted by its share of the window's tokens
                 out["router"] = mean * (micro_tokens / num_items)
-        out["logits"] = _match_vocab(out["logits"], self.student_vocab)
+        if self.strategy == "split":  # everything the losses read moves to the student's GPU
+            out["logits"] = out["logits"].to(self.device, non_blocking=True)
+            out["router"] = out["router"].to(self.device) if out["router"] is not None else None
+            if out["hidden"] is not None:
+                out["hidden"] = tuple(h.to(self.device, non_blocking=True) for h in out["hidden"])
+            if out["maps"] is not None:
+                out["maps"] = [m.to(self.device, non_blocking=True) for m in out["maps"]]
+        if self.cross is None:
+            out["logits"] = _match_vocab(out["logits"], self.student_vocab)
         return out
 
+    def _teacher_step(self, micro_batch: torch.Tensor, num_items: int):
+        """``(teacher outputs, aligned)`` for one micro-batch: the teacher runs on its own device, its outputs
+        land on the student's. Across vocabularies it reads the block in its own tokens (``aligned``)."""
+        input_ids, labels = data.next_token_batch(micro_batch)
+        micro_tokens = max(losses.valid_count(labels), 1)
+        aligned = None
+        if self.cross is not None:
+            # the teacher reads the same text in its own tokens; labels are its own next tokens (SAR's CE)
+            aligned = self.cross.align(micro_batch)
+            input_ids, labels = aligned.teacher_ids, aligned.teacher_labels
+            aligned = aligned.to(self.device)
+        return self._teacher_forward(input_ids, labels, num_items, micro_tokens), aligned
+
     def _loss_step(
-        self, micro_batch: torch.Tensor, num_items: int, rows: torch.Tensor | None = None
+        self, micro_batch: torch.Tensor, num_items: int, rows: torch.Tensor | None = None, prefetched=None
     ) -> tuple[torch.Tensor, dict]:
-        """Loss of one micro-batch, already divided by the window's valid-target count."""
+        """Loss of one micro-batch, already divided by the window's valid-target count. ``prefetched`` is this
+        micro-batch's ``_teacher_step``, when it already ran (split)."""
         from kagglekd import moe
 
         cfg = self.config
         input_ids, labels = data.next_token_batch(micro_batch.to(self.device))
-        micro_tokens = max(losses.valid_count(labels), 1)
         layers = [s for s, _ in self.attention_pairs]
         forward = {"output_hidden_states": bool(self.feature_pairs) or cfg.fused_kd}
         if cfg.fused_kd:
@@ -434,9 +525,9 @@ class Distiller:
                 result = self.student(input_ids=input_ids, **forward)
             student_logits = result.logits
         parts: dict[str, torch.Tensor] = {}
-        teacher = None
+        teacher = aligned = None
         if self.teacher is not None:
-            teacher = self._teacher_forward(input_ids, labels, num_items, micro_tokens)
+            teacher, aligned = prefetched or self._teacher_step(micro_batch, num_items)
         elif self.teacher_cache is not None and cfg.alpha_kd > 0:
             teacher = {
                 "logits": self.teacher_cache.get(rows, device=self.device),
@@ -446,45 +537,31 @@ class Distiller:
             }
         fused_total = None
         if cfg.fused_kd:
-            head = self.accelerator.unwrap_model(self.student).get_output_embeddings()
-            fused_total, fused_parts = losses.fused_lm_head_kd(
-                result.hidden_states[-1],
-                head.weight,
-                teacher["logits"] if teacher and cfg.alpha_kd > 0 else None,
-                labels,
-                alpha_kd=self._weight("kd"),
-                alpha_ce=self._weight("ce"),
-                **self._kd_options(),
-                num_items=num_items,
-                chunk_size=cfg.loss_chunk_size,
-                lm_head_bias=head.bias,
-            )
+            fused_total, fused_parts = self._fused_loss(result.hidden_states[-1], teacher, labels, aligned, num_items)
             parts.update({name: value for name, value in fused_parts.items() if self._alpha(name) > 0})
         elif cfg.alpha_ce > 0:
             parts["ce"] = losses.ce_loss(student_logits, labels, num_items=num_items, chunk_size=cfg.loss_chunk_size)
         if teacher is not None:
             if cfg.alpha_kd > 0 and not cfg.fused_kd:
-                parts["kd"] = losses.kd_loss(
-                    student_logits,
-                    teacher["logits"],
-                    labels,
-                    **self._kd_options(),
-                    num_items=num_items,
-                    chunk_size=cfg.loss_chunk_size,
-                )
+                parts["kd"] = self._kd_loss(student_logits, teacher["logits"], labels, aligned, num_items)
             valid = labels != -100
             if self.feature_pairs:
-                per_layer = [
-                    losses.feature_loss(
-                        result.hidden_states[s + 1].float(),
-                        teacher["hidden"][t + 1].float(),
-                        projection,
-                        valid,
-                        kind=cfg.feature_loss,
-                        num_items=num_items,
+                per_layer = []
+                for (s, t), projection in zip(self.feature_pairs, self.projections):
+                    target, where = teacher["hidden"][t + 1].float(), valid
+                    if aligned is not None:  # the mean teacher state over each student token's span
+                        target, spans = alignment.span_average(target, aligned)
+                        where = valid & spans
+                    per_layer.append(
+                        losses.feature_loss(
+                            result.hidden_states[s + 1].float(),
+                            target,
+                            projection,
+                            where,
+                            kind=cfg.feature_loss,
+                            num_items=num_items,
+                        )
                     )
-                    for (s, t), projection in zip(self.feature_pairs, self.projections)
-                ]
                 parts["feature"] = sum(per_layer) / len(per_layer)
             if self.attention_pairs:
                 student_maps = capture.maps()
@@ -500,6 +577,66 @@ class Distiller:
         if fused_total is not None:
             total = fused_total + total
         return total, {name: value.detach() for name, value in parts.items()}
+
+    def _kd_loss(self, student_logits, teacher_logits, labels, aligned, num_items) -> torch.Tensor:
+        """The KD component: plain logit KD, or across vocabularies on the aligned positions."""
+        cfg = self.config
+        if aligned is None:
+            return losses.kd_loss(
+                student_logits,
+                teacher_logits,
+                labels,
+                **self._kd_options(),
+                num_items=num_items,
+                chunk_size=cfg.loss_chunk_size,
+            )
+        loss, stats = alignment.cross_kd_loss(
+            student_logits,
+            teacher_logits,
+            aligned,
+            labels,
+            self.cross.vocab_map,
+            mode=cfg.cross_tokenizer_loss,
+            **self._kd_options(),
+            num_items=num_items,
+            chunk_size=cfg.loss_chunk_size,
+        )
+        if torch.is_grad_enabled():
+            self.alignment_stats += stats
+        return loss
+
+    def _fused_loss(self, hidden, teacher, labels, aligned, num_items) -> tuple[torch.Tensor, dict]:
+        """lm_head + KD + CE in token chunks. Across vocabularies the KD targets cover the aligned positions;
+        CE on the unaligned ones runs as a second, CE-only pass over just those positions."""
+        cfg = self.config
+        head = self.accelerator.unwrap_model(self.student).get_output_embeddings()
+        targets = teacher["logits"] if teacher and cfg.alpha_kd > 0 else None
+        kd_labels = labels
+        if aligned is not None and targets is not None:
+            targets, kd_labels, stats = alignment.cross_targets(
+                targets, aligned, labels, self.cross.vocab_map, cfg.temperature, cfg.kd_top_k, cfg.loss_chunk_size
+            )
+            self.alignment_stats += stats
+        options = {**self._kd_options(), "top_k": None if aligned is not None else cfg.kd_top_k}
+        common = {"num_items": num_items, "chunk_size": cfg.loss_chunk_size, "lm_head_bias": head.bias}
+        total, parts = losses.fused_lm_head_kd(
+            hidden,
+            head.weight,
+            targets,
+            kd_labels,
+            alpha_kd=self._weight("kd"),
+            alpha_ce=self._weight("ce"),
+            **options,
+            **common,
+        )
+        rest = labels.masked_fill(kd_labels != -100, -100)
+        if kd_labels is not labels and self._weight("ce") > 0 and bool((rest != -100).any()):
+            rest_total, rest_parts = losses.fused_lm_head_kd(
+                hidden, head.weight, None, rest, alpha_kd=0.0, alpha_ce=self._weight("ce"), **options, **common
+            )
+            total = total + rest_total
+            parts = {"kd": parts["kd"], "ce": parts["ce"] + rest_parts["ce"]}
+        return total, parts
 
     def _kd_options(self) -> dict:
         """The KD arguments every KD call of a run shares (train, fused and eval)."""
@@ -546,19 +683,28 @@ class Distiller:
         local = sum(int((mb[:, 1:] != -100).sum()) for mb in window.micro_batches)
         counts = torch.tensor([local], device=self.device, dtype=torch.long)
         num_items = int(self.accelerator.reduce(counts, reduction="sum").item()) if self.world > 1 else local
-        sums = {name: 0.0 for name in COMPONENTS}
+        # Sums stay on the device until the window ends: no host sync between micro-batches, so under split
+        # the teacher's prefetched forward (its own GPU) runs while the student's backward runs on the other.
+        sums: dict = {name: 0.0 for name in COMPONENTS}
         loss_sum = 0.0
-        for index, micro_batch in enumerate(window.micro_batches):
-            last = index == len(window.micro_batches) - 1
+        prefetch = self.strategy == "split"
+        batches = window.micro_batches
+        upcoming = self._teacher_step(batches[0], num_items) if prefetch else None
+        for index, micro_batch in enumerate(batches):
+            last = index == len(batches) - 1
             context = self.accelerator.no_sync(self.student) if not last else nullcontext()
             with context:
                 rows = window.micro_rows[index] if window.micro_rows else None
-                loss, parts = self._loss_step(micro_batch, num_items, rows)
+                loss, parts = self._loss_step(micro_batch, num_items, rows, prefetched=upcoming)
+                if prefetch and not last:  # queued on the teacher's GPU before the student's backward
+                    upcoming = self._teacher_step(batches[index + 1], num_items)
                 # DDP averages gradients over ranks; the loss is already a global mean, so undo that average.
                 self.accelerator.backward(loss * self.world)
-            loss_sum += float(loss.detach())
+            loss_sum = loss_sum + loss.detach().double()
             for name, value in parts.items():
-                sums[name] += float(value)
+                sums[name] = sums[name] + value.double()
+        loss_sum = float(loss_sum)
+        sums = {name: float(value) for name, value in sums.items()}
         if self.world > 1:
             # Projections and SAR routers sit outside DDP: average their gradients like DDP does the student's.
             for param in self._extra_params():
@@ -807,6 +953,12 @@ class Distiller:
             "eval_top1_agreement": rows[-1].get("eval_top1_agreement", float("nan")) if rows else float("nan"),
             "train_tokens": tokens,
         }
+        if self.cross is not None:
+            summary["alignment"] = self.alignment_stats.to_dict()  # this process's training positions
+            path = self.output_dir / "alignment.json"
+            if self.is_main and self.write_run_dir:
+                report = json.loads(path.read_text()) if path.exists() else {}
+                _write_json(path, {**report, "training": summary["alignment"]})
         if self.is_main:
             _write_json(self.output_dir / "summary.json", summary)
             self._emit("on_end", summary)
@@ -828,10 +980,53 @@ class Distiller:
 
     @torch.no_grad()
     def teacher_perplexity(self) -> float:
+        """The teacher's held-out perplexity. Across vocabularies it is per TEACHER token (the teacher reads
+        the eval blocks in its own tokens), so it is not comparable with the student's number."""
         self.setup()
         if self.teacher is None:
             return float("nan")
-        return self._eval_model(self.teacher, with_teacher=False).ppl
+        if self.cross is None:
+            return self._eval_model(self.teacher, with_teacher=False).ppl
+        totals = EvalTotals()
+        rows = self.eval_blocks[self.rank :: self.world]
+        for start in range(0, len(rows), self.config.batch_size):
+            aligned = self.cross.align(rows[start : start + self.config.batch_size]).to(self.device)
+            logits = self._teacher_logits(aligned.teacher_ids)
+            ce = losses.ce_loss(logits, aligned.teacher_labels, num_items=1, chunk_size=self.config.loss_chunk_size)
+            totals.add(losses.valid_count(aligned.teacher_labels), float(ce))
+        if self.world > 1:
+            packed = torch.tensor([totals.tokens, totals.ce_sum], device=self.device, dtype=torch.float64)
+            packed = self.accelerator.reduce(packed, reduction="sum").tolist()
+            totals = EvalTotals(int(packed[0]), packed[1])
+        return totals.ppl
+
+    @torch.no_grad()
+    def measure_alignment(self, max_blocks: int = 32) -> dict:
+        """Alignment diagnostics on held-out blocks: the vocabularies, the fraction of student positions
+        aligned and the teacher probability mass that maps onto the student vocabulary."""
+        self.setup()
+        cfg, vocab_map = self.config, self.cross.vocab_map
+        stats = alignment.AlignmentStats()
+        blocks = self.eval_blocks[:max_blocks]
+        for start in range(0, len(blocks), cfg.batch_size):
+            batch = blocks[start : start + cfg.batch_size]
+            _, labels = data.next_token_batch(batch.to(self.device))
+            aligned = self.cross.align(batch).to(self.device)
+            logits = self._teacher_logits(aligned.teacher_ids)
+            stats += alignment.cross_targets(
+                logits, aligned, labels, vocab_map, cfg.temperature, chunk_size=cfg.loss_chunk_size
+            )[2]
+        return {
+            "teacher_tokenizer": cfg.teacher_tokenizer or cfg.teacher_model,
+            "student_tokenizer": cfg.tokenizer or cfg.student_model,
+            "teacher_vocab": vocab_map.teacher_vocab,
+            "student_vocab": vocab_map.student_vocab,
+            "shared_tokens": int(vocab_map.shared.numel()),
+            "student_vocab_shared": vocab_map.shared_fraction,
+            "loss": cfg.cross_tokenizer_loss,
+            "eval_blocks_measured": len(blocks),
+            **stats.to_dict(),
+        }
 
     def _eval_model(self, model, with_teacher: bool) -> EvalTotals:
         cfg = self.config
@@ -840,14 +1035,22 @@ class Distiller:
         totals = EvalTotals()
         rows = self.eval_blocks[self.rank :: self.world]
         for start in range(0, len(rows), cfg.batch_size):
-            input_ids, labels = data.next_token_batch(rows[start : start + cfg.batch_size].to(self.device))
+            batch = rows[start : start + cfg.batch_size]
+            input_ids, labels = data.next_token_batch(batch.to(self.device))
             with self.accelerator.autocast():
                 logits = model(input_ids=input_ids).logits
             logits = _match_vocab(logits, self.student_vocab)
             tokens = losses.valid_count(labels)
             ce_sum = float(losses.ce_loss(logits, labels, num_items=1, chunk_size=cfg.loss_chunk_size))
-            kd_sum, agree = 0.0, 0
-            if with_teacher:
+            kd_sum, agree, compared = 0.0, 0, 0
+            if with_teacher and self.cross is not None:
+                aligned = self.cross.align(batch).to(self.device)
+                teacher_logits = self._teacher_logits(aligned.teacher_ids)
+                kd_sum = float(self._kd_loss(logits, teacher_logits, labels, aligned, 1))
+                agree, compared = alignment.top1_agreement(
+                    logits, teacher_logits, aligned, labels, self.cross.vocab_map
+                )
+            elif with_teacher:
                 teacher_logits = self._teacher_logits(input_ids)
                 kd_sum = float(
                     losses.kd_loss(
@@ -861,13 +1064,12 @@ class Distiller:
                 )
                 valid = labels != -100
                 agree = int(((logits.argmax(-1) == teacher_logits.argmax(-1)) & valid).sum())
-            totals.add(tokens, ce_sum, kd_sum, agree)
+            totals.add(tokens, ce_sum, kd_sum, agree, compared)
         if self.world > 1:
-            packed = torch.tensor(
-                [totals.tokens, totals.ce_sum, totals.kd_sum, totals.agree], device=self.device, dtype=torch.float64
-            )
-            packed = self.accelerator.reduce(packed, reduction="sum")
-            totals = EvalTotals(int(packed[0]), float(packed[1]), float(packed[2]), int(packed[3]))
+            fields = (totals.tokens, totals.ce_sum, totals.kd_sum, totals.agree, totals.compared)
+            packed = torch.tensor(fields, device=self.device, dtype=torch.float64)
+            packed = self.accelerator.reduce(packed, reduction="sum").tolist()
+            totals = EvalTotals(int(packed[0]), packed[1], packed[2], int(packed[3]), int(packed[4]))
         model.train(was_training)
         return totals
 
@@ -1030,6 +1232,19 @@ def complete_checkpoints(directory: Path) -> list[Path]:
 def latest_checkpoint(directory: Path) -> Path | None:
     done = complete_checkpoints(Path(directory))
     return max(done, key=_step_of) if done else None
+
+
+def split_devices(student_device: torch.device) -> torch.device:
+    """The teacher's device under strategy split: the GPU after the student's. Tests on CPU replace this with
+    a stand-in device."""
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if student_device.type != "cuda" or count < 2:
+        raise ConfigError(
+            f"strategy split puts the teacher on a second GPU, but {count} GPU(s) are visible. On Kaggle choose "
+            "GPU T4 x2, or set strategy single (or auto).",
+            field="strategy",
+        )
+    return torch.device("cuda", (student_device.index or 0) + 1)
 
 
 def _layer_pairs(student_layers: int, teacher_layers: int, count: int | None, field: str) -> list[tuple[int, int]]:

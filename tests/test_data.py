@@ -109,6 +109,9 @@ def test_demo_tokenizers_load_and_round_trip(pre_tokenizer):
     assert tok.eos_token_id not in ids  # no special tokens added on encode
     assert tok.decode(ids) == ROUND_TRIP_TEXT
     assert tok.decode(ids, skip_special_tokens=True) == ROUND_TRIP_TEXT
+    if pre_tokenizer.endswith("digits"):  # every digit is a token of its own
+        pieces = tok.convert_ids_to_tokens(tok("in 2024 and 366", add_special_tokens=False)["input_ids"])
+        assert [p.lstrip("Ġ▁") for p in pieces if p.lstrip("Ġ▁").isdigit()] == list("2024366")
     # common English compresses well: fewer tokens than characters
     prose = "Return a new list containing all items from the iterable in ascending order."
     assert len(tok(prose)["input_ids"]) < len(prose) / 3

@@ -120,7 +120,7 @@ def test_hub_id_offline_is_a_config_error_naming_the_field():
 
 
 def test_load_tokenizer_tiny_names_and_pad_fallback(tmp_path, demo_tokenizer_dir):
-    for name in models.TINY_MODELS:
+    for name in set(models.TINY_MODELS) - set(models.OWN_TOKENIZERS):  # those have a vocabulary of their own
         tok = models.load_tokenizer(name)
         assert len(tok) == 4096 and tok.eos_token == data.EOS_TOKEN
     no_pad = AutoTokenizer.from_pretrained(demo_tokenizer_dir)

@@ -1,0 +1,112 @@
+"""Cross-tokenizer distillation through the trainer: the permuted teacher, a SentencePiece-style teacher."""
+
+import json
+import math
+
+import pandas as pd
+import pytest
+import torch
+from conftest import TINY_RUN
+from test_alignment import _permuted_tokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from kagglekd import data, models
+from kagglekd.config import DistillConfig
+from kagglekd.errors import ConfigError
+from kagglekd.trainer import Distiller
+
+pytestmark = pytest.mark.usefixtures("use_kit_cache")
+
+
+def tiny(tmp_path, name="run", **changes) -> DistillConfig:
+    return DistillConfig.from_dict(
+        {**TINY_RUN, "output_dir": str(tmp_path / name), "max_steps": 3, "eval_steps": 3, **changes}
+    )
+
+
+@pytest.fixture
+def permuted_teacher(tmp_path, use_kit_cache):
+    """tiny-random-moe with its vocabulary permuted: embedding and lm_head rows moved with the token ids."""
+    source = models.resolve_model("tiny-random-moe")
+    student_tok = AutoTokenizer.from_pretrained(source)
+    out = tmp_path / "permuted-teacher"
+    _, permutation = _permuted_tokenizer(student_tok, out)
+    model = AutoModelForCausalLM.from_pretrained(source)
+    with torch.no_grad():
+        for matrix in (model.get_input_embeddings().weight, model.get_output_embeddings().weight):
+            moved = matrix.clone()
+            matrix[permutation] = moved
+    model.save_pretrained(out)
+    return out
+
+
+@pytest.fixture
+def metaspace_teacher(tmp_path, use_kit_cache):
+    """A tiny random Qwen3-MoE that reads text with the SentencePiece-style tokenizer (vocab 3000)."""
+    tok = AutoTokenizer.from_pretrained(data.demo_tokenizer(3000, pre_tokenizer="whitespace-digits"))
+    out = tmp_path / "metaspace-teacher"
+    models.tiny_random_moe(len(tok), seed=0).save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+@pytest.mark.parametrize("changes", [{}, {"fused_kd": True, "kd_top_k": 16}])
+def test_permuted_teacher_trains_exactly_like_the_identical_one(tmp_path, permuted_teacher, changes):
+    Distiller(tiny(tmp_path, "plain", **changes)).train()
+    cross = Distiller(tiny(tmp_path, "cross", teacher_model=str(permuted_teacher), cross_tokenizer=True, **changes))
+    assert cross.setup().cross is not None  # the pair is "different": the cross path ran
+    cross.train()
+    a = pd.read_csv(tmp_path / "plain" / "history.csv")
+    b = pd.read_csv(tmp_path / "cross" / "history.csv")
+    for column in ("loss", "kd", "ce", "grad_norm", "eval_ppl", "eval_kd", "eval_top1_agreement"):
+        x, y = a[column].dropna(), b[column].dropna()
+        assert len(x) == len(y) > 0 and ((x - y).abs() <= 1e-5 * x.abs() + 1e-7).all(), column  # float32 sums
+    report = json.loads((tmp_path / "cross" / "alignment.json").read_text())
+    assert report["setup"]["aligned_fraction"] == 1.0 and report["setup"]["teacher_mass_mapped"] == pytest.approx(1.0)
+    assert report["training"]["aligned_fraction"] == 1.0
+
+
+def test_different_vocabularies_need_cross_tokenizer(tmp_path, metaspace_teacher):
+    with pytest.raises(ConfigError) as err:
+        Distiller(tiny(tmp_path, teacher_model=str(metaspace_teacher))).setup()
+    assert err.value.field == "cross_tokenizer" and "trains the student on noise" in str(err.value)
+    with pytest.raises(ConfigError) as err:
+        Distiller(
+            tiny(tmp_path, teacher_model=str(metaspace_teacher), cross_tokenizer=True, alpha_attention=0.1)
+        ).setup()
+    assert err.value.field == "alpha_attention"
+    with pytest.raises(ConfigError) as err:
+        tiny(tmp_path, cross_tokenizer=True, kd_top_k=8, teacher_cache=str(tmp_path))
+    assert err.value.field == "teacher_cache"
+
+
+def test_sentencepiece_teacher_trains_and_reports_alignment(tmp_path, metaspace_teacher):
+    run = Distiller(tiny(tmp_path, "sp", teacher_model=str(metaspace_teacher), cross_tokenizer=True, alpha_feature=0.1))
+    summary = run.train()
+    report = json.loads((tmp_path / "sp" / "alignment.json").read_text())
+    setup, training = report["setup"], report["training"]
+    assert 0.3 < setup["aligned_fraction"] < 1.0 and 0.0 < setup["teacher_mass_mapped"] <= 1.0
+    assert setup["teacher_vocab"] == 3000 and setup["student_vocab"] == 4096 and setup["shared_tokens"] > 1000
+    assert training["student_positions"] == summary["train_tokens"]
+    assert 0 < training["aligned_positions"] < training["student_positions"]
+    history = pd.read_csv(tmp_path / "sp" / "history.csv")
+    assert history["kd"].notna().all() and (history["kd"] > 0).all() and (history["feature"] > 0).all()
+    metrics = run.evaluate()
+    assert 0.0 <= metrics["top1_agreement"] <= 1.0 and math.isfinite(metrics["kd"])
+    assert math.isfinite(run.teacher_perplexity())
+
+
+def test_fused_and_uld_paths_across_vocabularies(tmp_path, metaspace_teacher):
+    common = dict(teacher_model=str(metaspace_teacher), cross_tokenizer=True, kd_top_k=32)
+    Distiller(tiny(tmp_path, "plain", **common)).train()
+    Distiller(tiny(tmp_path, "fused", fused_kd=True, loss_chunk_size=29, **common)).train()
+    a = pd.read_csv(tmp_path / "plain" / "history.csv")
+    b = pd.read_csv(tmp_path / "fused" / "history.csv")
+    for column in ("loss", "kd", "ce", "grad_norm"):
+        assert ((a[column] - b[column]).abs() / a[column].abs()).max() < 1e-4, column
+    Distiller(tiny(tmp_path, "uld", cross_tokenizer_loss="uld", **common)).train()
+    uld = pd.read_csv(tmp_path / "uld" / "history.csv")
+    assert (uld["kd"] > 0).all() and (uld["kd"] < 2).all()  # an L1 distance of probability vectors is < 2
+    with pytest.raises(ConfigError) as err:
+        Distiller(tiny(tmp_path, "bad", fused_kd=True, cross_tokenizer_loss="uld", **common)).setup()
+    assert err.value.field == "cross_tokenizer_loss"
