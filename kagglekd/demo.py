@@ -229,7 +229,8 @@ def evaluate_run(run_dir: Path) -> list[dict]:
         rows.insert(
             0,
             {
-                "model": "teacher",
+                # across vocabularies the teacher's perplexity is per teacher token: not comparable
+                "model": "teacher (ppl per teacher token)" if distiller.cross is not None else "teacher",
                 "eval_ppl": distiller.teacher_perplexity(),
                 "top1_agreement": 1.0,
                 "eval_tokens": metrics["tokens"],

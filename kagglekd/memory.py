@@ -171,7 +171,9 @@ def config_from_card(card: dict):
     return AutoConfig.for_model(model_type, **fields)
 
 
-TINY_PRESETS = ("tiny-moe", "tiny-random-moe", "tiny-random-dense")
+TINY_PRESETS = ("tiny-moe", "tiny-moe-8k", "tiny-random-moe", "tiny-random-dense")
+# tiny presets with a vocabulary of their own (kagglekd.models.OWN_TOKENIZERS): vocab size
+OWN_VOCAB = {"tiny-moe-8k": 8192}
 
 
 def resolve_model_config(name: str, vocab_size: int | None = None):
@@ -181,7 +183,7 @@ def resolve_model_config(name: str, vocab_size: int | None = None):
             from kagglekd import models
         except ImportError as err:  # models.py not present yet
             return None, f"kagglekd.models is not importable ({err})"
-        vocab = vocab_size or 4096
+        vocab = OWN_VOCAB.get(name) or vocab_size or 4096
         maker = models.tiny_dense_config if name == "tiny-random-dense" else models.tiny_moe_config
         return maker(vocab), "tiny preset"
     path = Path(name).expanduser()
