@@ -86,7 +86,7 @@ def test_requested_strategies_are_honoured_and_checked():
     assert slower.strategy == "split" and slower.severity == "warning" and slower.fix.startswith("strategy ddp")
     one_gpu = choose_strategy(config.replace(strategy="ddp"), gpu="T4", **models)
     assert one_gpu.severity == "error" and "needs two GPUs" in one_gpu.problem and one_gpu.strategy == "single"
-    cached = config.replace(strategy="split", teacher_cache="/tmp/cache", kd_top_k=64)
+    cached = config.replace(strategy="split", teacher_cache="/tmp/cache", kd_top_k=64, cross_tokenizer=False)
     assert "no live teacher" in choose_strategy(cached, gpu="T4x2", **models).problem
 
 
