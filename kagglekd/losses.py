@@ -361,11 +361,15 @@ def _valid_positions(labels: Tensor) -> Tensor:
 _CPU_BLOCK_BYTES = 1 << 19
 
 
-def _block_rows(vocab: int, chunk_size: int, device: torch.device) -> int:
-    """Rows per block: cache-sized on a CPU, ``chunk_size`` elsewhere (a GPU wants wide kernels)."""
+def _block_rows(vocab: int, chunk_size: int, device: torch.device, light: bool = False) -> int:
+    """Rows per block: cache-sized on a CPU, ``chunk_size`` elsewhere (a GPU wants wide kernels).
+
+    ``light``: the block keeps about half as many ``[rows, V]`` buffers alive (sparse teacher targets, CE),
+    so twice the rows fit, and fewer blocks mean less per-op overhead.
+    """
     if device.type != "cpu":
         return chunk_size
-    return max(1, min(chunk_size, _CPU_BLOCK_BYTES // (4 * vocab)))
+    return max(1, min(chunk_size, (_CPU_BLOCK_BYTES << light) // (4 * vocab)))
 
 
 def _scaled(logits: Tensor, temperature: float, dtype: torch.dtype) -> Tensor:
@@ -646,7 +650,8 @@ def kd_loss(
         def row_fn(start: int, end: int, need_grad: bool) -> tuple[Tensor, Tensor | None]:
             return _kd_rows(rows[start:end], _row_range(teacher_rows, start, end), need_grad=need_grad, **kd_kwargs)
 
-        block_rows = _block_rows(vocab, chunk_size, student_logits.device)
+        light = isinstance(teacher_rows, TeacherTopK)
+        block_rows = _block_rows(vocab, chunk_size, student_logits.device, light)
         total = _RowwiseLoss.apply(rows, row_fn, runs, block_rows, 1.0 / temperature)
     if scale_t2:
         total = total * (temperature**2)
@@ -675,7 +680,7 @@ def ce_loss(
     def row_fn(start: int, end: int, need_grad: bool) -> tuple[Tensor, Tensor | None]:
         return _ce_rows(rows[start:end], targets[start:end], need_grad)
 
-    total = _RowwiseLoss.apply(rows, row_fn, runs, _block_rows(vocab, chunk_size, logits.device), 1.0)
+    total = _RowwiseLoss.apply(rows, row_fn, runs, _block_rows(vocab, chunk_size, logits.device, light=True), 1.0)
     return total / _normaliser(num_items, valid)
 
 
@@ -729,7 +734,8 @@ def _fused_chunk(logits, teacher_rows, targets, need_grad, options):
     alpha_kd, alpha_ce, kd_scale = options["alpha_kd"], options["alpha_ce"], options["kd_scale"]
     kd_weight = alpha_kd * kd_scale / kd_kwargs["temperature"]
     kd_sums, ce_sums = [], []
-    block_rows = _block_rows(logits.shape[-1], logits.shape[0], logits.device)
+    light = alpha_kd == 0 or isinstance(teacher_rows, TeacherTopK)
+    block_rows = _block_rows(logits.shape[-1], logits.shape[0], logits.device, light)
     for start in range(0, logits.shape[0], block_rows):
         end = start + block_rows
         block, grad = logits[start:end], None
