@@ -25,9 +25,11 @@ teacher_activations    teacher forward without grad: one layer's transient tenso
                        when the feature loss is on; the whole saved graph under SAR (router gradients).
 student_logits         the student's [B, T, V_s] logits (activation dtype) and their gradient: 2 x b x V_s.
 teacher_logits         the teacher's [B, T, V_t] logits in its dtype, alive until top-k/KD is taken.
-kd_intermediates       per loss chunk of ``min(loss_chunk_size, B*T)`` tokens: student fp32 logits,
-                       log-probs and their gradient (3 x V_s x 4) plus teacher fp32 log-probs and probs
-                       (2 x V_t x 4, or the top-k + tail bucket). Full-vocab KD is the chunk = B*T case.
+kd_intermediates       per row block (``min(loss_chunk_size, B*T)`` rows on a GPU, about 0.5 MB of rows on a
+                       CPU): student fp32 logits, log-probs and their gradient (3 x V_s x 4) plus teacher fp32
+                       log-probs and probs (2 x V_t x 4, or the top-k + tail bucket); plus the gradient that
+                       kd_loss and ce_loss each compute in the forward pass and hold until backward
+                       ([B, T, V_s] in the logits' dtype, one per loss; none under fused_kd).
 sar_router_states      SAR: teacher router weights' grads + AdamW states + fp32 master copy.
 =====================  ==================================================================================
 
@@ -170,6 +172,9 @@ def config_from_card(card: dict):
     model_type = fields.pop("model_type")
     return AutoConfig.for_model(model_type, **fields)
 
+
+# Bytes of the [rows, V] buffers a CPU row block of the losses keeps within cache (kagglekd.losses).
+CPU_LOSS_BLOCK_BYTES = 1 << 19
 
 TINY_PRESETS = ("tiny-moe", "tiny-moe-8k", "tiny-random-moe", "tiny-random-dense")
 # tiny presets with a vocabulary of their own (kagglekd.models.OWN_TOKENIZERS): vocab size
@@ -397,18 +402,21 @@ def plan_memory(
     parts["teacher_activations"] = teacher_act
 
     parts["student_logits"] = tokens * student.vocab * b * 2  # the model's [B, T, V_s] logits and their gradient
+    chunk = min(config.loss_chunk_size, tokens)
+    # the losses walk the rows in blocks: a chunk on a GPU, cache-sized on a CPU (kagglekd.losses._block_rows)
+    block = chunk if on_gpu else max(1, min(chunk, CPU_LOSS_BLOCK_BYTES // (4 * student.vocab)))
+    held = (int(config.alpha_kd > 0) + int(config.alpha_ce > 0)) * tokens * student.vocab * b
     if config.alpha_kd > 0:
         parts["teacher_logits"] = tokens * teacher.vocab * bt
-        chunk = min(config.loss_chunk_size, tokens)
         teacher_width = (config.kd_top_k + 1) if config.kd_top_k else teacher.vocab
-        parts["kd_intermediates"] = chunk * (3 * student.vocab * 4 + 2 * teacher_width * 4)
+        parts["kd_intermediates"] = block * (3 * student.vocab * 4 + 2 * teacher_width * 4) + held
         kd_mode = "top-k" if config.kd_top_k else ("full" if chunk == tokens else "chunked")
     else:
         parts["teacher_logits"] = 0
-        chunk = min(config.loss_chunk_size, tokens)
-        parts["kd_intermediates"] = chunk * 3 * student.vocab * 4  # CE only
+        parts["kd_intermediates"] = block * 3 * student.vocab * 4 + held  # CE only
         kd_mode = "none"
     if config.fused_kd:
+        parts["kd_intermediates"] -= held  # the fused path holds no [B, T, V_s] gradient
         # lm_head + KD + CE in token chunks: no [B, T, V_s] logits or logit gradient; the fused function keeps
         # a float32 copy of the lm_head gradient [V_s, H] and of the hidden-state gradient [B, T, H] instead.
         parts["student_logits"] = 0
