@@ -8,6 +8,7 @@ the data position and the LR plan advance, so the LR logged is always ``plan.lr_
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -202,7 +203,6 @@ class Distiller:
             if self.vocab_relation == "different":
                 teacher_vocab = self.teacher.get_output_embeddings().weight.shape[0]
                 self.cross = alignment.CrossTokenizer(teacher_tokenizer, self.tokenizer, teacher_vocab=teacher_vocab)
-                self.alignment_stats = alignment.AlignmentStats()
         torch.manual_seed(cfg.seed)
         self.student = models.load_model(
             cfg.student_model,
@@ -401,6 +401,8 @@ class Distiller:
             "stopped_early": False,
             "last_eval": None,
             "balance": self.balance,
+            # cross-tokenizer: training positions seen, aligned, and teacher mass mapped (kept across resumes)
+            "alignment": dataclasses.asdict(alignment.AlignmentStats()),
         }
         extra = ["teacher_top_k"] if self.config.expert_top_k_start is not None else []
         self.history = HistoryWriter(self.output_dir / "history.csv", extra_columns=extra)
@@ -602,8 +604,13 @@ class Distiller:
             chunk_size=cfg.loss_chunk_size,
         )
         if torch.is_grad_enabled():
-            self.alignment_stats += stats
+            self._count_alignment(stats)
         return loss
+
+    def _count_alignment(self, stats: alignment.AlignmentStats) -> None:
+        totals = alignment.AlignmentStats(**self.state["alignment"])
+        totals += stats
+        self.state["alignment"] = dataclasses.asdict(totals)
 
     def _fused_loss(self, hidden, teacher, labels, aligned, num_items) -> tuple[torch.Tensor, dict]:
         """lm_head + KD + CE in token chunks. Across vocabularies the KD targets cover the aligned positions;
@@ -616,7 +623,7 @@ class Distiller:
             targets, kd_labels, stats = alignment.cross_targets(
                 targets, aligned, labels, self.cross.vocab_map, cfg.temperature, cfg.kd_top_k, cfg.loss_chunk_size
             )
-            self.alignment_stats += stats
+            self._count_alignment(stats)
         options = {**self._kd_options(), "top_k": None if aligned is not None else cfg.kd_top_k}
         common = {"num_items": num_items, "chunk_size": cfg.loss_chunk_size, "lm_head_bias": head.bias}
         total, parts = losses.fused_lm_head_kd(
@@ -954,7 +961,8 @@ class Distiller:
             "train_tokens": tokens,
         }
         if self.cross is not None:
-            summary["alignment"] = self.alignment_stats.to_dict()  # this process's training positions
+            # this process's training positions
+            summary["alignment"] = alignment.AlignmentStats(**self.state["alignment"]).to_dict()
             path = self.output_dir / "alignment.json"
             if self.is_main and self.write_run_dir:
                 report = json.loads(path.read_text()) if path.exists() else {}

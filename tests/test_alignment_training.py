@@ -110,3 +110,14 @@ def test_fused_and_uld_paths_across_vocabularies(tmp_path, metaspace_teacher):
     with pytest.raises(ConfigError) as err:
         Distiller(tiny(tmp_path, "bad", fused_kd=True, cross_tokenizer_loss="uld", **common)).setup()
     assert err.value.field == "cross_tokenizer_loss"
+
+
+def test_alignment_totals_survive_a_resume(tmp_path, metaspace_teacher):
+    config = tiny(tmp_path, "resumed", teacher_model=str(metaspace_teacher), cross_tokenizer=True, save_steps=1)
+    config = config.replace(resume="auto")
+    Distiller(config).train(max_steps=2)
+    summary = Distiller(config).train()  # resumes from step 2
+    assert summary["optimizer_steps"] == 3
+    assert summary["alignment"]["student_positions"] == summary["train_tokens"]
+    report = json.loads((tmp_path / "resumed" / "alignment.json").read_text())
+    assert report["training"] == summary["alignment"]
