@@ -1,8 +1,10 @@
-"""Training from a notebook over both GPUs: ``accelerate.notebook_launcher`` with the planner's strategy.
+"""Training from a notebook over both GPUs: the planner's strategy, launched from the notebook kernel.
 
 ``plan_launch(config)`` picks how ``02_train.ipynb`` trains: the planner's strategy (``memory.choose_strategy``)
-for this session's GPUs, and a launch mode, ``notebook_launcher`` (one forked process per GPU: ddp) or
-``in-process`` (one process: single, or split over two GPUs). ``train(plan)`` runs it and returns the summary.
+for this session's GPUs, and a launch mode: ``notebook_launcher`` (one forked process per GPU: ddp),
+``subprocess`` (torchrun in a child process group, one fresh process per GPU: ddp; its output and the live chart
+streamed into the notebook) or ``in-process`` (one process: single, or split over two GPUs). ``train(plan)`` runs
+it and returns the summary.
 
 notebook_launcher forks the workers, and a forked child cannot use CUDA once the parent has initialised it, so
 nothing in the notebook kernel may touch CUDA before the launch (accelerate's rule; ../shared/KAGGLE.md). What
@@ -18,18 +20,32 @@ does what, in torch 2.x (``torch/cuda/__init__.py``):
   calls it only on its one-process path, which does not fork.
 * ``torch.cuda.get_device_properties`` and anything that allocates initialise CUDA
   (``torch.cuda.is_initialized()`` becomes True). GPU names and memory come from ``nvidia-smi`` instead (a
-  subprocess, as accelerate's own ``get_gpu_info``), and ``plan_launch`` falls back to one process, saying why,
-  when an earlier cell (the doctor, a dry run, a previous in-process run) has initialised CUDA.
+  subprocess, as accelerate's own ``get_gpu_info``). When an earlier cell (the doctor, a dry run, a previous
+  in-process run; always so in the bundled kernel, which runs 00 and 01 first) has initialised CUDA,
+  ``plan_launch`` picks ``subprocess`` instead: torchrun's workers are new processes (fork + exec), not forks of
+  this kernel, so the kernel's CUDA state does not reach them.
 
 notebook_launcher returns nothing: with one process it calls the training function in this process (the
-summary is captured here); with several, rank 0 writes ``summary.json``, which is read back.
+summary is captured here); with several, rank 0 writes ``summary.json``, which is read back. ``subprocess``
+writes the config to ``<output_dir>/launch_config.json``, runs ``python -m torch.distributed.run --standalone
+--nproc_per_node N -m kagglekd train --config <that file>`` and reads rank 0's ``summary.json`` back; a failed
+child raises ``TrainingProcessError`` with its exit code, last output lines, failure report and newest checkpoint.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
+import queue
+import re
+import signal
+import site
 import subprocess
+import sys
+import threading
+import time
+from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,18 +61,46 @@ from kagglekd.memory import (
     live_teacher,
 )
 
-MODES = ("in-process", "notebook_launcher")
+MODES = ("in-process", "notebook_launcher", "subprocess")
+LAUNCH_CONFIG = "launch_config.json"  # the config a subprocess launch hands to `kagglekd train`, in the run dir
+CHILD_EXIT_MEANINGS = {
+    2: "unusable config or data (the child's `error:` line says which field or file)",
+    3: "the run stopped itself after too many non-finite steps (see failure_report.json)",
+}
 
 
 class LaunchError(KaggleKDError):
     """A multi-process launch that cannot work in this kernel; the message says why and what to do."""
 
 
+class TrainingProcessError(LaunchError):
+    """The training child of a ``subprocess`` launch exited non-zero. The attributes hold what the message shows:
+    torchrun's ``exit_code``, the failed worker's (``worker_exit_code``, None when unknown), the child's
+    ``last_lines``, the trainer's ``failure_report`` (None when it wrote none) and the newest ``checkpoint``."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        exit_code: int,
+        worker_exit_code: int | None,
+        last_lines: list[str],
+        failure_report: dict | None,
+        checkpoint: Path | None,
+    ):
+        super().__init__(message)
+        self.exit_code = exit_code
+        self.worker_exit_code = worker_exit_code
+        self.last_lines = last_lines
+        self.failure_report = failure_report
+        self.checkpoint = checkpoint
+
+
 @dataclass
 class LaunchPlan:
     """How a notebook trains ``config``: ``mode`` with ``processes``, the trainer told ``config.strategy``."""
 
-    mode: str  # in-process | notebook_launcher
+    mode: str  # in-process | notebook_launcher | subprocess
     processes: int
     config: DistillConfig  # the run's config, strategy resolved (ddp for several processes)
     gpu: str  # the GPU profile planned for
@@ -69,7 +113,11 @@ class LaunchPlan:
 
     def describe(self) -> str:
         head = f"launch: {self.mode}, {self.processes} process(es), strategy {self.strategy} on {self.gpu}"
-        return f"{head}: {self.reason}"
+        text = f"{head}: {self.reason}"
+        if self.mode == "subprocess":
+            config_path = Path(self.config.output_dir) / LAUNCH_CONFIG
+            text += f". Command: {' '.join(subprocess_command(config_path, self.processes, python='python'))}"
+        return text
 
 
 # ---- this session's GPUs, without initialising CUDA ------------------------------------------------------
@@ -141,9 +189,10 @@ def plan_launch(
     num_processes: int | None = None,
     gpu: str | GpuProfile | None = None,
 ) -> LaunchPlan:
-    """How to train ``config`` here. ``launch`` None lets the planner decide (notebook_launcher when its strategy
-    is ddp on several GPUs and CUDA is still untouched in this kernel, else in-process); ``num_processes`` None
-    takes the planner's; ``gpu`` None reads this session's GPUs (``session_profile``)."""
+    """How to train ``config`` here. ``launch`` None lets the planner decide: when its strategy is ddp on several
+    GPUs, notebook_launcher if CUDA is still untouched in this kernel, else subprocess (torchrun in fresh
+    processes); in-process otherwise. ``num_processes`` None takes the planner's; ``gpu`` None reads this
+    session's GPUs (``session_profile``)."""
     if launch is not None and launch not in MODES:
         raise ConfigError(f"LAUNCH = {launch!r}: one of {', '.join(MODES)} (or None: the planner decides).")
     if num_processes is not None and num_processes < 1:
@@ -170,12 +219,11 @@ def plan_launch(
     processes = 1 if launch == "in-process" else (num_processes or planned)
     mode = launch or ("notebook_launcher" if processes > 1 else "in-process")
     if processes > 1 and launch is None and _cuda_initialized():
-        mode, processes = "in-process", 1
+        mode = "subprocess"
         reason += (
-            ". But CUDA is already initialised in this kernel (an earlier cell used the GPU: the doctor, a dry run "
-            "or an in-process run), and notebook_launcher's forked workers could not use it: training in one "
-            "process. For both GPUs restart the kernel and run only the install cell and this notebook, or run "
-            "`!accelerate launch --multi_gpu --num_processes 2 -m kagglekd train --config <run dir>/train_config.json`"
+            ". CUDA is already initialised in this kernel (an earlier cell used the GPU: the doctor, a dry run or an "
+            "in-process run), so notebook_launcher's forked workers could not use it: training through torchrun in "
+            f"{processes} fresh processes started from here instead, their output and the live chart shown below"
         )
     if processes > 1:
         strategy = "ddp"
@@ -213,6 +261,10 @@ def train(
         return notebook_launch(
             config, num_processes=plan.processes, max_steps=max_steps, chart_every_s=chart_every_s, chart=chart
         )
+    if plan.mode == "subprocess":
+        return subprocess_launch(
+            config, num_processes=plan.processes, max_steps=max_steps, chart_every_s=chart_every_s, chart=chart
+        )
     results: list[dict] = []
     _train_worker(config.to_dict(), max_steps, chart_every_s, chart, results)
     return results[0]
@@ -248,9 +300,9 @@ def notebook_launch(
         if _cuda_initialized():
             raise LaunchError(
                 "CUDA is already initialised in this kernel (an earlier cell used the GPU), so the workers "
-                "notebook_launcher forks could not use it. Restart the kernel and run only the install cell and "
-                "02_train, or use one process (LAUNCH = 'in-process'), or run `!accelerate launch --multi_gpu "
-                f"--num_processes {num_processes} -m kagglekd train --config <run dir>/train_config.json`."
+                "notebook_launcher forks could not use it. Use LAUNCH = 'subprocess' (or None: the planner picks "
+                "it), which starts torchrun in fresh processes from here; or restart the kernel and run only the "
+                "install cell and 02_train; or use one process (LAUNCH = 'in-process')."
             )
         config = config.replace(strategy="ddp")
     results: list[dict] = []  # filled when the function runs in this process (one process)
@@ -262,8 +314,6 @@ def notebook_launch(
     )
     if results:
         return results[0]
-    import json
-
     return json.loads((Path(config.output_dir) / "summary.json").read_text())
 
 
@@ -280,3 +330,268 @@ def _train_worker(config_dict: dict, max_steps, chart_every_s: float, chart: boo
     if distiller.is_main:
         results.append(summary)
     return summary
+
+
+# ---- subprocess: torchrun in a child process group, streamed into the notebook ---------------------------
+def subprocess_command(
+    config_path: str | Path, num_processes: int, max_steps: int | None = None, *, python: str | None = None
+) -> list[str]:
+    """``torchrun --standalone --nproc_per_node N -m kagglekd train --config <config_path>`` spelled as
+    ``<python> -m torch.distributed.run`` (this interpreter by default): no reliance on PATH. ``--standalone``
+    lets torchrun pick a free local rendezvous port."""
+    command = [python or sys.executable, "-m", "torch.distributed.run", "--standalone"]
+    command += ["--nproc_per_node", str(num_processes), "-m", "kagglekd", "train", "--config", str(config_path)]
+    return command + (["--max-steps", str(max_steps)] if max_steps is not None else [])
+
+
+def child_env(progress_every_s: float = 30.0, extra: dict[str, str] | None = None) -> dict[str, str]:
+    """This kernel's environment for the training child, plus what the child needs to match it.
+
+    * ``kagglekd`` must import there as it does here: when the package is not in a site-packages folder (the
+      bundle's install cell puts it in a temporary folder on ``sys.path``; the staged install cell may put an
+      attached source folder there), that folder goes first on ``PYTHONPATH``.
+    * unbuffered output, so lines arrive while they happen;
+    * tqdm bars redrawn at most every ``progress_every_s`` seconds (``TQDM_MININTERVAL``): each redraw becomes a
+      line of the notebook's output, which must stay readable over a 12 h run.
+    """
+    import kagglekd
+
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "TQDM_MININTERVAL": str(max(progress_every_s, 0.1))}
+    kit_root = Path(kagglekd.__file__).resolve().parents[1]
+    site_dirs = {Path(d).resolve() for d in (*site.getsitepackages(), site.getusersitepackages())}
+    python_path = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
+    if kit_root not in site_dirs and kit_root not in {Path(p).resolve() for p in python_path}:
+        env["PYTHONPATH"] = os.pathsep.join([str(kit_root), *python_path])
+    return {**env, **(extra or {})}
+
+
+def subprocess_launch(
+    config: DistillConfig,
+    num_processes: int,
+    *,
+    max_steps: int | None = None,
+    chart_every_s: float = 30.0,
+    chart: bool = True,
+    tail_lines: int = 40,
+    env: dict[str, str] | None = None,
+    stop_grace_s: float = 30.0,
+) -> dict:
+    """Train ``config`` with torchrun in a child process group and return rank 0's summary.
+
+    The config goes to ``<output_dir>/launch_config.json``; ``subprocess_command`` runs it with ``num_processes``
+    fresh processes (ddp when several: strategy set here), so CUDA initialised in this kernel does not matter.
+    The child's output is written here line by line; every ``chart_every_s`` seconds (and at the end) the live
+    chart is redrawn from the run's ``history.csv`` (rank 0 appends a row per optimizer step) through
+    ``plots.LiveChart``: a PNG in the run dir and one display handle, which "Save & Run All" keeps. A non-zero
+    exit raises ``TrainingProcessError``; an interrupt (KeyboardInterrupt) stops the child's process group before
+    it propagates. ``env``: extra environment variables for the child (``child_env``). When CUDA is initialised
+    here, this kernel's cached GPU memory is released first (``env.free_accelerator_memory``); its CUDA context
+    (a few hundred MiB on the GPUs it used) stays.
+    """
+    from kagglekd.plots import LiveChart
+
+    if num_processes > 1:
+        if config.strategy not in ("auto", "ddp"):
+            raise ConfigError(
+                f"strategy {config.strategy} runs in one process; a subprocess launch with {num_processes} processes "
+                "runs ddp. Set strategy ddp (or auto), or num_processes 1.",
+                field="strategy",
+            )
+        config = config.replace(strategy="ddp")
+    if _cuda_initialized():  # what earlier cells left in this kernel's CUDA cache goes back to the child
+        from kagglekd.env import free_accelerator_memory
+
+        free_accelerator_memory()
+    run_dir = Path(config.output_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    config_path = run_dir / LAUNCH_CONFIG
+    config.to_json(config_path)
+    command = subprocess_command(config_path, num_processes, max_steps)
+    live = LiveChart(run_dir, every_s=chart_every_s) if chart else None
+    last_lines: deque[str] = deque(maxlen=tail_lines)
+    kit_errors: list[str] = []  # the kit's own one-line reasons (`error: ...`, `stopped: ...`), from any rank
+    _echo(f"$ {' '.join(command)}")
+    started = time.time()
+    child = subprocess.Popen(
+        command,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+        text=True,  # universal newlines: a tqdm redraw (\r) ends a line too
+        encoding="utf-8",
+        errors="replace",
+        env=child_env(chart_every_s, env),
+        start_new_session=True,  # its own process group: stopped as one, and a notebook interrupt is ours to handle
+    )
+    lines: queue.Queue[str | None] = queue.Queue()
+    reader = threading.Thread(target=_pump, args=(child.stdout, lines), daemon=True)
+    reader.start()
+    chart_state = {"mtime": None}
+    next_chart = time.monotonic() + chart_every_s
+    try:
+        while True:
+            try:
+                line = lines.get(timeout=min(1.0, max(chart_every_s, 0.05)))
+            except queue.Empty:
+                line = ""
+            if line is None:  # end of output: every process holding the pipe is gone
+                break
+            if line.strip():
+                last_lines.append(line)
+                _echo(line)
+                if line.startswith(("error: ", "stopped: ")) and line not in kit_errors:
+                    kit_errors.append(line)
+            if live is not None and time.monotonic() >= next_chart:
+                _refresh_chart(live, run_dir, started, chart_state)
+                next_chart = time.monotonic() + chart_every_s
+        exit_code = child.wait()
+    except KeyboardInterrupt:
+        _stop_process_group(child, stop_grace_s)
+        newest = _newest_checkpoint(run_dir)
+        _echo(
+            f"interrupted: stopped the training processes; newest checkpoint: {newest or 'none yet'} "
+            "(train again with resume='auto' to continue from it)"
+        )
+        raise
+    finally:
+        if child.poll() is None:  # an error here (not the child's): leave no orphaned training processes
+            _stop_process_group(child, stop_grace_s)
+        reader.join(timeout=10.0)  # the pipe has ended (or is about to, its writers gone)
+        if child.stdout is not None:
+            child.stdout.close()
+    if live is not None:
+        _refresh_chart(live, run_dir, started, chart_state)
+    summary_path = run_dir / "summary.json"
+    if _written_since(summary_path, started):  # rank 0 finished: it writes summary.json after everything else
+        if exit_code != 0:
+            # Seen now and then on CPU (gloo): a worker aborts at interpreter exit ("terminate called without an
+            # active exception"; nothing destroys the process group) after training is over. The files are complete.
+            worker = _worker_exit_code(list(last_lines))
+            _echo(
+                f"note: torchrun exited with code {exit_code}"
+                + (f" (a worker exited with code {worker})" if worker is not None else "")
+                + f" after rank 0 had finished and written {summary_path}: the run is complete"
+            )
+        return json.loads(summary_path.read_text())
+    raise _training_process_error(exit_code, list(last_lines), kit_errors, run_dir, started)
+
+
+def _echo(line: str) -> None:
+    """One line of the child's output into this cell's output (the notebook's stdout)."""
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+
+
+def _pump(stream, lines: queue.Queue) -> None:
+    """Reader thread: the child's output lines into ``lines``, then None at its end."""
+    try:
+        for line in stream:
+            lines.put(line.rstrip("\n"))
+    except (OSError, ValueError):  # the pipe closed under us (the child was stopped)
+        pass
+    finally:
+        lines.put(None)
+
+
+def _written_since(path: Path, started: float) -> bool:
+    """``path`` exists and was written by this launch (not a file of an earlier run in the same dir)."""
+    try:
+        return path.stat().st_mtime >= started - 1.0  # 1 s of slack for coarse file-system clocks
+    except OSError:
+        return False
+
+
+def _refresh_chart(live, run_dir: Path, started: float, state: dict) -> bool:
+    """Redraw ``live`` (a ``plots.LiveChart``) from ``run_dir/history.csv`` when the file changed since the last
+    redraw and belongs to this launch. False when there was nothing (new) to draw."""
+    import pandas as pd
+
+    from kagglekd.metrics import read_history
+
+    path = run_dir / "history.csv"
+    try:
+        mtime = path.stat().st_mtime
+    except OSError:
+        return False
+    if mtime == state.get("mtime") or not _written_since(path, started):
+        return False
+    try:
+        history = read_history(run_dir)
+    except (OSError, pd.errors.EmptyDataError, pd.errors.ParserError):  # caught mid-write: next time
+        return False
+    if history.empty:
+        return False
+    state["mtime"] = mtime
+    live.rows = history.to_dict("records")
+    live.render()
+    return True
+
+
+def _stop_process_group(child: subprocess.Popen, grace_s: float) -> None:
+    """SIGTERM to the child's process group (torchrun forwards it to its workers), SIGKILL after ``grace_s``."""
+    for sig, wait_s in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 10.0)):
+        try:
+            os.killpg(child.pid, sig)
+        except (ProcessLookupError, PermissionError):
+            pass
+        try:
+            child.wait(timeout=wait_s)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+def _newest_checkpoint(run_dir: Path) -> Path | None:
+    from kagglekd.trainer import latest_checkpoint
+
+    return latest_checkpoint(run_dir / "checkpoints")
+
+
+def _worker_exit_code(lines: list[str]) -> int | None:
+    """The failed worker's exit code from torchrun's ChildFailedError report (its "Root Cause" entry)."""
+    text = "\n".join(lines)
+    text = text[text.find("Root Cause") :] if "Root Cause" in text else text
+    found = re.search(r"exitcode\s*:\s*(-?\d+)", text)
+    return int(found.group(1)) if found else None
+
+
+def _training_process_error(
+    exit_code: int, last_lines: list[str], kit_errors: list[str], run_dir: Path, started: float
+) -> TrainingProcessError:
+    worker_code = _worker_exit_code(last_lines)
+    report_path = run_dir / "failure_report.json"
+    report = None
+    if _written_since(report_path, started):
+        try:
+            report = json.loads(report_path.read_text())
+        except (OSError, json.JSONDecodeError):
+            report = None
+    checkpoint = _newest_checkpoint(run_dir)
+    if exit_code == 0:
+        head = f"the training child exited 0 but wrote no {run_dir / 'summary.json'}"
+    else:
+        head = f"the training child exited with code {exit_code}"
+        if worker_code is not None and worker_code != exit_code:
+            head += f" (a worker exited with code {worker_code})"
+        meaning = CHILD_EXIT_MEANINGS.get(worker_code if worker_code is not None else exit_code)
+        if meaning:
+            head += f": {meaning}"
+    parts = [head + "."]
+    if kit_errors:
+        parts.append("kagglekd said:\n  " + "\n  ".join(kit_errors))
+    if report is not None:
+        parts.append(f"failure report {report_path}:\n  {json.dumps(report, default=str)}")
+    parts.append(
+        f"newest checkpoint: {checkpoint} (nothing is lost: train again with resume='auto' to continue from it)"
+        if checkpoint
+        else "no checkpoint was written yet."
+    )
+    parts.append(f"last {len(last_lines)} lines of its output:\n  " + "\n  ".join(last_lines))
+    return TrainingProcessError(
+        "\n".join(parts),
+        exit_code=exit_code,
+        worker_exit_code=worker_code,
+        last_lines=last_lines,
+        failure_report=report,
+        checkpoint=checkpoint,
+    )

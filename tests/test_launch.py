@@ -71,15 +71,32 @@ def test_plan_launch_modes_and_the_strategy_the_trainer_gets(monkeypatch):
     assert (cpu.mode, cpu.processes, cpu.strategy) == ("in-process", 1, "single")
     assert launch.plan_launch(config, launch="notebook_launcher", gpu="cpu").processes == 1
     assert launch.plan_launch(config.replace(strategy="split"), gpu="T4x2").strategy == "split"  # honoured
-    # an earlier cell used the GPU: notebook_launcher cannot fork usable workers, so one process, and why
+    # an earlier cell used the GPU: notebook_launcher cannot fork usable workers, so torchrun in fresh processes
     monkeypatch.setattr(launch, "_cuda_initialized", lambda: True)
     fallback = launch.plan_launch(config, gpu="T4x2")
-    assert (fallback.mode, fallback.processes, fallback.strategy) == ("in-process", 1, "split")
-    assert "already initialised" in fallback.reason and "accelerate launch --multi_gpu" in fallback.reason
-    with pytest.raises(launch.LaunchError, match="Restart the kernel"):
+    assert (fallback.mode, fallback.processes, fallback.strategy) == ("subprocess", 2, "ddp")
+    assert "already initialised" in fallback.reason
+    assert "-m torch.distributed.run --standalone --nproc_per_node 2 -m kagglekd train --config" in fallback.describe()
+    assert launch.plan_launch(config, launch="in-process", gpu="T4x2").mode == "in-process"  # asked for: honoured
+    with pytest.raises(launch.LaunchError, match="LAUNCH = 'subprocess'"):
         launch.notebook_launch(config, num_processes=2)
     with pytest.raises(launch.ConfigError, match="LAUNCH"):
         launch.plan_launch(config, launch="torchrun")
+
+
+def test_the_session_planner_picks_subprocess_on_two_t4s_once_cuda_is_initialised(monkeypatch):
+    """What the bundled kernel meets in 02: a T4 x2 session whose kernel ran the doctor and the dry run."""
+    config = DistillConfig.load("tiny-cpu")
+    monkeypatch.setattr(launch, "gpu_count", lambda: 2)
+    monkeypatch.setattr(launch, "_nvidia_smi", lambda: [("Tesla T4", 15360), ("Tesla T4", 15360)])
+    monkeypatch.setattr(launch, "_cuda_initialized", lambda: False)
+    fresh = launch.plan_launch(config)
+    assert (fresh.mode, fresh.processes, fresh.strategy, fresh.gpu) == ("notebook_launcher", 2, "ddp", "T4x2")
+    monkeypatch.setattr(launch, "_cuda_initialized", lambda: True)
+    used = launch.plan_launch(config)
+    assert (used.mode, used.processes, used.strategy, used.gpu) == ("subprocess", 2, "ddp", "T4x2")
+    explicit = launch.plan_launch(config, launch="subprocess", num_processes=2, gpu="cpu")
+    assert (explicit.mode, explicit.processes, explicit.strategy) == ("subprocess", 2, "ddp")
 
 
 def test_notebook_launch_with_one_process_trains_here(tmp_path, use_kit_cache, capsys):
@@ -125,3 +142,113 @@ def test_notebook_launch_with_two_processes_forks_ddp_workers(tmp_path, kagglekd
     history = pd.read_csv(tmp_path / "run" / "history.csv")
     assert len(history) == 2 and not list((tmp_path / "run").glob("history*.csv.*"))
     assert json.loads((tmp_path / "run" / "config.json").read_text())["strategy"] == "ddp"
+
+
+@pytest.mark.slow
+def test_subprocess_launch_trains_two_ddp_processes_and_redraws_the_chart(tmp_path, use_kit_cache, monkeypatch, capsys):
+    """torchrun with two gloo processes on CPU, started from this process: one run dir written by rank 0, the
+    summary read back, the child's output streamed here and the live chart redrawn from history.csv."""
+    from kagglekd import plots
+
+    drawn: list[int] = []
+    render = plots.LiveChart.render
+
+    def recording_render(self):
+        drawn.append(len(self.rows))
+        return render(self)
+
+    monkeypatch.setattr(plots.LiveChart, "render", recording_render)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    run = tmp_path / "run"
+    config = DistillConfig.from_dict({**TINY_RUN, "batch_size": 2, "max_steps": 2, "output_dir": str(run)})
+    plan = launch.plan_launch(config, launch="subprocess", num_processes=2, gpu="cpu")
+    summary = launch.train(plan, chart_every_s=0)
+    assert summary == json.loads((run / "summary.json").read_text())
+    assert summary["optimizer_steps"] == 2
+    # both ranks trained (as in the notebook_launcher test): each step holds 2 processes x batch 2 x 32 tokens
+    assert summary["train_tokens"] == 2 * 2 * 2 * TINY_RUN["max_length"]
+    history = pd.read_csv(run / "history.csv")
+    assert len(history) == 2 and not list(run.glob("history*.csv.*"))
+    assert json.loads((run / launch.LAUNCH_CONFIG).read_text())["strategy"] == "ddp"
+    assert drawn and drawn[-1] == 2 and min(drawn) >= 1  # only ever drawn with rows of this run
+    assert (run / "live_chart.png").stat().st_size > 5000
+    out = capsys.readouterr().out
+    assert "-m torch.distributed.run --standalone --nproc_per_node 2" in out and '"optimizer_steps": 2' in out
+
+
+def test_a_training_child_rejected_at_setup_raises_with_the_exit_codes_and_its_lines(tmp_path, use_kit_cache):
+    """A real torchrun child whose trainer refuses the config (split needs a second GPU): torchrun exits 1, the
+    worker 2; the kit's own `error:` line is named even when torchrun's traceback fills the last lines."""
+    config = DistillConfig.from_dict(
+        {**TINY_RUN, "max_steps": 2, "strategy": "split", "output_dir": str(tmp_path / "run")}
+    )
+    with pytest.raises(launch.TrainingProcessError) as caught:
+        launch.subprocess_launch(config, num_processes=1, chart_every_s=0)
+    err = caught.value
+    assert (err.exit_code, err.worker_exit_code) == (1, 2)
+    assert "exited with code 1 (a worker exited with code 2): unusable config" in str(err)
+    assert "error: strategy split puts the teacher on a second GPU" in str(err)
+    assert err.last_lines and err.last_lines[-1] in str(err) and err.checkpoint is None
+
+
+FAILING_CHILD = """
+import json, sys
+from pathlib import Path
+run = Path(sys.argv[1])
+(run / "checkpoints" / "step-4").mkdir(parents=True)
+(run / "checkpoints" / "step-4" / "trainer_state.json").write_text("{}")
+(run / "failure_report.json").write_text(json.dumps({"reason": "3 optimizer steps in a row were non-finite"}))
+for i in range(60):
+    print(f"line {i}")
+print("stopped: training stopped at step 7", file=sys.stderr)
+sys.exit(3)
+"""
+
+
+def test_a_failing_child_raises_with_the_failure_report_and_the_newest_checkpoint(tmp_path, monkeypatch, capsys):
+    run = tmp_path / "run"
+    monkeypatch.setattr(
+        launch, "subprocess_command", lambda *args, **kwargs: [sys.executable, "-c", FAILING_CHILD, str(run)]
+    )
+    config = DistillConfig.from_dict({**TINY_RUN, "output_dir": str(run)})
+    with pytest.raises(launch.TrainingProcessError) as caught:
+        launch.subprocess_launch(config, num_processes=2, chart_every_s=0, tail_lines=10)
+    err = caught.value
+    message = str(err)
+    assert err.exit_code == 3 and err.worker_exit_code is None
+    assert "exited with code 3: the run stopped itself" in message
+    assert err.failure_report == {"reason": "3 optimizer steps in a row were non-finite"} and "in a row" in message
+    assert err.checkpoint == run / "checkpoints" / "step-4" and f"newest checkpoint: {err.checkpoint}" in message
+    assert err.last_lines == [f"line {i}" for i in range(51, 60)] + ["stopped: training stopped at step 7"]
+    assert "line 51" in message and "line 50" not in message
+    assert "line 0" in capsys.readouterr().out  # every line was streamed while it ran
+
+
+def test_the_child_finds_the_kit_where_this_kernel_found_it(tmp_path, monkeypatch):
+    """The bundle's install cell puts the kit in a temporary folder on sys.path: the child gets it on PYTHONPATH
+    (once), while a kit in site-packages adds nothing."""
+    import kagglekd
+
+    kit = tmp_path / "kagglekd-kit-x" / "site"
+    monkeypatch.setattr(kagglekd, "__file__", str(kit / "kagglekd" / "__init__.py"))
+    monkeypatch.setenv("PYTHONPATH", "/elsewhere")
+    env = launch.child_env(30, {"KAGGLEKD_CACHE": "/cache"})
+    assert env["PYTHONPATH"].split(os.pathsep) == [str(kit.resolve()), "/elsewhere"]
+    assert (env["KAGGLEKD_CACHE"], env["PYTHONUNBUFFERED"], env["TQDM_MININTERVAL"]) == ("/cache", "1", "30")
+    monkeypatch.setenv("PYTHONPATH", env["PYTHONPATH"])
+    assert launch.child_env()["PYTHONPATH"] == env["PYTHONPATH"]
+    site_packages = Path(__import__("site").getsitepackages()[0])
+    monkeypatch.setattr(kagglekd, "__file__", str(site_packages / "kagglekd" / "__init__.py"))
+    monkeypatch.delenv("PYTHONPATH")
+    assert "PYTHONPATH" not in launch.child_env()
+
+
+def test_a_worker_crash_after_rank_zero_wrote_its_summary_still_returns_the_summary(tmp_path, monkeypatch, capsys):
+    """A gloo worker may abort at interpreter exit after training: the run's files are complete, so no error."""
+    run = tmp_path / "run"
+    child = f"import pathlib, sys; pathlib.Path({str(run / 'summary.json')!r}).write_text('{{\"optimizer_steps\": 2}}')"
+    child += "; print('terminate called without an active exception'); sys.exit(1)"
+    monkeypatch.setattr(launch, "subprocess_command", lambda *args, **kwargs: [sys.executable, "-c", child])
+    summary = launch.subprocess_launch(DistillConfig.from_dict({**TINY_RUN, "output_dir": str(run)}), 2, chart=False)
+    assert summary == {"optimizer_steps": 2}
+    assert "torchrun exited with code 1 after rank 0 had finished" in capsys.readouterr().out
