@@ -27,12 +27,14 @@ def run_demo(
     preset: str = "tiny-cpu",
     echo: Callable[[str], None] | None = None,
     cross_tokenizer: bool = False,
+    cross_teacher: str | None = None,
 ) -> dict:
     """Run the KD student and its CE-only twin; return (and write) ``results.json``.
 
     ``cross_tokenizer=True`` swaps the teacher for ``tiny-moe-8k``: the same tiny Qwen3-MoE recipe trained
     with its own 8192-token tokenizer (digits split, like Qwen's), so no token id means the same on both
-    sides and KD runs through the offset alignment. Its perplexity is per teacher token.
+    sides and KD runs through the offset alignment. Its perplexity is per teacher token. ``cross_teacher``
+    replaces that teacher (tests use a tiny random one).
     """
     from kagglekd import models, plots
     from kagglekd.trainer import Distiller
@@ -45,8 +47,8 @@ def run_demo(
         base = base.replace(max_steps=max_steps)
     teacher_name = "teacher (tiny Qwen3-MoE)"
     if cross_tokenizer:
-        base = base.replace(teacher_model=models.TINY_MOE_8K, cross_tokenizer=True)
-        teacher_name = "teacher (tiny Qwen3-MoE, own 8k vocab; ppl per teacher token)"
+        base = base.replace(teacher_model=cross_teacher or models.TINY_MOE_8K, cross_tokenizer=True)
+        teacher_name = f"teacher ({base.teacher_model}, own vocabulary; ppl per teacher token)"
 
     started = time.perf_counter()
     echo(f"1/4 teacher: pretrained tiny Qwen3-MoE {base.teacher_model} (built and cached on first use)")

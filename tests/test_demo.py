@@ -49,3 +49,25 @@ def test_ablation_table(tmp_path, tiny_preset):
     assert list(frame.columns) == ["variant", "eval_ppl", "top1_agreement", "tokens_per_s"]
     assert list(frame["variant"]) == list(ABLATION_VARIANTS) and frame["eval_ppl"].notna().all()
     assert len(table) == len(ABLATION_VARIANTS) and (tmp_path / "demo" / "ablation.png").stat().st_size > 0
+
+
+def test_cross_tokenizer_demo(tmp_path, tiny_preset):
+    from transformers import AutoTokenizer
+
+    from kagglekd import data, models
+
+    tokenizer = AutoTokenizer.from_pretrained(data.demo_tokenizer(3000, pre_tokenizer="whitespace-digits"))
+    teacher = tmp_path / "teacher"
+    models.tiny_random_moe(len(tokenizer), seed=0).save_pretrained(teacher)
+    tokenizer.save_pretrained(teacher)
+    out = tmp_path / "cross"
+    results = run_demo(
+        output_dir=out, preset=str(tiny_preset), echo=lambda _: None, cross_tokenizer=True, cross_teacher=str(teacher)
+    )
+    setup = results["alignment"]["setup"]
+    assert results["cross_tokenizer"] and 0 < setup["aligned_fraction"] < 1 and setup["teacher_vocab"] == 3000
+    assert "per teacher token" in (out / "results.md").read_text()
+    rows = evaluate_run(out / "kd")
+    assert rows[0]["model"] == "teacher (ppl per teacher token)"
+    assert rows[0]["eval_ppl"] == pytest.approx(results["teacher_ppl"], rel=1e-5)
+    assert rows[-1]["top1_agreement"] == pytest.approx(results["kd_top1_agreement"], rel=1e-5)
