@@ -29,7 +29,8 @@ kd_intermediates       per row block (``min(loss_chunk_size, B*T)`` rows on a GP
                        CPU): student fp32 logits, log-probs and their gradient (3 x V_s x 4) plus teacher fp32
                        log-probs and probs (2 x V_t x 4, or the top-k + tail bucket); plus the gradient that
                        kd_loss and ce_loss each compute in the forward pass and hold until backward
-                       ([B, T, V_s] in the logits' dtype, one per loss; none under fused_kd).
+                       ([B, T, V_s] in the logits' dtype, one per loss; none under fused_kd). With
+                       cross_tokenizer: the mapped targets ([B*T, shared or top-k] ids + log-probs) too.
 sar_router_states      SAR: teacher router weights' grads + AdamW states + fp32 master copy.
 =====================  ==================================================================================
 
@@ -415,6 +416,11 @@ def plan_memory(
         parts["teacher_logits"] = 0
         parts["kd_intermediates"] = block * 3 * student.vocab * 4 + held  # CE only
         kd_mode = "none"
+    if config.cross_tokenizer and config.alpha_kd > 0:
+        # mapped targets for every position (int64 student ids + float32 log-probs over the shared tokens, or
+        # top-k of them) and one row chunk of the teacher's float32 log-probs and probabilities while mapping
+        width = min(config.kd_top_k or student.vocab, student.vocab)
+        parts["kd_intermediates"] += tokens * width * (8 + 4) + chunk * teacher.vocab * 4 * 2
     if config.fused_kd:
         parts["kd_intermediates"] -= held  # the fused path holds no [B, T, V_s] gradient
         # lm_head + KD + CE in token chunks: no [B, T, V_s] logits or logit gradient; the fused function keeps

@@ -273,3 +273,23 @@ def test_fused_kd_plans_no_student_logits():
     plain = plan_memory(config.replace(fused_kd=False), gpu="T4x2", teacher_cfg=teacher, student_cfg=student)
     assert fused.parts["student_logits"] == 0 < plain.parts["student_logits"]
     assert fused.total < plain.total
+
+
+def test_cross_tokenizer_targets_are_planned():
+    from kagglekd.config import DistillConfig
+    from kagglekd.memory import plan_memory, resolve_model_config
+
+    config = DistillConfig.load("smollm-135m-from-huihui-moe-t4x2")
+    (teacher, _), (student, _) = resolve_model_config(config.teacher_model), resolve_model_config(config.student_model)
+    kw = dict(gpu="T4x2", teacher_cfg=teacher, student_cfg=student)
+    cross = plan_memory(config, **kw)
+    plain = plan_memory(config.replace(cross_tokenizer=False), **kw)
+    tokens, chunk = config.batch_size * config.max_length, min(config.loss_chunk_size, 8 * 384)
+    expected = tokens * config.kd_top_k * 12 + chunk * teacher.vocab_size * 8
+    assert cross.parts["kd_intermediates"] - plain.parts["kd_intermediates"] == expected
+    full = plan_memory(config.replace(kd_top_k=None), **kw)
+    assert (
+        full.parts["kd_intermediates"]
+        - plan_memory(config.replace(kd_top_k=None, cross_tokenizer=False), **kw).parts["kd_intermediates"]
+        == tokens * student.vocab_size * 12 + chunk * teacher.vocab_size * 8
+    )
