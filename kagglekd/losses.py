@@ -724,8 +724,10 @@ __all__ = [
 # recomputed in the backward pass (unlike checkpointed chunks, which run every chunk's forward twice).
 
 
-def _fused_chunk(logits, teacher_rows, targets, need_grad, options):
+def _fused_chunk(logits, teacher_rows, targets, need_grad, options, kd_mask=None):
     """The chunk's KD sum, CE sum and d(weighted loss)/d logits ``[c, V]`` (None without grad).
+
+    ``kd_mask`` ``[c]`` bool (None = all): rows whose KD term counts; the others contribute CE only.
 
     The closed forms of ``_kd_rows`` and ``_ce_rows`` (d CE / dz = softmax(z) - onehot(label)), in cache-sized
     row blocks. The gradient overwrites ``logits`` block by block (the chunk's logits are not needed again).
@@ -741,6 +743,11 @@ def _fused_chunk(logits, teacher_rows, targets, need_grad, options):
         block, grad = logits[start:end], None
         if alpha_kd != 0:
             values, grad = _kd_rows(block, _row_range(teacher_rows, start, end), need_grad=need_grad, **kd_kwargs)
+            if kd_mask is not None:  # where, not a product: a masked row's placeholder targets may give inf
+                keep = kd_mask[start:end]
+                values = values.masked_fill(~keep, 0.0)
+                if need_grad:
+                    grad.masked_fill_(~keep.unsqueeze(-1), 0.0)
             kd_sums.append(values.sum())
             if need_grad:
                 grad.mul_(kd_weight)
@@ -791,7 +798,10 @@ class _FusedLMHeadKD(torch.autograd.Function):
                     teacher_rows = teacher_dense[chunk]
                 else:
                     teacher_rows = TeacherTopK(top_indices[chunk], top_logprobs[chunk], top_tail[chunk])
-            kd_sum, ce_sum, grad_logits = _fused_chunk(logits, teacher_rows, targets[chunk], need_grad, options)
+            kd_mask = options["kd_mask"][chunk] if options["kd_mask"] is not None else None
+            kd_sum, ce_sum, grad_logits = _fused_chunk(
+                logits, teacher_rows, targets[chunk], need_grad, options, kd_mask
+            )
             if need_grad:
                 if need_hidden:
                     grad_hidden[chunk] = grad_logits @ weight_c
@@ -835,13 +845,17 @@ def fused_lm_head_kd(
     num_items: int | float | Tensor | None = None,
     chunk_size: int = 1024,
     lm_head_bias: Tensor | None = None,
+    kd_mask: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """KD + CE straight from the student's last hidden states, without the ``[B, T, V]`` student logits.
 
     ``hidden`` ``[B, T, H]`` (any float dtype; cast to float32 per chunk), ``lm_head_weight`` ``[V, H]``
     (the embedding matrix when embeddings are tied: its gradient from here adds to the embedding's),
     ``teacher`` dense logits ``[B, T, V]`` or a ``TeacherTopK`` with leading shape ``[B, T]`` (None is
-    allowed when ``alpha_kd == 0``), ``labels`` ``[B, T]`` with ``-100`` ignored; ``lm_head_bias`` ``[V]``.
+    allowed when ``alpha_kd == 0``), ``labels`` ``[B, T]`` with ``-100`` ignored; ``lm_head_bias`` ``[V]``;
+    ``kd_mask`` ``[B, T]`` bool (None = every valid position): where the KD term counts, e.g. the positions a
+    cross-tokenizer alignment covers; CE always covers every valid position (``kd`` then equals
+    ``kd_loss(logits, teacher, labels masked to kd_mask, num_items=...)``).
 
     Returns ``(total, {"kd": kd, "ce": ce})`` where, with ``logits = hidden @ lm_head_weight.T + bias``,
     ``kd == kd_loss(logits, teacher, labels, ...)`` (T² scaling and ``num_items`` normalisation included),
@@ -897,6 +911,7 @@ def fused_lm_head_kd(
         "alpha_ce": float(alpha_ce),
         "kd_scale": kd_scale,
         "chunk_size": chunk_size,
+        "kd_mask": kd_mask.reshape(-1) if kd_mask is not None and alpha_kd != 0 else None,
         "kd_kwargs": {
             "temperature": temperature, "divergence": divergence, "beta": beta, "skew_alpha": skew_alpha,
             "top_k": top_k,

@@ -613,37 +613,31 @@ class Distiller:
         self.state["alignment"] = dataclasses.asdict(totals)
 
     def _fused_loss(self, hidden, teacher, labels, aligned, num_items) -> tuple[torch.Tensor, dict]:
-        """lm_head + KD + CE in token chunks. Across vocabularies the KD targets cover the aligned positions;
-        CE on the unaligned ones runs as a second, CE-only pass over just those positions."""
+        """lm_head + KD + CE in token chunks. Across vocabularies the KD term covers the aligned positions only
+        (``kd_mask``); CE covers every valid one."""
         cfg = self.config
         head = self.accelerator.unwrap_model(self.student).get_output_embeddings()
         targets = teacher["logits"] if teacher and cfg.alpha_kd > 0 else None
-        kd_labels = labels
+        kd_mask, top_k = None, cfg.kd_top_k
         if aligned is not None and targets is not None:
             targets, kd_labels, stats = alignment.cross_targets(
                 targets, aligned, labels, self.cross.vocab_map, cfg.temperature, cfg.kd_top_k, cfg.loss_chunk_size
             )
             self._count_alignment(stats)
-        options = {**self._kd_options(), "top_k": None if aligned is not None else cfg.kd_top_k}
-        common = {"num_items": num_items, "chunk_size": cfg.loss_chunk_size, "lm_head_bias": head.bias}
-        total, parts = losses.fused_lm_head_kd(
+            kd_mask, top_k = kd_labels != -100, None  # the mapped targets already hold the top-k
+        return losses.fused_lm_head_kd(
             hidden,
             head.weight,
             targets,
-            kd_labels,
+            labels,
             alpha_kd=self._weight("kd"),
             alpha_ce=self._weight("ce"),
-            **options,
-            **common,
+            **{**self._kd_options(), "top_k": top_k},
+            num_items=num_items,
+            chunk_size=cfg.loss_chunk_size,
+            lm_head_bias=head.bias,
+            kd_mask=kd_mask,
         )
-        rest = labels.masked_fill(kd_labels != -100, -100)
-        if kd_labels is not labels and self._weight("ce") > 0 and bool((rest != -100).any()):
-            rest_total, rest_parts = losses.fused_lm_head_kd(
-                hidden, head.weight, None, rest, alpha_kd=0.0, alpha_ce=self._weight("ce"), **options, **common
-            )
-            total = total + rest_total
-            parts = {"kd": parts["kd"], "ce": parts["ce"] + rest_parts["ce"]}
-        return total, parts
 
     def _kd_options(self) -> dict:
         """The KD arguments every KD call of a run shares (train, fused and eval)."""

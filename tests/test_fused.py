@@ -75,6 +75,28 @@ def test_fused_with_teacher_topk_targets_equals_unfused(divergence):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("divergence", ["forward_kl", "jsd"])
+def test_fused_kd_mask_limits_kd_and_keeps_ce_everywhere(divergence):
+    hidden, weight, teacher, labels = make_inputs(dtype=F64)
+    kd_mask = torch.ones_like(labels, dtype=torch.bool)
+    kd_mask[0, 2:4] = False
+    kd_mask[1, 0] = False
+    teacher[0, 2] = float("-inf")  # a masked row's placeholder target may be anything, even degenerate
+    kd_labels = labels.masked_fill(~kd_mask, IGNORE_INDEX)
+    options = dict(temperature=1.3, divergence=divergence)
+    total, parts = fused_lm_head_kd(
+        hidden, weight, teacher, labels, alpha_kd=0.7, alpha_ce=0.3, chunk_size=4, kd_mask=kd_mask, **options
+    )
+    logits = hidden @ weight.T
+    valid = int((labels != IGNORE_INDEX).sum())  # both terms over the window's valid count
+    kd = kd_loss(logits, teacher, kd_labels, num_items=valid, **options)
+    ce = ce_loss(logits, labels, num_items=valid)
+    torch.testing.assert_close(parts["kd"], kd.detach(), rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(parts["ce"], ce.detach(), rtol=1e-10, atol=1e-12)
+    for got, want in zip(grads(total, hidden, weight), grads(0.7 * kd + 0.3 * ce, hidden, weight)):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
 def test_fused_float64_is_exact_and_chunk_size_does_not_matter():
     hidden, weight, teacher, labels = make_inputs(dtype=F64, seed=2)
     ref_total, _, _ = unfused(hidden, weight, teacher, labels, alpha_kd=0.5, alpha_ce=0.5, divergence="jsd")
