@@ -43,7 +43,7 @@ from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
 from kagglekd.errors import ConfigError
-from kagglekd.losses import IGNORE_INDEX, TeacherTopK, kd_loss
+from kagglekd.losses import IGNORE_INDEX, TeacherTopK, _upcast, kd_loss
 
 log = logging.getLogger(__name__)
 
@@ -196,8 +196,17 @@ class VocabMap:
 def build_vocab_map(teacher_tokenizer, student_tokenizer, teacher_vocab: int | None = None) -> VocabMap:
     """The exact-match map between two tokenizers. ``teacher_vocab`` is the width of the teacher's logits
     (embedding rows beyond the tokenizer's length map nowhere)."""
-    teacher_bytes = token_bytes(teacher_tokenizer)
-    student_bytes = token_bytes(student_tokenizer)
+    return _map_spellings(
+        teacher_tokenizer,
+        student_tokenizer,
+        token_bytes(teacher_tokenizer),
+        token_bytes(student_tokenizer),
+        teacher_vocab,
+    )
+
+
+def _map_spellings(teacher_tokenizer, student_tokenizer, teacher_bytes, student_bytes, teacher_vocab) -> VocabMap:
+    """``build_vocab_map`` from both sides' ``token_bytes``."""
     # Byte-fallback tokens (<0xNN>) are looked up last, so the plain token for a byte wins.
     order = sorted(
         range(len(student_bytes)), key=lambda i: student_tokenizer.convert_ids_to_tokens(i).startswith("<0x")
@@ -285,7 +294,9 @@ class CrossTokenizer:
         self.teacher_tokenizer = teacher_tokenizer
         self.student_bytes = token_bytes(student_tokenizer)
         self.teacher_bytes = token_bytes(teacher_tokenizer)
-        self.vocab_map = build_vocab_map(teacher_tokenizer, student_tokenizer, teacher_vocab)
+        self.vocab_map = _map_spellings(
+            teacher_tokenizer, student_tokenizer, self.teacher_bytes, self.student_bytes, teacher_vocab
+        )
         student_roles = {index: role for role, index in _special_ids(student_tokenizer).items()}
         teacher_special = _special_ids(teacher_tokenizer)
         # student special id -> teacher id of the same role (eos before bos: the demo's one token is both)
@@ -459,11 +470,6 @@ def mapped_targets(
     return TeacherTopK(shared.expand(log_mass.shape[0], -1), log_mass, unmapped), mapped_mass
 
 
-def _upcast(x: Tensor) -> Tensor:
-    """``x`` in at least float32 (float64 stays float64), as every loss of the kit computes."""
-    return x.to(torch.promote_types(x.dtype, torch.float32))
-
-
 def uld_per_position(student_logits: Tensor, teacher_logits: Tensor, temperature: float = 1.0) -> Tensor:
     """Universal Logit Distillation: L1 distance between the sorted probability vectors.
 
@@ -502,13 +508,13 @@ class AlignmentStats:
         }
 
 
-def _aligned_rows(teacher_logits: Tensor, aligned: AlignedBatch, labels: Tensor) -> tuple[Tensor, Tensor, int]:
-    """Flat student positions that are valid and aligned, the teacher logits rows aligned to them, and the
-    batch's valid count."""
+def _aligned_positions(aligned: AlignedBatch, labels: Tensor, teacher_logits: Tensor) -> tuple[Tensor, Tensor, int]:
+    """Flat student positions that are valid and aligned, the rows of ``teacher_logits.flatten(0, 1)`` aligned
+    to them, and the batch's valid count."""
     valid = labels != IGNORE_INDEX
     flat = (aligned.aligned.to(labels.device) & valid).reshape(-1).nonzero().squeeze(-1)
     target = aligned.target.to(labels.device).reshape(-1)[flat]
-    return flat, teacher_logits[flat // labels.shape[1], target], int(valid.sum())
+    return flat, flat // labels.shape[-1] * teacher_logits.shape[1] + target, int(valid.sum())
 
 
 def cross_targets(
@@ -526,20 +532,17 @@ def cross_targets(
     ``[B, T]`` (zeros at unaligned positions), ``kd_labels`` ``[B, T]`` (``labels`` with unaligned positions set
     to -100), ``AlignmentStats)``. Feed both to ``kd_loss`` or ``fused_lm_head_kd``.
     """
-    valid = labels != IGNORE_INDEX
-    flat = (aligned.aligned.to(labels.device) & valid).reshape(-1).nonzero().squeeze(-1)
-    batch_valid, shape = int(valid.sum()), labels.shape
+    flat, sources, batch_valid = _aligned_positions(aligned, labels, teacher_logits)
+    shape = labels.shape
     if flat.numel() == 0:
         empty = TeacherTopK(
             labels.new_zeros((*shape, 1)), torch.zeros((*shape, 1), device=labels.device), torch.zeros(shape)
         )
         return empty, torch.full_like(labels, IGNORE_INDEX), AlignmentStats(batch_valid, 0, 0.0)
-    target = aligned.target.to(labels.device).reshape(-1)
-    teacher_logits = teacher_logits.detach()
+    teacher_rows = teacher_logits.detach().flatten(0, 1)
     pieces, mass_sum = [], 0.0
-    for chunk in flat.split(chunk_size):  # one chunk's float32 [chunk, V_teacher] copies alive at a time
-        rows = teacher_logits[chunk // shape[-1], target[chunk]]
-        targets, mass = mapped_targets(rows, vocab_map, temperature, top_k)
+    for chunk in sources.split(chunk_size):  # one chunk's float32 [chunk, V_teacher] copies alive at a time
+        targets, mass = mapped_targets(teacher_rows[chunk], vocab_map, temperature, top_k)
         pieces.append(targets)
         mass_sum += float(mass.sum())
     indices, logprobs, tail = (torch.cat(parts) for parts in zip(*pieces))
@@ -600,10 +603,14 @@ def cross_kd_loss(
         return loss, stats
     if mode != "uld":
         raise ValueError(f"mode must be 'exact' or 'uld', got {mode!r}")
-    flat, rows, batch_valid = _aligned_rows(teacher_logits.detach(), aligned, labels)
+    flat, sources, batch_valid = _aligned_positions(aligned, labels, teacher_logits)
+    teacher_rows = teacher_logits.detach().flatten(0, 1)
     student_rows = student_logits.reshape(-1, student_logits.shape[-1])
     total = student_rows[:0].float().sum()  # 0, attached to the graph even with nothing aligned
-    for chunk, teacher_chunk in zip(flat.split(chunk_size), rows.split(chunk_size)):
+    mass = 0.0
+    for chunk, source in zip(flat.split(chunk_size), sources.split(chunk_size)):
+        teacher_chunk = teacher_rows[source]
+
         # checkpointed: only one chunk's sorted probability vectors are alive at a time
         def part(s: Tensor, t: Tensor, c: Tensor = chunk) -> Tensor:
             return uld_per_position(s[c], t, temperature).sum()
@@ -612,12 +619,10 @@ def cross_kd_loss(
             total = total + checkpoint(part, student_rows, teacher_chunk, use_reentrant=False)
         else:
             total = total + part(student_rows, teacher_chunk)
+        with torch.no_grad():
+            mass += float(mapped_targets(teacher_chunk, vocab_map, temperature)[1].sum())
     if scale_t2:
         total = total * temperature**2
-    mass = 0.0
-    if flat.numel():
-        with torch.no_grad():
-            mass = float(sum(mapped_targets(r, vocab_map, temperature)[1].sum() for r in rows.split(chunk_size)))
     stats = AlignmentStats(batch_valid, int(flat.numel()), mass)
     return total / (num_items if num_items is not None else max(batch_valid, 1)), stats
 
@@ -641,13 +646,10 @@ def top1_agreement(
 ) -> tuple[int, int]:
     """(agreeing, compared) over aligned valid positions: the student's argmax is the student token that spells
     the teacher's argmax (a teacher argmax the student cannot spell counts as disagreement)."""
-    use = aligned.aligned.to(labels.device) & (labels != IGNORE_INDEX)
-    flat = use.reshape(-1).nonzero().squeeze(-1)
+    flat, sources, _ = _aligned_positions(aligned, labels, teacher_logits)
     if flat.numel() == 0:
         return 0, 0
-    teacher_top = teacher_logits.argmax(-1)[
-        flat // labels.shape[-1], aligned.target.to(labels.device).reshape(-1)[flat]
-    ]
+    teacher_top = teacher_logits.argmax(-1).reshape(-1)[sources]
     slot = vocab_map.teacher_to_shared.to(teacher_top.device)[teacher_top]
     mapped = torch.where(slot >= 0, vocab_map.shared.to(slot.device)[slot.clamp_min(0)], torch.full_like(slot, -1))
     student_top = student_logits.reshape(-1, student_logits.shape[-1])[flat].argmax(-1)

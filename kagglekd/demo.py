@@ -40,11 +40,7 @@ def run_demo(
     from kagglekd.trainer import Distiller
 
     echo = echo or log.info
-    out = Path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    base = DistillConfig.load(preset)
-    if max_steps is not None:
-        base = base.replace(max_steps=max_steps)
+    out, base = _prepare(output_dir, preset, max_steps)
     teacher_name = "teacher (tiny Qwen3-MoE)"
     if cross_tokenizer:
         base = base.replace(teacher_model=cross_teacher or models.TINY_MOE_8K, cross_tokenizer=True)
@@ -149,11 +145,7 @@ def run_ablation(
     from kagglekd.trainer import Distiller
 
     echo = echo or log.info
-    out = Path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    base = DistillConfig.load(preset)
-    if max_steps is not None:
-        base = base.replace(max_steps=max_steps)
+    out, base = _prepare(output_dir, preset, max_steps)
     rows, judge = [], None
     for index, (variant, changes) in enumerate(ABLATION_VARIANTS.items(), 1):
         echo(f"{index}/{len(ABLATION_VARIANTS)} {variant}")
@@ -186,6 +178,14 @@ def run_ablation(
     echo("\n" + format_table(table, ["variant", "eval_ppl", "top1_agreement", "tokens_per_s"]))
     echo(f"written: {out / 'ablation.csv'}, {out / 'ablation.png'}")
     return table
+
+
+def _prepare(output_dir: str | Path, preset: str, max_steps: int | None) -> tuple[Path, DistillConfig]:
+    """The output directory (created) and the preset's config, capped at ``max_steps`` when given."""
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    base = DistillConfig.load(preset)
+    return out, base if max_steps is None else base.replace(max_steps=max_steps)
 
 
 def _write_plots(out: Path, results: dict) -> None:

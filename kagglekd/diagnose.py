@@ -393,7 +393,9 @@ def tokenizer_family(name: str) -> str | None:
     """Which vocabulary a model/tokenizer reference uses, offline: a card's family, the demo tokenizer of the
     tiny presets, or a hash of a local tokenizer.json vocabulary. None when unknown."""
     if name in TINY_PRESETS:
-        return f"{DEMO_FAMILY}-8k" if name == "tiny-moe-8k" else DEMO_FAMILY
+        from kagglekd.models import OWN_TOKENIZERS
+
+        return f"{DEMO_FAMILY}-{name}" if name in OWN_TOKENIZERS else DEMO_FAMILY
     card = load_card(name)
     if card is not None:
         return card["tokenizer_family"]

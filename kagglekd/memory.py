@@ -178,18 +178,15 @@ def config_from_card(card: dict):
 CPU_LOSS_BLOCK_BYTES = 1 << 19
 
 TINY_PRESETS = ("tiny-moe", "tiny-moe-8k", "tiny-random-moe", "tiny-random-dense")
-# tiny presets with a vocabulary of their own (kagglekd.models.OWN_TOKENIZERS): vocab size
-OWN_VOCAB = {"tiny-moe-8k": 8192}
 
 
 def resolve_model_config(name: str, vocab_size: int | None = None):
     """(transformers config, source) for a tiny preset, a local directory or a carded hub id; (None, reason)."""
     if name in TINY_PRESETS:
-        try:
-            from kagglekd import models
-        except ImportError as err:  # models.py not present yet
-            return None, f"kagglekd.models is not importable ({err})"
-        vocab = OWN_VOCAB.get(name) or vocab_size or 4096
+        from kagglekd import models
+
+        own = models.OWN_TOKENIZERS.get(name)  # a preset with a vocabulary of its own
+        vocab = own[0] if own else vocab_size or 4096
         maker = models.tiny_dense_config if name == "tiny-random-dense" else models.tiny_moe_config
         return maker(vocab), "tiny preset"
     path = Path(name).expanduser()

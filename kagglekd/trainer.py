@@ -91,6 +91,8 @@ class Distiller:
         self._setup_optimizer()
         self._setup_run_dir()
         self._ready = True
+        if self.cross is not None and self.is_main and self.write_run_dir:
+            self._report_alignment()
         return self
 
     def _check_supported(self) -> None:
@@ -422,16 +424,6 @@ class Distiller:
         self.config.to_json(self.output_dir / "config.json")
         _write_json(self.output_dir / "plan.json", self.plan.to_dict())
         _write_json(self.output_dir / "data.json", self.blocks.info)
-        if self.cross is not None:
-            self._ready = True  # measure_alignment calls setup(); everything it needs is built
-            report = self.measure_alignment()
-            log.info(
-                "cross-tokenizer alignment on %d held-out blocks: %.1f %% of student positions aligned, %.1f %% of "
-                "the teacher's probability on tokens the student can spell (%d shared tokens, %.1f %% of its vocab)",
-                report["eval_blocks_measured"], 100 * report["aligned_fraction"], 100 * report["teacher_mass_mapped"],
-                report["shared_tokens"], 100 * report["student_vocab_shared"],
-            )  # fmt: skip
-            _write_json(self.output_dir / "alignment.json", {"setup": report})
 
     # ---- the step --------------------------------------------------------------------------------------
     def _teacher_logits(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -1001,6 +993,17 @@ class Distiller:
             packed = self.accelerator.reduce(packed, reduction="sum").tolist()
             totals = EvalTotals(int(packed[0]), packed[1])
         return totals.ppl
+
+    def _report_alignment(self) -> None:
+        """Log the held-out alignment diagnostics and start alignment.json with them."""
+        report = self.measure_alignment()
+        log.info(
+            "cross-tokenizer alignment on %d held-out blocks: %.1f %% of student positions aligned, %.1f %% of "
+            "the teacher's probability on tokens the student can spell (%d shared tokens, %.1f %% of its vocab)",
+            report["eval_blocks_measured"], 100 * report["aligned_fraction"], 100 * report["teacher_mass_mapped"],
+            report["shared_tokens"], 100 * report["student_vocab_shared"],
+        )  # fmt: skip
+        _write_json(self.output_dir / "alignment.json", {"setup": report})
 
     @torch.no_grad()
     def measure_alignment(self, max_blocks: int = 32) -> dict:
