@@ -121,6 +121,7 @@ def cmd_train(args) -> int:
         for name, help_text, default in describe_fields():
             print(f"{name:30} {json.dumps(default):>22}  {help_text}")
         return 0
+    from kagglekd.launch import leave_worker
     from kagglekd.trainer import Distiller, TrainingStopped
 
     config = _load_config(args)
@@ -132,6 +133,7 @@ def cmd_train(args) -> int:
         return EXIT_STOPPED
     if distiller.is_main:  # under DDP every rank returns; one prints
         print(json.dumps(summary, indent=2, default=str))
+    leave_worker(distiller)  # under torchrun: all ranks meet, then leave without interpreter teardown
     return 0
 
 

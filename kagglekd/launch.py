@@ -317,6 +317,28 @@ def notebook_launch(
     return json.loads((Path(config.output_dir) / "summary.json").read_text())
 
 
+def leave_worker(distiller, code: int = 0) -> None:
+    """End a torchrun worker after a successful data-parallel run: every rank waits until all are here (rank 0
+    has written the student and ``summary.json``), flushes its streams and logs, and leaves with ``os._exit``.
+
+    Interpreter teardown is where gloo goes wrong: the process group dies with the DDP model (its last holder),
+    its destructor joins the worker thread while holding the GIL, and that thread may still be freeing the last
+    collective's tensors, which needs the GIL: a deadlock; or the group outlives the interpreter and a rank
+    aborts ("terminate called without an active exception"). ``destroy_process_group`` has the same race (seen
+    here in gdb). Skipping teardown is what Python's multiprocessing does for its own forked children (and so for
+    notebook_launcher's workers). With one process this returns and nothing changes.
+    """
+    if distiller.world <= 1:
+        return
+    import logging
+
+    distiller.accelerator.wait_for_everyone()
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 def _train_worker(config_dict: dict, max_steps, chart_every_s: float, chart: bool, results: list) -> dict:
     """One process's job: build the Distiller (its Accelerator joins the launch's process group), train."""
     from kagglekd.plots import LiveChart
@@ -464,8 +486,8 @@ def subprocess_launch(
     summary_path = run_dir / "summary.json"
     if _written_since(summary_path, started):  # rank 0 finished: it writes summary.json after everything else
         if exit_code != 0:
-            # Seen now and then on CPU (gloo): a worker aborts at interpreter exit ("terminate called without an
-            # active exception"; nothing destroys the process group) after training is over. The files are complete.
+            # A worker failed after rank 0 had written everything (leave_worker skips the interpreter teardown where
+            # gloo used to abort a rank now and then); the files are complete.
             worker = _worker_exit_code(list(last_lines))
             _echo(
                 f"note: torchrun exited with code {exit_code}"

@@ -20,11 +20,13 @@ ROOT = Path(__file__).resolve().parents[1]
 GRAD_SCRIPT = """
 import sys, torch
 from kagglekd.config import DistillConfig
+from kagglekd.launch import leave_worker
 from kagglekd.trainer import Distiller
 distiller = Distiller(DistillConfig.from_json(sys.argv[1])).setup()
 distiller._window_backward(next(distiller._windows(0)))
 if distiller.is_main:
     torch.save([p.grad.clone() for p in distiller.student.parameters()], sys.argv[2])
+leave_worker(distiller)
 """
 
 
