@@ -190,8 +190,9 @@ class Report:
         if self.plan:
             p = self.plan
             lines.append(
-                f"  plan: {p['optimizer_steps']} optimizer steps ({p['batches_per_epoch']} batches/epoch, "
-                f"accumulation {p['gradient_accumulation_steps']}), warmup {p['warmup_steps']} "
+                f"  plan: {p['optimizer_steps']} optimizer steps ({p['batches_per_epoch']} batches/epoch"
+                + (f" per process x {p['processes']} ddp processes" if p.get("processes", 1) > 1 else "")
+                + f", accumulation {p['gradient_accumulation_steps']}), warmup {p['warmup_steps']} "
                 f"({p['warmup_fraction']:.1%}), {p['scheduler_type']}"
             )
         if self.memory_plan is not None:
@@ -629,22 +630,41 @@ def _check_losses(ctx: _Context) -> None:
         )
 
 
-def _derive_batches(ctx: _Context, batches_per_epoch: int | None) -> tuple[int | None, str]:
-    cfg = ctx.config
+def _ddp_processes(ctx: _Context) -> int:
+    """Processes that share each epoch's blocks: N under the chosen ddp strategy, else 1."""
+    choice = ctx.strategy
+    return choice.processes if choice is not None and choice.strategy == "ddp" else 1
+
+
+def _derive_batches(ctx: _Context, batches_per_epoch: int | None, train_blocks: int | None = None):
+    """Micro-batches per epoch of ONE process of the planned run, and where the number came from. Under ddp
+    the N processes share the blocks: each runs blocks // (batch_size x N) (a ragged last global batch is dropped,
+    as the trainer does), so the run has 1/N of one process's optimizer steps."""
+    cfg, n = ctx.config, _ddp_processes(ctx)
+    share = f" / {n} ddp processes" if n > 1 else ""
     if batches_per_epoch:
-        return batches_per_epoch, "--batches-per-epoch"
+        return batches_per_epoch // n, f"--batches-per-epoch{share}"
+    if train_blocks:  # counted by the dry run
+        if n > 1:
+            return train_blocks // (cfg.batch_size * n), f"{train_blocks} blocks // (batch_size x {n} ddp processes)"
+        return math.ceil(train_blocks / cfg.batch_size), f"{train_blocks} blocks / batch_size"
     if cfg.dataset_subset_size:
+        if n > 1:
+            return (
+                cfg.dataset_subset_size // (cfg.batch_size * n),
+                f"dataset_subset_size // (batch_size x {n} ddp processes)",
+            )
         return math.ceil(cfg.dataset_subset_size / cfg.batch_size), "dataset_subset_size / batch_size"
     if cfg.max_steps:
         return cfg.max_steps * cfg.gradient_accumulation_steps, "max_steps x accumulation (assumes one epoch)"
     return None, ""
 
 
-def _check_schedule(ctx: _Context, batches_per_epoch: int | None) -> None:
+def _check_schedule(ctx: _Context, batches_per_epoch: int | None, train_blocks: int | None = None) -> None:
     from kagglekd.schedule import plan_schedule
 
     cfg = ctx.config
-    bpe, source = _derive_batches(ctx, batches_per_epoch)
+    bpe, source = _derive_batches(ctx, batches_per_epoch, train_blocks)
     if bpe is None:
         ctx.add(
             "batches-unknown",
@@ -665,6 +685,8 @@ def _check_schedule(ctx: _Context, batches_per_epoch: int | None) -> None:
             str(err),
             "lower the warmup (e.g. warmup_ratio 0.05) or train longer."
             if err.field in ("warmup_steps", "warmup_ratio")
+            else "lower batch_size or max_length, or add data."
+            if err.field == "batch_size"
             else "fix scheduler_kwargs.",
         )
         return
@@ -677,6 +699,7 @@ def _check_schedule(ctx: _Context, batches_per_epoch: int | None) -> None:
         f"{plan.optimizer_steps} optimizer steps = ceil({bpe} batches/epoch [{source}] / accumulation {ga}) = "
         f"{plan.steps_per_epoch} per epoch x {cfg.num_epochs:g} epochs"
         + (f" (max_steps {cfg.max_steps})" if cfg.max_steps else "")
+        + (f"; per process of the {_ddp_processes(ctx)}-process ddp run" if _ddp_processes(ctx) > 1 else "")
         + ".",
     )
     steps_key = ctx.parsed.extras.get("steps_key")
@@ -879,9 +902,9 @@ def _check_strategy(ctx: _Context) -> None:
     if choice.strategy == "ddp":
         message += (
             f" batch_size is per process: an optimizer step takes {n} x batch_size x gradient_accumulation_steps "
-            f"blocks, so an epoch has 1/{n} of the optimizer steps planned for one process. Launch: `accelerate "
-            f"launch --multi_gpu --num_processes {n} -m kagglekd train --config ...`, or kagglekd.launch from a "
-            "notebook."
+            f"blocks, so an epoch has 1/{n} of one process's optimizer steps (the plan counts this). Launch: "
+            f"`accelerate launch --multi_gpu --num_processes {n} -m kagglekd train --config ...`, or "
+            "kagglekd.launch from a notebook."
         )
     if choice.problem:
         message = f"{choice.problem} {message}"
@@ -914,7 +937,7 @@ def _check_extras(ctx: _Context) -> None:
                 )
         if ctx.plan is not None:
             k = cfg.kd_top_k or 256
-            tokens = ctx.plan.batches_per_epoch * cfg.batch_size * cfg.max_length
+            tokens = _epoch_tokens(ctx)
             size = tokens * (k * (2 + 4) + 4)  # fp16 log-prob + int32 id per entry, fp32 tail
             severity = (
                 "error" if size > KAGGLE_OUTPUT_BYTES else ("warning" if size > 0.75 * KAGGLE_OUTPUT_BYTES else "info")
@@ -932,6 +955,12 @@ def _check_extras(ctx: _Context) -> None:
     hint = extras.get("gpu_hint")
     if hint and ctx.parsed.extras.get("_gpu_from_hint"):
         ctx.add("gpu-hint", "info", hint[0], f"'{hint[0]}': {hint[1]!r} read as GPU profile {ctx.profile.name}.")
+
+
+def _epoch_tokens(ctx: _Context) -> int:
+    """Tokens one epoch trains on, over all processes."""
+    cfg = ctx.config
+    return ctx.plan.batches_per_epoch * cfg.batch_size * cfg.max_length * _ddp_processes(ctx)
 
 
 # ---- time -----------------------------------------------------------------------------------------------
@@ -962,7 +991,7 @@ def plan_time(ctx: _Context, dry: dict | None = None) -> dict:
         else:
             source += f"; the dry run ran on {dry['device']} and cannot time {p.name}"
     tokens_per_step = cfg.batch_size * cfg.gradient_accumulation_steps * cfg.max_length * processes
-    epoch_tokens = plan.batches_per_epoch * cfg.batch_size * cfg.max_length
+    epoch_tokens = _epoch_tokens(ctx)
     run_tokens = min(plan.optimizer_steps * tokens_per_step, math.ceil(epoch_tokens * plan.epochs))
     step_s = tokens_per_step / tokens_per_s
     save_steps = max(1, min(plan.optimizer_steps, int(AT_RISK_S // step_s)))
@@ -1083,7 +1112,7 @@ def run_dry_run(ctx: _Context, steps: int, workdir: str | Path | None = None) ->
         "dataset": dataset,
         "max_length": max_length,
         "flops_per_token": dry_flops,
-        "batches_per_epoch": getattr(distiller, "batches_per_epoch", None)
+        "train_blocks": len(distiller.blocks.train)
         if not stand_ins and dataset == cfg.dataset and max_length == cfg.max_length
         else None,
         "run_dir": str(workdir),
@@ -1130,9 +1159,8 @@ def diagnose(
                 f"the dry run did not run: {err}",
                 "run `python -m kagglekd train --max-steps N` to see the full error.",
             )
-        if dry and dry.get("batches_per_epoch") and not batches_per_epoch:
-            batches_per_epoch = dry["batches_per_epoch"]
-    _check_schedule(ctx, batches_per_epoch)
+    train_blocks = dry.get("train_blocks") if dry else None
+    _check_schedule(ctx, batches_per_epoch, train_blocks)
     _check_cadence(ctx)
     _check_extras(ctx)
     ctx.time = plan_time(ctx, dry)
@@ -1152,7 +1180,7 @@ def diagnose(
             )
             + ".",
         )
-    plan_dict = ctx.plan.to_dict(with_curve=False) if ctx.plan is not None else {}
+    plan_dict = {**ctx.plan.to_dict(with_curve=False), "processes": _ddp_processes(ctx)} if ctx.plan is not None else {}
     memory = ctx.memory_plan.to_dict() if ctx.memory_plan is not None else {}
     time_dict = dict(ctx.time)
     if dry is not None:
@@ -1310,7 +1338,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=None,
         metavar="N",
-        help="micro-batches per epoch when the config cannot tell",
+        help="micro-batches per epoch of one process when the config cannot tell (ddp divides them)",
     )
     return p
 

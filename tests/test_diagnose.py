@@ -176,14 +176,14 @@ def test_config_conflict_both_alphas_zero():
 # ---- schedule ---------------------------------------------------------------------------------------------
 def test_total_steps_key_that_counts_batches():
     raw = {**SAME_TOKENIZER, "num_epochs": 1, "total_steps": 2000}  # 8000 / 4 = 2000 batches, GA 4 -> 500 steps
-    report = diagnose(raw)
+    report = diagnose(raw, gpu="T4")  # one process (ddp has its own test)
     assert report.plan["optimizer_steps"] == 500
     finding = _find(report, "total-steps-mismatch", "total_steps")[0]
     assert "micro-batches" in finding.message and "25.0%" in finding.message
     assert "total_steps" not in fix_config(report)
-    shorter = diagnose({**SAME_TOKENIZER, "num_training_steps": 300})
+    shorter = diagnose({**SAME_TOKENIZER, "num_training_steps": 300}, gpu="T4")
     assert "LR 0" in _find(shorter, "total-steps-mismatch")[0].message
-    assert not _find(diagnose({**SAME_TOKENIZER, "total_steps": 500}), "total-steps-mismatch")
+    assert not _find(diagnose({**SAME_TOKENIZER, "total_steps": 500}, gpu="T4"), "total-steps-mismatch")
 
 
 def test_warmup_checks():
@@ -195,7 +195,7 @@ def test_warmup_checks():
 
 
 def test_lr_reaching_zero_before_the_end():
-    report = diagnose({**SAME_TOKENIZER, "scheduler_kwargs": {"num_cycles": 1.0}})  # cosine down to 0 mid-run
+    report = diagnose({**SAME_TOKENIZER, "scheduler_kwargs": {"num_cycles": 1.0}}, gpu="T4")  # cosine down to 0 mid-run
     finding = _find(report, "lr-zero")[0]
     assert finding.severity == "warning" and "about 0" in finding.message and "of 500" in finding.message
     assert not _find(diagnose(SAME_TOKENIZER), "lr-zero")  # a plain cosine ends near 0 only at the very end
@@ -204,8 +204,31 @@ def test_lr_reaching_zero_before_the_end():
 def test_batches_unknown_and_from_flag():
     raw = {k: v for k, v in SAME_TOKENIZER.items() if k != "dataset_subset_size"}
     assert _find(diagnose(raw), "batches-unknown") and not diagnose(raw).plan
-    report = diagnose(raw, batches_per_epoch=100)
+    report = diagnose(raw, gpu="T4", batches_per_epoch=100)
     assert report.plan["optimizer_steps"] == 25 and not _find(report, "batches-unknown")
+
+
+def test_ddp_plan_counts_the_steps_the_run_takes():
+    """Under ddp the processes share each epoch's blocks (the trainer: blocks // (batch_size x N) micro-batches
+    per process), so the run has half the optimizer steps of one process: the plan, the warmup fraction, the
+    LR curve and the evaluation count must follow."""
+    one = diagnose(SAME_TOKENIZER, gpu="T4")
+    two = diagnose(SAME_TOKENIZER, gpu="T4x2")
+    assert two.strategy["strategy"] == "ddp"
+    # 8,000 blocks, batch 4, accumulation 4: one process 2,000 micro-batches -> 500 steps; two 1,000 -> 250
+    assert (one.plan["batches_per_epoch"], one.plan["optimizer_steps"], one.plan["processes"]) == (2000, 500, 1)
+    assert (two.plan["batches_per_epoch"], two.plan["optimizer_steps"], two.plan["processes"]) == (1000, 250, 2)
+    assert "per process x 2 ddp processes" in two.format_text()
+    assert "2-process ddp run" in _find(two, "optimizer-steps")[0].message
+    # the epoch is the same text either way
+    assert two.time["epoch_tokens"] == one.time["epoch_tokens"] == 8000 * 256
+    # 1,000 micro-batches of one process from the flag -> 500 per process
+    raw = {k: v for k, v in SAME_TOKENIZER.items() if k != "dataset_subset_size"}
+    assert diagnose(raw, gpu="T4x2", batches_per_epoch=1000).plan["batches_per_epoch"] == 500
+    # an eval cadence that fits one process's run can leave ddp too few evaluations for early stopping
+    patient = {**SAME_TOKENIZER, "eval_steps": 100, "early_stopping_patience": 3}
+    assert _find(diagnose(patient, gpu="T4"), "early-stopping")[0].severity == "info"  # 5 evaluations
+    assert _find(diagnose(patient, gpu="T4x2"), "early-stopping")[0].severity == "warning"  # 2 evaluations
 
 
 # ---- losses -----------------------------------------------------------------------------------------------
@@ -230,7 +253,8 @@ def test_temperature_states_the_real_risk():
 # ---- cadence ----------------------------------------------------------------------------------------------
 def test_eval_early_stopping_save_and_ema():
     report = diagnose(
-        {**SAME_TOKENIZER, "eval_steps": 1000, "early_stopping_patience": 3, "save_steps": None, "ema_decay": 0.999}
+        {**SAME_TOKENIZER, "eval_steps": 1000, "early_stopping_patience": 3, "save_steps": None, "ema_decay": 0.999},
+        gpu="T4",
     )  # a 500-step run
     assert _find(report, "eval-cadence")[0].severity == "warning"
     assert _find(report, "early-stopping")[0].severity == "warning"
@@ -240,7 +264,7 @@ def test_eval_early_stopping_save_and_ema():
     fixed = fix_config(report)
     assert fixed["eval_steps"] == 50 and fixed["ema_decay"] == 0.98 and fixed["save_steps"] >= 1
     assert fixed["early_stopping_patience"] == 3  # 10 evals // 3
-    again = diagnose({k: v for k, v in fixed.items() if not k.startswith("_")})
+    again = diagnose({k: v for k, v in fixed.items() if not k.startswith("_")}, gpu="T4")
     assert not [f for f in again.findings if f.severity != "info" and f.id in ("eval-cadence", "early-stopping", "ema")]
 
 
@@ -344,6 +368,8 @@ def test_dry_run_on_tiny_models(tmp_path):
     assert not _find(report, "dry-run-failed"), [f.message for f in report.findings]
     dry = report.time["dry_run"]
     assert dry["steps"] == 3 and dry["tokens_per_s"] > 0 and not dry["stand_ins"]
+    blocks, batch = dry["train_blocks"], TINY["batch_size"]
+    assert blocks > 0 and report.plan["batches_per_epoch"] == -(-blocks // batch)  # counted by the dry run
     assert report.time["source"] == "dry run on the configured models"
     assert report.time["tokens_per_s"] == pytest.approx(dry["tokens_per_s"])
     assert len(report.history) == 3 and any(k.startswith("share_") for k in report.history[0])
