@@ -53,8 +53,10 @@ from kagglekd.config import DistillConfig
 from kagglekd.errors import ConfigError, KaggleKDError
 from kagglekd.memory import (
     GPU_PROFILES,
+    TIGHT_FRACTION,
     GiB,
     GpuProfile,
+    MemoryPlan,
     StrategyChoice,
     choose_strategy,
     gpu_profile,
@@ -236,6 +238,40 @@ def plan_launch(
     return LaunchPlan(mode, processes, config.replace(strategy=strategy), profile.name, reason, choice)
 
 
+def _kernel_gpu_bytes() -> tuple[int, int]:
+    """(device, bytes in use) of this kernel's current CUDA device: its context and live tensors (and anything
+    else on that GPU; nothing else in a Kaggle session before the launch). Called only once CUDA is initialised
+    here, on the device it already uses, so it opens no new context."""
+    import torch
+
+    device = torch.cuda.current_device()
+    free, total = torch.cuda.mem_get_info(device)
+    return device, total - free
+
+
+def kernel_gpu_note(planned: MemoryPlan | None) -> str:
+    """What this kernel keeps on its GPU while torchrun's workers train there, against the planned peak."""
+    device, held = _kernel_gpu_bytes()
+    text = (
+        f"note: this kernel keeps {held / GiB:.2f} GiB of GPU {device} (its CUDA context and live tensors) while "
+        "the workers train"
+    )
+    if planned is None:
+        return text + "."
+    together = (held + planned.total) / planned.capacity
+    text += (
+        f"; with the planned peak of {planned.total / GiB:.2f} GiB per GPU that is {together:.0%} of "
+        f"{planned.capacity / GiB:.1f} GiB"
+    )
+    if together >= TIGHT_FRACTION:
+        text += (
+            ": tight. Restart the kernel and run only the install cell and 02_train (notebook_launcher: no CUDA in "
+            "the kernel), free what earlier cells hold (del the models, then kagglekd.env.free_accelerator_memory()), "
+            "or lower batch_size"
+        )
+    return text + "."
+
+
 def _cuda_initialized() -> bool:
     import torch
 
@@ -263,7 +299,12 @@ def train(
         )
     if plan.mode == "subprocess":
         return subprocess_launch(
-            config, num_processes=plan.processes, max_steps=max_steps, chart_every_s=chart_every_s, chart=chart
+            config,
+            num_processes=plan.processes,
+            max_steps=max_steps,
+            chart_every_s=chart_every_s,
+            chart=chart,
+            planned=plan.choice.worst if plan.choice is not None else None,
         )
     results: list[dict] = []
     _train_worker(config.to_dict(), max_steps, chart_every_s, chart, results)
@@ -397,6 +438,7 @@ def subprocess_launch(
     tail_lines: int = 40,
     env: dict[str, str] | None = None,
     stop_grace_s: float = 30.0,
+    planned: MemoryPlan | None = None,
 ) -> dict:
     """Train ``config`` with torchrun in a child process group and return rank 0's summary.
 
@@ -408,7 +450,8 @@ def subprocess_launch(
     exit raises ``TrainingProcessError``; an interrupt (KeyboardInterrupt) stops the child's process group before
     it propagates. ``env``: extra environment variables for the child (``child_env``). When CUDA is initialised
     here, this kernel's cached GPU memory is released first (``env.free_accelerator_memory``); its CUDA context
-    (a few hundred MiB on the GPUs it used) stays.
+    (a few hundred MiB on the GPUs it used) stays, and a line says how much that is, added to ``planned`` (the
+    memory plan of the fullest GPU), with what to do when the two together are tight.
     """
     from kagglekd.plots import LiveChart
 
@@ -424,6 +467,7 @@ def subprocess_launch(
         from kagglekd.env import free_accelerator_memory
 
         free_accelerator_memory()
+        _echo(kernel_gpu_note(planned))
     run_dir = Path(config.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     config_path = run_dir / LAUNCH_CONFIG

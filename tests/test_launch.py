@@ -13,6 +13,7 @@ import pandas as pd
 import pytest
 from conftest import TINY_RUN
 
+from kagglekd import env as kit_env
 from kagglekd import launch
 from kagglekd.config import DistillConfig
 
@@ -144,6 +145,22 @@ def test_notebook_launch_with_two_processes_forks_ddp_workers(tmp_path, kagglekd
     assert json.loads((tmp_path / "run" / "config.json").read_text())["strategy"] == "ddp"
 
 
+def test_kernel_gpu_note_adds_what_the_kernel_keeps_to_the_planned_peak(monkeypatch):
+    """In the bundled kernel CUDA is initialised before the subprocess launch: its context stays on GPU 0 next to
+    a worker. The note adds it to the plan and says what to do when the two together are tight."""
+    from kagglekd.memory import GiB, MemoryPlan
+
+    planned = MemoryPlan("T4x2", {"student_weights": 10 * GiB}, 15 * GiB, 8, 384, False, "full", [])
+    monkeypatch.setattr(launch, "_kernel_gpu_bytes", lambda: (0, GiB // 2))
+    note = launch.kernel_gpu_note(planned)
+    assert "keeps 0.50 GiB of GPU 0" in note and "planned peak of 10.00 GiB" in note
+    assert "70% of 15.0 GiB" in note and "tight" not in note  # (0.5 + 10) / 15
+    monkeypatch.setattr(launch, "_kernel_gpu_bytes", lambda: (0, 3 * GiB))
+    tight = launch.kernel_gpu_note(planned)
+    assert "87% of 15.0 GiB: tight" in tight and "02_train" in tight and "batch_size" in tight  # 13 / 15
+    assert launch.kernel_gpu_note(None).endswith("while the workers train.")
+
+
 @pytest.mark.slow
 def test_subprocess_launch_trains_two_ddp_processes_and_redraws_the_chart(tmp_path, use_kit_cache, monkeypatch, capsys):
     """torchrun with two gloo processes on CPU, started from this process: one run dir written by rank 0, the
@@ -162,7 +179,13 @@ def test_subprocess_launch_trains_two_ddp_processes_and_redraws_the_chart(tmp_pa
     run = tmp_path / "run"
     config = DistillConfig.from_dict({**TINY_RUN, "batch_size": 2, "max_steps": 2, "output_dir": str(run)})
     plan = launch.plan_launch(config, launch="subprocess", num_processes=2, gpu="cpu")
+    # as in the bundled kernel, where earlier cells initialised CUDA: its cache is freed, what it keeps is said
+    freed: list[bool] = []
+    monkeypatch.setattr(launch, "_cuda_initialized", lambda: True)
+    monkeypatch.setattr(kit_env, "free_accelerator_memory", lambda: freed.append(True))
+    monkeypatch.setattr(launch, "_kernel_gpu_bytes", lambda: (0, 300 * 2**20))
     summary = launch.train(plan, chart_every_s=0)
+    assert freed == [True]
     assert summary == json.loads((run / "summary.json").read_text())
     assert summary["optimizer_steps"] == 2
     # both ranks trained (as in the notebook_launcher test): each step holds 2 processes x batch 2 x 32 tokens
@@ -174,6 +197,7 @@ def test_subprocess_launch_trains_two_ddp_processes_and_redraws_the_chart(tmp_pa
     assert (run / "live_chart.png").stat().st_size > 5000
     out = capsys.readouterr().out
     assert "-m torch.distributed.run --standalone --nproc_per_node 2" in out and '"optimizer_steps": 2' in out
+    assert "note: this kernel keeps 0.29 GiB of GPU 0" in out and "with the planned peak of" in out
 
 
 def test_a_training_child_rejected_at_setup_raises_with_the_exit_codes_and_its_lines(tmp_path, use_kit_cache):
