@@ -234,6 +234,33 @@ def run_type() -> str | None:
     return os.environ.get("KAGGLE_KERNEL_RUN_TYPE") or None
 
 
+def progress_bar():
+    """The tqdm class for the kit's own bars. tqdm.auto draws an ipywidget in notebooks, whose state a Kaggle
+    commit run ("Save & Run All", run type Batch) does not keep (it shows "Loading widget..." later); there a text
+    bar is what survives in the saved notebook."""
+    if run_type() == "Batch":
+        from tqdm.std import tqdm
+    else:
+        from tqdm.auto import tqdm
+    return tqdm
+
+
+def quiet_library_bars() -> bool:
+    """In a Kaggle commit run, switch off the widget progress bars of datasets (map, load), transformers
+    ("Loading weights") and huggingface_hub (downloads): saved, each would be a "Loading widget..." line. The
+    kit's own bars stay (as text, ``progress_bar``). Returns whether it did; elsewhere nothing changes."""
+    if run_type() != "Batch":
+        return False
+    import datasets
+    import huggingface_hub.utils
+    import transformers
+
+    datasets.disable_progress_bars()
+    transformers.utils.logging.disable_progress_bar()
+    huggingface_hub.utils.disable_progress_bars()
+    return True
+
+
 def on_kaggle() -> bool:
     return run_type() is not None or KAGGLE_WORKING.is_dir()
 

@@ -27,10 +27,9 @@ from pathlib import Path
 import torch
 import transformers
 from packaging.version import Version
-from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Qwen3MoeConfig
 
-from kagglekd import data
+from kagglekd import data, env
 from kagglekd.errors import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -349,7 +348,7 @@ def _train_cross_entropy(
     scheduler = transformers.get_scheduler("cosine", optimizer, num_warmup_steps=warmup_steps, num_training_steps=steps)
     generator = torch.Generator().manual_seed(seed)
     order, position = torch.randperm(len(train_blocks), generator=generator), 0
-    progress = tqdm(range(steps), desc=desc, unit="step")
+    progress = env.progress_bar()(range(steps), desc=desc, unit="step")
     for step in progress:
         if position + batch_size > len(order):  # next epoch: a fresh seeded order
             order, position = torch.randperm(len(train_blocks), generator=generator), 0

@@ -25,8 +25,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
+from kagglekd import env
 from kagglekd.errors import ConfigError
 from kagglekd.losses import TeacherTopK, teacher_topk
 
@@ -137,7 +137,7 @@ def write_cache(
     was_training = teacher_model.training
     teacher_model.eval()
     shard_sizes = [min(blocks_per_shard, num_blocks - start) for start in range(0, num_blocks, blocks_per_shard)]
-    progress = tqdm(total=num_blocks, desc="teacher cache", unit="block")
+    progress = env.progress_bar()(total=num_blocks, desc="teacher cache", unit="block")
     try:
         for shard, shard_size in enumerate(shard_sizes):
             start = shard * blocks_per_shard

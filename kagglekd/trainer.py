@@ -22,9 +22,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from kagglekd import alignment, data, losses, models
+from kagglekd import env as kit_env
 from kagglekd.config import DistillConfig
 from kagglekd.errors import ConfigError, KaggleKDError
 from kagglekd.metrics import EvalTotals, HistoryWriter
@@ -81,6 +81,7 @@ class Distiller:
             return self
         cfg = self.config
         self._check_supported()
+        kit_env.quiet_library_bars()
         self._setup_accelerator()
         # Rank 0 builds caches (tiny models, corpus, tokenised data) first; the others then read them.
         with self.accelerator.main_process_first():
@@ -761,7 +762,7 @@ class Distiller:
         stop_at = self.plan.optimizer_steps if max_steps is None else min(max_steps, self.plan.optimizer_steps)
         start = time.perf_counter()
         start_step = self.state["step"]
-        bar = _progress_bar()(
+        bar = kit_env.progress_bar()(
             total=stop_at, initial=start_step, desc="distil", unit="step", disable=not self.is_main, dynamic_ncols=True
         )
         for window in self._windows(start_step):
@@ -1275,16 +1276,6 @@ def _match_vocab(logits: torch.Tensor, vocab: int) -> torch.Tensor:
         return logits[..., :vocab]
     pad = logits.new_full((*logits.shape[:-1], vocab - width), float("-inf"))
     return torch.cat([logits, pad], dim=-1)
-
-
-def _progress_bar():
-    """tqdm.auto draws an ipywidget in notebooks, whose state a Kaggle commit run ("Save & Run All", run type
-    Batch) does not keep; there a text bar is what survives in the saved notebook."""
-    if os.environ.get("KAGGLE_KERNEL_RUN_TYPE") == "Batch":
-        from tqdm.std import tqdm as text_tqdm
-
-        return text_tqdm
-    return tqdm
 
 
 def _median(values: list[float]) -> float:

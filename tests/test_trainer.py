@@ -203,9 +203,27 @@ def test_gradient_checkpointing_gives_the_same_gradients(tmp_path):
 
 
 def test_kaggle_commit_runs_use_text_progress_bars(monkeypatch):
+    """A commit run ("Save & Run All") keeps no widget state: the kit's bars are text there and the libraries'
+    widget bars are off; an interactive session keeps tqdm.auto and the libraries' bars."""
+    import datasets
+    import huggingface_hub.utils
+    import transformers
+    from tqdm.auto import tqdm as auto_tqdm
     from tqdm.std import tqdm as text_tqdm
 
-    from kagglekd.trainer import _progress_bar
+    from kagglekd import env
 
+    monkeypatch.setenv("KAGGLE_KERNEL_RUN_TYPE", "Interactive")
+    assert env.progress_bar() is auto_tqdm and env.quiet_library_bars() is False
+    assert datasets.is_progress_bar_enabled() and transformers.utils.logging.is_progress_bar_enabled()
     monkeypatch.setenv("KAGGLE_KERNEL_RUN_TYPE", "Batch")
-    assert _progress_bar() is text_tqdm
+    assert env.progress_bar() is text_tqdm
+    try:
+        assert env.quiet_library_bars() is True
+        assert not datasets.is_progress_bar_enabled()
+        assert not transformers.utils.logging.is_progress_bar_enabled()
+        assert huggingface_hub.utils.are_progress_bars_disabled()
+    finally:
+        datasets.enable_progress_bars()
+        transformers.utils.logging.enable_progress_bar()
+        huggingface_hub.utils.enable_progress_bars()
