@@ -638,23 +638,19 @@ def _ddp_processes(ctx: _Context) -> int:
 
 def _derive_batches(ctx: _Context, batches_per_epoch: int | None, train_blocks: int | None = None):
     """Micro-batches per epoch of ONE process of the planned run, and where the number came from. Under ddp
-    the N processes share the blocks: each runs blocks // (batch_size x N) (a ragged last global batch is dropped,
-    as the trainer does), so the run has 1/N of one process's optimizer steps."""
+    the N processes share the blocks (``schedule.batches_per_epoch``, as the trainer counts them), so the run
+    has about 1/N of one process's optimizer steps."""
+    from kagglekd.schedule import batches_per_epoch as per_process
+
     cfg, n = ctx.config, _ddp_processes(ctx)
     share = f" / {n} ddp processes" if n > 1 else ""
     if batches_per_epoch:
         return batches_per_epoch // n, f"--batches-per-epoch{share}"
-    if train_blocks:  # counted by the dry run
-        if n > 1:
-            return train_blocks // (cfg.batch_size * n), f"{train_blocks} blocks // (batch_size x {n} ddp processes)"
-        return math.ceil(train_blocks / cfg.batch_size), f"{train_blocks} blocks / batch_size"
-    if cfg.dataset_subset_size:
-        if n > 1:
-            return (
-                cfg.dataset_subset_size // (cfg.batch_size * n),
-                f"dataset_subset_size // (batch_size x {n} ddp processes)",
-            )
-        return math.ceil(cfg.dataset_subset_size / cfg.batch_size), "dataset_subset_size / batch_size"
+    blocks, source = (
+        (train_blocks, f"{train_blocks} blocks") if train_blocks else (cfg.dataset_subset_size, "dataset_subset_size")
+    )
+    if blocks:
+        return per_process(blocks, cfg.batch_size, n), f"{source} / batch_size{share}"
     if cfg.max_steps:
         return cfg.max_steps * cfg.gradient_accumulation_steps, "max_steps x accumulation (assumes one epoch)"
     return None, ""
@@ -691,7 +687,7 @@ def _check_schedule(ctx: _Context, batches_per_epoch: int | None, train_blocks: 
         )
         return
     plan = ctx.plan
-    ga = cfg.gradient_accumulation_steps
+    ga, processes = cfg.gradient_accumulation_steps, _ddp_processes(ctx)
     ctx.add(
         "optimizer-steps",
         "info",
@@ -699,7 +695,7 @@ def _check_schedule(ctx: _Context, batches_per_epoch: int | None, train_blocks: 
         f"{plan.optimizer_steps} optimizer steps = ceil({bpe} batches/epoch [{source}] / accumulation {ga}) = "
         f"{plan.steps_per_epoch} per epoch x {cfg.num_epochs:g} epochs"
         + (f" (max_steps {cfg.max_steps})" if cfg.max_steps else "")
-        + (f"; per process of the {_ddp_processes(ctx)}-process ddp run" if _ddp_processes(ctx) > 1 else "")
+        + (f"; per process of the {processes}-process ddp run" if processes > 1 else "")
         + ".",
     )
     steps_key = ctx.parsed.extras.get("steps_key")

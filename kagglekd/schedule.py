@@ -73,6 +73,15 @@ class SchedulePlan:
         return out
 
 
+def batches_per_epoch(blocks: int, batch_size: int, processes: int = 1) -> int:
+    """Micro-batches per epoch of each process. One process takes a ragged last batch; several drop a ragged
+    last global batch, since every rank must run the same number of micro-batches (DDP syncs on each window's
+    last one) and none may be left without data."""
+    if processes == 1:
+        return math.ceil(blocks / batch_size)
+    return blocks // (batch_size * processes)
+
+
 def optimizer_steps_per_epoch(batches_per_epoch: int, gradient_accumulation_steps: int) -> int:
     """Optimizer steps in one epoch: the final partial accumulation window steps too."""
     return math.ceil(batches_per_epoch / gradient_accumulation_steps)

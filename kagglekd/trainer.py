@@ -28,7 +28,7 @@ from kagglekd import env as kit_env
 from kagglekd.config import DistillConfig
 from kagglekd.errors import ConfigError, KaggleKDError
 from kagglekd.metrics import EvalTotals, HistoryWriter
-from kagglekd.schedule import SchedulePlan, build_scheduler, plan_schedule
+from kagglekd.schedule import SchedulePlan, batches_per_epoch, build_scheduler, plan_schedule
 
 log = logging.getLogger(__name__)
 
@@ -238,12 +238,7 @@ class Distiller:
             seed=cfg.split_seed,
         )
         global_batch = cfg.batch_size * self.world
-        if self.world == 1:
-            self.batches_per_epoch = math.ceil(len(self.blocks.train) / global_batch)
-        else:
-            # Every rank must run the same number of micro-batches (DDP syncs on each window's last one), so
-            # a ragged final global batch is dropped rather than leaving one rank without data.
-            self.batches_per_epoch = len(self.blocks.train) // global_batch
+        self.batches_per_epoch = batches_per_epoch(len(self.blocks.train), cfg.batch_size, self.world)
         if self.batches_per_epoch < 1:
             raise ConfigError(
                 f"{len(self.blocks.train)} training blocks of {cfg.max_length + 1} tokens do not fill one batch of "

@@ -84,3 +84,11 @@ def test_bad_scheduler_kwargs_is_config_error():
     with pytest.raises(ConfigError) as err:
         plan_schedule(DistillConfig(scheduler_type="linear", scheduler_kwargs={"bogus": 1}, max_steps=5), 5)
     assert err.value.field == "scheduler_kwargs"
+
+
+def test_batches_per_epoch_one_process_keeps_the_ragged_batch_several_drop_it():
+    from kagglekd.schedule import batches_per_epoch
+
+    assert batches_per_epoch(37, 4) == 10  # 9 full batches + one of 1 block
+    assert batches_per_epoch(37, 4, processes=2) == 4  # 4 global batches of 8; the last 5 blocks dropped
+    assert batches_per_epoch(7, 4, processes=2) == 0  # the caller reports "does not fill one batch"
