@@ -297,14 +297,13 @@ class CrossTokenizer:
         self.vocab_map = _map_spellings(
             teacher_tokenizer, student_tokenizer, self.teacher_bytes, self.student_bytes, teacher_vocab
         )
-        student_roles = {index: role for role, index in _special_ids(student_tokenizer).items()}
         teacher_special = _special_ids(teacher_tokenizer)
-        # student special id -> teacher id of the same role (eos before bos: the demo's one token is both)
+        # student special id -> teacher id of its first role (eos, bos, pad, unk) the teacher also has: one
+        # student token often holds several roles (SmolLM: bos = eos = unk), the teacher fewer (Qwen: no bos/unk)
         self.special_map: dict[int, int | None] = {}
-        for role in _SPECIAL_ROLES:
-            for index, r in student_roles.items():
-                if r == role and index not in self.special_map:
-                    self.special_map[index] = teacher_special.get(role)
+        for role, index in _special_ids(student_tokenizer).items():
+            if self.special_map.get(index) is None:
+                self.special_map[index] = teacher_special.get(role)
         self.teacher_pad = teacher_tokenizer.pad_token_id
         if self.teacher_pad is None:
             self.teacher_pad = teacher_tokenizer.eos_token_id if teacher_tokenizer.eos_token_id is not None else 0

@@ -5,6 +5,7 @@ Two BPE tokenizers trained on the same corpus with different vocab sizes and pre
 brute-force reading of both sides' bytes, and the KD of a permuted vocabulary against the identical case.
 """
 
+import copy
 import json
 import math
 
@@ -118,6 +119,21 @@ def test_crafted_strings_align_correctly(student_tok, metaspace_tok, direction):
         eos_position = block.index(student.eos_token_id)
         j = result["target"][eos_position]
         assert j >= 0 and result["teacher_ids"][j] == teacher.eos_token_id
+
+
+def test_separator_maps_to_the_teachers_eos_when_the_student_token_holds_every_role(student_tok, metaspace_tok):
+    """SmolLM's one special token is bos, eos and unk; Qwen's tokenizer has an eos but no bos or unk. The
+    document separator must still become the teacher's eos, not None (documents run together)."""
+    student, teacher = copy.deepcopy(student_tok), copy.deepcopy(metaspace_tok)
+    student.bos_token = student.unk_token = student.eos_token
+    teacher.bos_token = teacher.unk_token = None
+    assert alignment._special_ids(teacher).keys() == {"eos", "pad"}
+    cross = alignment.CrossTokenizer(teacher, student)
+    assert cross.special_map == {student.eos_token_id: teacher.eos_token_id}
+    block = _block(student, ["first document", "next document"])
+    result, _ = _check_against_brute_force(cross, block)
+    j = result["target"][block.index(student.eos_token_id)]
+    assert j >= 0 and result["teacher_ids"][j] == teacher.eos_token_id
 
 
 def test_token_bytes_normalise_both_spellings(student_tok, metaspace_tok):
