@@ -450,17 +450,12 @@ def mapped_targets(
         to_shared[:width] if to_shared.numel() >= width else F.pad(to_shared, (0, width - to_shared.numel()), value=-1)
     )
     log_p = F.log_softmax(_upcast(teacher_logits) / temperature, dim=-1)
-    hit = to_shared >= 0
-    # one extra column collects the unmapped tokens, so the scatter needs no masked copy of the rows
-    slots = torch.where(hit, to_shared, shared.numel())
-    mass = log_p.new_zeros((log_p.shape[0], shared.numel() + 1)).index_add_(1, slots, log_p.exp())[:, :-1]
-    unmapped = (
-        torch.logsumexp(log_p.masked_fill(hit, _LOG_ZERO), dim=-1)
-        if not bool(hit.all())
-        else log_p.new_full((log_p.shape[0],), _LOG_ZERO)
-    )
+    # one extra column collects the unmapped tokens' mass (the tail), so the scatter needs no masked copy
+    slots = torch.where(to_shared >= 0, to_shared, shared.numel())
+    full = log_p.new_zeros((log_p.shape[0], shared.numel() + 1)).index_add_(1, slots, log_p.exp())
+    log_full = torch.where(full > 0, full.clamp_min(1e-45).log(), torch.full_like(full, _LOG_ZERO))
+    mass, log_mass, unmapped = full[:, :-1], log_full[:, :-1], log_full[:, -1]
     mapped_mass = mass.sum(-1)
-    log_mass = torch.where(mass > 0, mass.clamp_min(1e-45).log(), torch.full_like(mass, _LOG_ZERO))
     if top_k is not None and top_k < shared.numel():
         top, where = log_mass.topk(top_k, dim=-1)
         rest = torch.logsumexp(log_mass.scatter(-1, where, _LOG_ZERO), dim=-1)
@@ -535,7 +530,9 @@ def cross_targets(
     shape = labels.shape
     if flat.numel() == 0:
         empty = TeacherTopK(
-            labels.new_zeros((*shape, 1)), torch.zeros((*shape, 1), device=labels.device), torch.zeros(shape)
+            labels.new_zeros((*shape, 1)),
+            torch.zeros((*shape, 1), device=labels.device),
+            torch.zeros(shape, device=labels.device),
         )
         return empty, torch.full_like(labels, IGNORE_INDEX), AlignmentStats(batch_valid, 0, 0.0)
     teacher_rows = teacher_logits.detach().flatten(0, 1)

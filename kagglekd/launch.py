@@ -272,6 +272,17 @@ def kernel_gpu_note(planned: MemoryPlan | None) -> str:
     return text + "."
 
 
+def _ddp_config(config: DistillConfig, num_processes: int, launcher: str) -> DistillConfig:
+    """``config`` for a launch of several processes: they run ddp; a one-process strategy is refused."""
+    if config.strategy not in ("auto", "ddp"):
+        raise ConfigError(
+            f"strategy {config.strategy} runs in one process; {launcher} with {num_processes} processes runs ddp. "
+            "Set strategy ddp (or auto), or num_processes 1.",
+            field="strategy",
+        )
+    return config.replace(strategy="ddp")
+
+
 def _cuda_initialized() -> bool:
     import torch
 
@@ -332,12 +343,7 @@ def notebook_launch(
         plan = plan_launch(config, launch="notebook_launcher")
         num_processes, config = plan.processes, plan.config
     if num_processes > 1:
-        if config.strategy not in ("auto", "ddp"):
-            raise ConfigError(
-                f"strategy {config.strategy} runs in one process; notebook_launch with {num_processes} processes "
-                "runs ddp. Set strategy ddp (or auto), or num_processes 1.",
-                field="strategy",
-            )
+        config = _ddp_config(config, num_processes, "notebook_launch")
         if _cuda_initialized():
             raise LaunchError(
                 "CUDA is already initialised in this kernel (an earlier cell used the GPU), so the workers "
@@ -345,7 +351,6 @@ def notebook_launch(
                 "it), which starts torchrun in fresh processes from here; or restart the kernel and run only the "
                 "install cell and 02_train; or use one process (LAUNCH = 'in-process')."
             )
-        config = config.replace(strategy="ddp")
     results: list[dict] = []  # filled when the function runs in this process (one process)
     notebook_launcher(
         _train_worker,
@@ -456,13 +461,7 @@ def subprocess_launch(
     from kagglekd.plots import LiveChart
 
     if num_processes > 1:
-        if config.strategy not in ("auto", "ddp"):
-            raise ConfigError(
-                f"strategy {config.strategy} runs in one process; a subprocess launch with {num_processes} processes "
-                "runs ddp. Set strategy ddp (or auto), or num_processes 1.",
-                field="strategy",
-            )
-        config = config.replace(strategy="ddp")
+        config = _ddp_config(config, num_processes, "a subprocess launch")
     if _cuda_initialized():  # what earlier cells left in this kernel's CUDA cache goes back to the child
         from kagglekd.env import free_accelerator_memory
 

@@ -243,9 +243,8 @@ def kd_per_position(
     _check_kd_args(divergence, temperature, beta, skew_alpha, top_k)
     vocab = student_logits.shape[-1]
     log_q = F.log_softmax(_upcast(student_logits) / temperature, dim=-1)
+    _check_topk_k(teacher, top_k, vocab)
     if isinstance(teacher, TeacherTopK):
-        if top_k is not None and min(top_k, vocab) != teacher.k:
-            raise ValueError(f"top_k={top_k} does not match the k={teacher.k} of the TeacherTopK targets")
         indices = teacher.indices
         log_p_top, log_p_tail = _upcast(teacher.logprobs), _upcast(teacher.tail)
     else:
@@ -297,17 +296,11 @@ def _flat_rows(teacher: Teacher, vocab: int) -> Teacher:
     return teacher.reshape(-1, vocab)
 
 
-def _select_rows(teacher: Teacher, positions: Tensor) -> Teacher:
+def _select_rows(teacher: Teacher, positions: Tensor | slice) -> Teacher:
     if isinstance(teacher, TeacherTopK):
         return TeacherTopK(*(field[positions] for field in teacher))
     # advanced indexing, not index_select: on CPU index_select of wide rows is ~10x slower
     return teacher[positions]
-
-
-def _row_range(teacher: Teacher, start: int, end: int) -> Teacher:
-    if isinstance(teacher, TeacherTopK):
-        return TeacherTopK(*(field[start:end] for field in teacher))
-    return teacher[start:end]
 
 
 def _needs_grad(*tensors: Tensor | TeacherTopK) -> bool:
@@ -648,7 +641,9 @@ def kd_loss(
     else:
 
         def row_fn(start: int, end: int, need_grad: bool) -> tuple[Tensor, Tensor | None]:
-            return _kd_rows(rows[start:end], _row_range(teacher_rows, start, end), need_grad=need_grad, **kd_kwargs)
+            return _kd_rows(
+                rows[start:end], _select_rows(teacher_rows, slice(start, end)), need_grad=need_grad, **kd_kwargs
+            )
 
         light = isinstance(teacher_rows, TeacherTopK)
         block_rows = _block_rows(vocab, chunk_size, student_logits.device, light)
@@ -742,7 +737,9 @@ def _fused_chunk(logits, teacher_rows, targets, need_grad, options, kd_mask=None
         end = start + block_rows
         block, grad = logits[start:end], None
         if alpha_kd != 0:
-            values, grad = _kd_rows(block, _row_range(teacher_rows, start, end), need_grad=need_grad, **kd_kwargs)
+            values, grad = _kd_rows(
+                block, _select_rows(teacher_rows, slice(start, end)), need_grad=need_grad, **kd_kwargs
+            )
             if kd_mask is not None:  # where, not a product: a masked row's placeholder targets may give inf
                 keep = kd_mask[start:end]
                 values = values.masked_fill(~keep, 0.0)

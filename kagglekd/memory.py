@@ -513,7 +513,6 @@ def flops_per_token(teacher_cfg, student_cfg, max_length: int) -> float:
 
 
 # ---- strategy: how a run uses the GPUs of a profile ------------------------------------------------------
-STRATEGIES = ("single", "ddp", "split")
 _VERDICT_RANK = {"fits": 0, "tight": 1, "OOM": 2}
 
 

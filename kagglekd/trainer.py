@@ -27,6 +27,7 @@ from kagglekd import alignment, data, losses, models
 from kagglekd import env as kit_env
 from kagglekd.config import DistillConfig
 from kagglekd.errors import ConfigError, KaggleKDError
+from kagglekd.memory import live_teacher
 from kagglekd.metrics import EvalTotals, HistoryWriter
 from kagglekd.schedule import SchedulePlan, batches_per_epoch, build_scheduler, plan_schedule
 
@@ -141,8 +142,6 @@ class Distiller:
 
     def _resolve_strategy(self) -> str:
         """single, ddp or split, from ``config.strategy`` and what this process was launched with."""
-        from kagglekd.memory import live_teacher
-
         cfg = self.config
         if cfg.strategy == "auto":
             if self.world > 1:
@@ -174,12 +173,9 @@ class Distiller:
         cfg = self.config
         self.tokenizer = models.load_tokenizer(cfg.tokenizer or cfg.student_model)
         vocab = len(self.tokenizer)
-        needs_teacher = (cfg.alpha_kd > 0 or cfg.alpha_feature > 0 or cfg.alpha_attention > 0) and (
-            cfg.teacher_cache is None  # the cache stands in for the teacher; eval then reports no KD/agreement
-        )
         self.teacher = None
         self.cross: alignment.CrossTokenizer | None = None
-        if needs_teacher:
+        if live_teacher(cfg):  # a teacher cache stands in for the teacher; eval then reports no KD/agreement
             teacher_tokenizer = models.load_tokenizer(cfg.teacher_tokenizer or cfg.teacher_model)
             self.vocab_relation = alignment.classify_vocab_pair(teacher_tokenizer, self.tokenizer)
             if self.vocab_relation == "different" and not cfg.cross_tokenizer:
