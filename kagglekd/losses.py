@@ -354,7 +354,7 @@ def _valid_positions(labels: Tensor) -> Tensor:
 _CPU_BLOCK_BYTES = 1 << 19
 
 
-def _block_rows(vocab: int, chunk_size: int, device: torch.device, light: bool = False) -> int:
+def rows_per_block(vocab: int, chunk_size: int, device: torch.device, light: bool = False) -> int:
     """Rows per block: cache-sized on a CPU, ``chunk_size`` elsewhere (a GPU wants wide kernels).
 
     ``light``: the block keeps about half as many ``[rows, V]`` buffers alive (sparse teacher targets, CE),
@@ -646,7 +646,7 @@ def kd_loss(
             )
 
         light = isinstance(teacher_rows, TeacherTopK)
-        block_rows = _block_rows(vocab, chunk_size, student_logits.device, light)
+        block_rows = rows_per_block(vocab, chunk_size, student_logits.device, light)
         total = _RowwiseLoss.apply(rows, row_fn, runs, block_rows, 1.0 / temperature)
     if scale_t2:
         total = total * (temperature**2)
@@ -675,7 +675,7 @@ def ce_loss(
     def row_fn(start: int, end: int, need_grad: bool) -> tuple[Tensor, Tensor | None]:
         return _ce_rows(rows[start:end], targets[start:end], need_grad)
 
-    total = _RowwiseLoss.apply(rows, row_fn, runs, _block_rows(vocab, chunk_size, logits.device, light=True), 1.0)
+    total = _RowwiseLoss.apply(rows, row_fn, runs, rows_per_block(vocab, chunk_size, logits.device, light=True), 1.0)
     return total / _normaliser(num_items, valid)
 
 
@@ -732,7 +732,7 @@ def _fused_chunk(logits, teacher_rows, targets, need_grad, options, kd_mask=None
     kd_weight = alpha_kd * kd_scale / kd_kwargs["temperature"]
     kd_sums, ce_sums = [], []
     light = alpha_kd == 0 or isinstance(teacher_rows, TeacherTopK)
-    block_rows = _block_rows(logits.shape[-1], logits.shape[0], logits.device, light)
+    block_rows = rows_per_block(logits.shape[-1], logits.shape[0], logits.device, light)
     for start in range(0, logits.shape[0], block_rows):
         end = start + block_rows
         block, grad = logits[start:end], None

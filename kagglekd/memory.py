@@ -64,6 +64,7 @@ from typing import Any
 import torch
 
 from kagglekd.config import PRESETS_DIR, DistillConfig
+from kagglekd.losses import rows_per_block
 
 GiB = 1024**3
 TIGHT_FRACTION = 0.85
@@ -173,9 +174,6 @@ def config_from_card(card: dict):
     model_type = fields.pop("model_type")
     return AutoConfig.for_model(model_type, **fields)
 
-
-# Bytes of the [rows, V] buffers a CPU row block of the losses keeps within cache (kagglekd.losses).
-CPU_LOSS_BLOCK_BYTES = 1 << 19
 
 TINY_PRESETS = ("tiny-moe", "tiny-moe-8k", "tiny-random-moe", "tiny-random-dense")
 
@@ -401,8 +399,8 @@ def plan_memory(
 
     parts["student_logits"] = tokens * student.vocab * b * 2  # the model's [B, T, V_s] logits and their gradient
     chunk = min(config.loss_chunk_size, tokens)
-    # the losses walk the rows in blocks: a chunk on a GPU, cache-sized on a CPU (kagglekd.losses._block_rows)
-    block = chunk if on_gpu else max(1, min(chunk, CPU_LOSS_BLOCK_BYTES // (4 * student.vocab)))
+    # the losses walk the rows in blocks: a chunk on a GPU, cache-sized on a CPU (the heavier, non-light kind)
+    block = rows_per_block(student.vocab, chunk, torch.device("cuda" if on_gpu else "cpu"))
     held = (int(config.alpha_kd > 0) + int(config.alpha_ce > 0)) * tokens * student.vocab * b
     if config.alpha_kd > 0:
         parts["teacher_logits"] = tokens * teacher.vocab * bt

@@ -118,7 +118,7 @@ def test_one_row_blocks_equal_one_block(monkeypatch, divergence, top_k):
 
     whole, whole_grad = loss_and_grad()
     monkeypatch.setattr(losses, "_CPU_BLOCK_BYTES", 4 * 8 * 2)
-    assert losses._block_rows(8, 1024, student.device) == 2
+    assert losses.rows_per_block(8, 1024, student.device) == 2
     blocked, blocked_grad = loss_and_grad()
     assert blocked.item() == pytest.approx(whole.item(), rel=1e-12)
     torch.testing.assert_close(blocked_grad, whole_grad, rtol=1e-12, atol=1e-15)
