@@ -202,6 +202,9 @@ class Distiller:
             if self.vocab_relation == "different":
                 teacher_vocab = self.teacher.get_output_embeddings().weight.shape[0]
                 self.cross = alignment.CrossTokenizer(teacher_tokenizer, self.tokenizer, teacher_vocab=teacher_vocab)
+                # targets are mapped where the student trains (split moves the teacher's outputs there): move the
+                # map once, not per chunk
+                self.cross.vocab_map = self.cross.vocab_map.to(self.device)
         torch.manual_seed(cfg.seed)
         self.student = models.load_model(
             cfg.student_model,
