@@ -39,6 +39,35 @@ SCHEDULERS = (
     "warmup_stable_decay",
 )
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl")
+FEATURE_LOSS_KINDS = ("mse", "cosine")
+KA_MODES = ("average", "single")
+LOSS_BALANCES = ("fixed", "normalized")
+
+
+@dataclass(frozen=True)
+class KDOptions:
+    """What every KD call of a run shares (training, fused, cross-tokenizer and eval): one object instead of
+    the same six keywords in every signature. ``DistillConfig.kd_options`` builds it from a config."""
+
+    temperature: float = 1.0  # divides both sides' logits before the float32 (log-)softmax
+    divergence: str = "forward_kl"  # one of DIVERGENCES
+    beta: float = 0.5  # generalized JSD: 0 = forward KL, 1 = reverse KL
+    skew_alpha: float = 0.1  # mixture weight of the skew KL divergences
+    top_k: int | None = None  # KD against the teacher's top-k tokens plus a tail bucket; None = full vocabulary
+    scale_t2: bool = True  # multiply by temperature ** 2 (gradient scale comparable across temperatures)
+
+    def __post_init__(self) -> None:
+        if self.divergence not in DIVERGENCES:
+            raise ValueError(f"divergence must be one of {DIVERGENCES}, got {self.divergence!r}")
+        if not self.temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        if not 0.0 <= self.beta <= 1.0 or not 0.0 <= self.skew_alpha <= 1.0:
+            raise ValueError(f"beta and skew_alpha must lie in [0, 1], got {self.beta}, {self.skew_alpha}")
+        if self.top_k is not None and self.top_k < 1:
+            raise ValueError(f"top_k must be >= 1 or None, got {self.top_k}")
+
+    def replace(self, **changes: Any) -> KDOptions:
+        return dataclasses.replace(self, **changes)
 
 # Keys hand-rolled scripts and `transformers.TrainingArguments` use for fields the kit has under another
 # name. One table, documented in the README; a key here is renamed, never silently dropped.
@@ -173,13 +202,13 @@ class DistillConfig:
         None, "Number of student layers (evenly spaced, ending at the last) matched to teacher hidden states.", min=1
     )
     feature_loss: str = _f(
-        "mse", "Feature loss: mse (divided by the teacher states' variance) or cosine.", choices=("mse", "cosine")
+        "mse", "Feature loss: mse (divided by the teacher states' variance) or cosine.", choices=FEATURE_LOSS_KINDS
     )
     loss_balance: str = _f(
         "fixed",
         "fixed = total is sum(alpha * component); normalized = each component divided by a running mean of its own "
         "magnitude first, so the alphas become the realised shares of the total.",
-        choices=("fixed", "normalized"),
+        choices=LOSS_BALANCES,
     )
     balance_momentum: float = _f(
         0.9, "Momentum of the running magnitude used by loss_balance normalized.", min=0.0, lt=1.0
@@ -204,7 +233,7 @@ class DistillConfig:
         0, "Knowledge Augmentation: sample the teacher's experts (Gumbel top-k) this many times.", min=0
     )
     ka_mode: str = _f(
-        "average", "KA targets: average over the samples, or a single sample per step.", choices=("average", "single")
+        "average", "KA targets: average over the samples, or a single sample per step.", choices=KA_MODES
     )
     router_patterns: list[str] = _f([], "Regexes naming router modules of MoE families the kit does not know.")
     gradient_checkpointing: bool = _f(
@@ -301,6 +330,18 @@ class DistillConfig:
             )
         if self.resume not in ("auto", "never") and not self.resume:
             raise ConfigError("resume must be 'auto', 'never' or a checkpoint path.", field="resume")
+
+    @property
+    def kd_options(self) -> KDOptions:
+        """The KD arguments of this run, as one frozen object."""
+        return KDOptions(
+            temperature=self.temperature,
+            divergence=self.divergence,
+            beta=self.jsd_beta,
+            skew_alpha=self.skew_alpha,
+            top_k=self.kd_top_k,
+            scale_t2=self.kd_scale_t2,
+        )
 
     # ---- JSON in/out -----------------------------------------------------------------------------------
     @classmethod
