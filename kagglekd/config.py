@@ -42,6 +42,8 @@ DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_rever
 FEATURE_LOSS_KINDS = ("mse", "cosine")
 KA_MODES = ("average", "single")
 LOSS_BALANCES = ("fixed", "normalized")
+# The loss components, in the order the history, the charts and the objective use them.
+COMPONENTS = ("kd", "ce", "feature", "attention", "router")
 
 
 @dataclass(frozen=True)
@@ -68,6 +70,7 @@ class KDOptions:
 
     def replace(self, **changes: Any) -> KDOptions:
         return dataclasses.replace(self, **changes)
+
 
 # Keys hand-rolled scripts and `transformers.TrainingArguments` use for fields the kit has under another
 # name. One table, documented in the README; a key here is renamed, never silently dropped.
@@ -97,6 +100,14 @@ ALIASES = {
     "dataset_name": "dataset",
     "output_path": "output_dir",
     "num_samples": "dataset_subset_size",
+    "max_train_samples": "dataset_subset_size",
+    "train_samples": "dataset_subset_size",
+    "max_samples": "dataset_subset_size",
+    "subset_size": "dataset_subset_size",
+    "use_sar": "sar",
+    "student_aware_router": "sar",
+    "teacher_cache_dir": "teacher_cache",
+    "use_cross_tokenizer": "cross_tokenizer",
 }
 
 _SKIP_COMBINATIONS = contextvars.ContextVar("kagglekd_skip_combinations", default=False)
@@ -190,16 +201,26 @@ class DistillConfig:
         choices=("exact", "uld"),
     )
     alpha_feature: float = _f(
-        0.0, "Weight of the hidden-state (feature) loss; needs the MoE/feature-transfer support to be > 0.", min=0.0
+        0.0,
+        "Weight of the hidden-state (feature) loss: student layers projected onto teacher hidden states (across "
+        "tokenizers the teacher's states are averaged over each student token's character span); needs alpha_kd > 0.",
+        min=0.0,
     )
     alpha_attention: float = _f(
-        0.0, "Weight of the attention-map transfer loss; needs attention-transfer support to be > 0.", min=0.0
+        0.0,
+        "Weight of the attention-map transfer loss (same tokenizer only; forces eager attention); needs alpha_kd > 0.",
+        min=0.0,
     )
     attention_layers: int | None = _f(
-        None, "Number of student layers (evenly spaced, ending at the last) whose attention maps are matched.", min=1
+        None,
+        "Number of student layers (evenly spaced, ending at the last) whose attention maps are matched (None = the "
+        "last layer only).",
+        min=1,
     )
     feature_layers: int | None = _f(
-        None, "Number of student layers (evenly spaced, ending at the last) matched to teacher hidden states.", min=1
+        None,
+        "Number of student layers (evenly spaced, ending at the last) matched to teacher hidden states (None = all).",
+        min=1,
     )
     feature_loss: str = _f(
         "mse", "Feature loss: mse (divided by the teacher states' variance) or cosine.", choices=FEATURE_LOSS_KINDS
@@ -232,9 +253,7 @@ class DistillConfig:
     ka_samples: int = _f(
         0, "Knowledge Augmentation: sample the teacher's experts (Gumbel top-k) this many times.", min=0
     )
-    ka_mode: str = _f(
-        "average", "KA targets: average over the samples, or a single sample per step.", choices=KA_MODES
-    )
+    ka_mode: str = _f("average", "KA targets: average over the samples, or a single sample per step.", choices=KA_MODES)
     router_patterns: list[str] = _f([], "Regexes naming router modules of MoE families the kit does not know.")
     gradient_checkpointing: bool = _f(
         False, "Recompute the student's layer activations in backward instead of keeping them (less memory)."
@@ -300,36 +319,10 @@ class DistillConfig:
             _SKIP_COMBINATIONS.reset(token)
 
     def check_combinations(self) -> None:
-        """Cross-field rules; the first one broken raises a ConfigError naming its field."""
-        if self.alpha_kd == 0 and self.alpha_ce == 0:
-            raise ConfigError(
-                "alpha_kd and alpha_ce are both 0: the student would learn nothing. Set alpha_kd > 0 (distil) "
-                "and/or alpha_ce > 0 (learn from the data).",
-                field="alpha_kd",
-            )
-        if (self.expert_top_k_start is None) != (self.expert_top_k_end is None):
-            missing = "expert_top_k_end" if self.expert_top_k_end is None else "expert_top_k_start"
-            raise ConfigError(f"expert_top_k_start and expert_top_k_end go together; set {missing} too.", missing)
-        if self.sar and self.alpha_kd == 0:
-            raise ConfigError("sar trains the teacher's routers through the KD loss; it needs alpha_kd > 0.", "sar")
-        if self.teacher_cache is not None:
-            if self.kd_top_k is None:
-                raise ConfigError("teacher_cache holds top-k targets; set kd_top_k to the cache's k.", "kd_top_k")
-            for name in ("sar", "ka_samples", "alpha_feature", "alpha_attention", "all_experts", "expert_top_k_start"):
-                if getattr(self, name):
-                    raise ConfigError(
-                        f"{name} needs the live teacher (its routers, experts, hidden states or attention), but "
-                        "teacher_cache replaces the teacher with stored targets. Drop one of them.",
-                        name,
-                    )
-        if self.cross_tokenizer and self.teacher_cache is not None:
-            raise ConfigError(
-                "teacher_cache stores top-k targets per student position of one tokenizer; cross-tokenizer runs align "
-                "the live teacher's own tokens. Drop teacher_cache (or cross_tokenizer).",
-                "teacher_cache",
-            )
-        if self.resume not in ("auto", "never") and not self.resume:
-            raise ConfigError("resume must be 'auto', 'never' or a checkpoint path.", field="resume")
+        """The config-only rules of ``kagglekd.rules``; the first one broken raises a ConfigError naming its field."""
+        from kagglekd import rules  # rules imports this module's types only for annotations
+
+        rules.raise_errors(rules.check(self))
 
     @property
     def kd_options(self) -> KDOptions:

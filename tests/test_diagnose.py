@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from kagglekd import diagnose as dg
+from kagglekd.config import preset_names
 from kagglekd.diagnose import FINDINGS, diagnose, fix_config, main
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -62,7 +63,8 @@ def test_must_show_config_via_main(capsys):
     device = next(f for f in out["findings"] if f["id"] == "device")
     assert "sm_60" in device["message"] and "T4" in device["fix"]
     tokenizer = next(f for f in out["findings"] if f["id"] == "tokenizer")
-    assert "cross_tokenizer" in tokenizer["fix"] and tokenizer["field"] == "teacher_model"
+    # one rule (kagglekd.rules) for diagnose and the trainer: it names the field the fix changes
+    assert "cross_tokenizer" in tokenizer["fix"] and tokenizer["field"] == "cross_tokenizer"
 
 
 def test_must_show_fix_then_rediagnose_on_t4x2_exits_0(tmp_path, capsys):
@@ -72,7 +74,9 @@ def test_must_show_fix_then_rediagnose_on_t4x2_exits_0(tmp_path, capsys):
     assert "[ERROR] device" in text and f"wrote {fixed_path}" in text
     fixed = json.loads(fixed_path.read_text())
     assert fixed["_fixes"] and all(isinstance(line, str) and ": " in line for line in fixed["_fixes"])
-    assert fixed["cross_tokenizer"] is True and fixed["alpha_feature"] == 0 and fixed["alpha_attention"] == 0
+    # the trainer transfers features across tokenizers (span-averaged teacher states); attention maps it cannot
+    assert fixed["cross_tokenizer"] is True and fixed["alpha_feature"] == 0.1 and fixed["alpha_attention"] == 0
+    assert "attention_layers" not in fixed
     assert "device" not in fixed and "warmup_steps" not in fixed
     assert any("T4 x2" in line for line in fixed["_unfixable"])
     assert main(["--config", str(fixed_path), "--gpu", "T4x2"]) == 0
@@ -155,10 +159,16 @@ def test_unknown_alias_invalid_pending_and_gpu_hint():
 
 
 def test_gpu_hints():
-    assert dg.gpu_from_hint("NvidiaTeslaP100") == "P100" and dg.gpu_from_hint("T4 x2") == "T4x2"
-    assert dg.gpu_from_hint("NvidiaTeslaT4") == "T4x2" and dg.gpu_from_hint("t4") == "T4"
-    assert dg.gpu_from_hint("cuda") is None and dg.gpu_from_hint("a100") == "A100"
-    assert diagnose({**SAME_TOKENIZER, "device": "cuda"}, gpu=None).gpu == "T4x2"
+    """GPU keys of the config are read through gpus.resolve; an unknown one is said so, never a silent T4."""
+    for hint, profile in [("NvidiaTeslaP100", "P100"), ("T4 x2", "T4x2"), ("NvidiaTeslaT4", "T4x2"), ("t4", "T4")]:
+        report = diagnose({**SAME_TOKENIZER, "device": hint}, gpu=None)
+        assert report.gpu == profile and _find(report, "gpu-hint", "device"), hint
+    assert diagnose({**SAME_TOKENIZER, "gpu": "a100"}, gpu=None).gpu == "A100"
+    unknown = diagnose({**SAME_TOKENIZER, "device": "cuda"}, gpu=None)
+    assert unknown.gpu == "T4x2" and not _find(unknown, "gpu-hint")
+    finding = _find(unknown, "gpu-unknown", "device")[0]
+    assert finding.severity == "warning" and "'cuda'" in finding.message and "T4x2" in finding.message
+    assert _find(diagnose(SAME_TOKENIZER, gpu="H100"), "gpu-unknown", "gpu")
 
 
 def test_scheduler_name():
@@ -235,11 +245,15 @@ def test_ddp_plan_counts_the_steps_the_run_takes():
 def test_loss_weight_findings():
     report = diagnose({**SAME_TOKENIZER, "alpha_kd": 0.0, "alpha_ce": 0.7})
     assert {f.field for f in _find(report, "loss-weights")} == {"alpha_kd"}
+    # attention_layers unset is the trainer's default of one layer (the last), not an error
     prereq = diagnose({**SAME_TOKENIZER, "alpha_attention": 0.1})
-    finding = _find(prereq, "loss-prerequisite", "alpha_attention")[0]
-    assert finding.severity == "error" and "attention_layers is not set" in finding.message
-    assert _find(prereq, "attention-cost")[0].severity == "warning"
-    assert fix_config(prereq)["alpha_attention"] == 0.0
+    assert not _find(prereq, "loss-prerequisite") and prereq.exit_code == 0
+    cost = _find(prereq, "attention-cost")[0]
+    assert cost.severity == "warning" and "the last layer" in cost.message
+    assert fix_config(prereq)["alpha_attention"] == 0.1
+    ce_only = diagnose({**SAME_TOKENIZER, "alpha_kd": 0.0, "alpha_ce": 0.9, "alpha_attention": 0.1})
+    assert _find(ce_only, "loss-prerequisite", "alpha_attention")[0].severity == "error"
+    assert fix_config(ce_only)["alpha_attention"] == 0.0
     assert _find(diagnose({**SAME_TOKENIZER, "attention_layers": 2}), "unused-setting")
 
 
@@ -343,10 +357,26 @@ def test_teacher_cache_size_and_incompatible_combinations():
 
 
 def test_every_finding_id_is_documented():
-    source = Path(dg.__file__).read_text()
+    from kagglekd import rules
+
+    package = Path(dg.__file__).parent
+    tables = (package / "findings.py", Path(rules.__file__))
+    sources = [p.read_text() for p in package.glob("*.py") if p.name != "findings.py"]
+    sources.append(Path(rules.__file__).read_text().split("RULE_FINDINGS: dict", 1)[1].split("\n}\n", 1)[1])
+    assert all(p.exists() for p in tables)
     for id, description in FINDINGS.items():
         assert description.endswith(".") and "\n" not in description
-        assert f'"{id}"' in source.split("FINDINGS: dict", 1)[1].split("\n}\n", 1)[1], id  # used somewhere
+        assert any(f'"{id}"' in source for source in sources), id  # used somewhere
+
+
+@pytest.mark.parametrize("name", [*preset_names(), str(MUST_SHOW)])
+def test_fixed_config_of_every_preset_passes_diagnose(name):
+    """diagnose --fix output (patches, re-checked against the rules) diagnoses without an error on T4x2."""
+    raw = dg.read_raw(name)
+    report = diagnose(raw, gpu="T4x2")
+    fixed = fix_config(report)
+    again = diagnose({k: v for k, v in fixed.items() if not k.startswith("_")}, gpu="T4x2")
+    assert again.exit_code == 0, [(f.id, f.field, f.message) for f in again.errors]
 
 
 # ---- dry run ----------------------------------------------------------------------------------------------
