@@ -10,8 +10,7 @@ Two facts carry the checks (see ../shared/KAGGLE.md):
   the device's sm_XY with ``torch.cuda.get_arch_list()`` instead of trusting ``is_available``.
 * ``torch.cuda.is_bf16_supported()`` is True on a T4 (emulation). Real bf16 means compute capability >= 8.0.
 
-It also finds checkpoints of an attached previous kernel version (``find_previous_checkpoint``) and copies
-the newest into the run dir so ``resume="auto"`` continues from it (``prepare_resume``).
+Checkpoints of an attached previous kernel version are found by ``kagglekd.checkpoint.prepare_resume``.
 """
 
 from __future__ import annotations
@@ -21,15 +20,13 @@ import json
 import os
 import platform
 import re
-import shutil
 import socket
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-# kagglekd.trainer.STATE_FILE: only complete checkpoints have it (the trainer writes it last, then renames).
-# Repeated here so the doctor stays importable without transformers; tests/test_env.py checks they match.
-CHECKPOINT_STATE_FILE = "trainer_state.json"
+from kagglekd import gpus as profiles
+
 KAGGLE_INPUT = Path("/kaggle/input")
 KAGGLE_WORKING = Path("/kaggle/working")
 KAGGLE_TEMP = Path("/kaggle/temp")
@@ -93,7 +90,7 @@ class EnvReport:
     arch_list: list[str]
     cuda_available: bool
     gpus: list[GpuInfo]
-    profile: str  # the kagglekd.memory GPU profile this session matches (T4x2, T4, P100, A100, L4, cpu)
+    profile: str  # the kagglekd.gpus profile this session matches (T4x2, T4, P100, A100, L4, cpu, "unknown (...)")
     run_type: str | None  # KAGGLE_KERNEL_RUN_TYPE: Interactive, Batch, or None off Kaggle
     on_kaggle: bool
     paths: dict[str, dict]
@@ -208,23 +205,14 @@ def gpus() -> tuple[list[GpuInfo], list[str], bool]:
 
 
 def profile_name(found: list[GpuInfo]) -> str:
-    """The kagglekd.memory profile matching these GPUs (used as ``diagnose(gpu=...)``)."""
-    if not found:
-        return "cpu"
-    name, capability = found[0].name.upper(), found[0].capability
-    if "P100" in name or capability == (6, 0):
-        return "P100"
-    if "T4" in name or capability == (7, 5):
-        return "T4x2" if len(found) >= 2 else "T4"
-    if "A100" in name or capability == (8, 0):
-        return "A100"
-    if "L4" in name or capability == (8, 9):
-        return "L4"
-    return "T4x2" if len(found) >= 2 else "T4"
+    """The GPU profile of these GPUs (``gpus.resolve`` of the first one's name, for as many as there are), used as
+    ``diagnose(gpu=...)``: T4x2, T4, P100, A100, L4, cpu, ..., or ``unknown (<name>)`` for a GPU the kit has no
+    profile for (the doctor says so; it is never taken for a T4)."""
+    return profiles.resolve(found[0].name, devices=len(found)).name if found else "cpu"
 
 
 def gpu_profile_name() -> str:
-    """The GPU profile of this session: T4x2, T4, P100, A100, L4 or cpu."""
+    """The GPU profile of this session: T4x2, T4, P100, A100, L4, cpu, or ``unknown (<name>)``."""
     return profile_name(gpus()[0])
 
 
@@ -353,6 +341,15 @@ def _checks(report: EnvReport) -> list[Check]:
                 "still say True: emulation). kagglekd trains with fp16 autocast + GradScaler and fp32 master weights.",
             )
         )
+    if not profiles.resolve(report.profile).known:
+        checks.append(
+            Check(
+                "warning",
+                f"{report.gpus[0].name} has no kagglekd GPU profile ({', '.join(profiles.names())}): the memory "
+                "planner and diagnose cannot plan for it by name.",
+                "pass diagnose(gpu=...) the closest profile; the trainer plans on the device's own memory.",
+            )
+        )
     if report.profile == "T4":
         checks.append(
             Check(
@@ -408,47 +405,6 @@ def notebook_config(preset: str | dict, run_dir: str | os.PathLike | None = None
     if run_dir is not None:
         changes["output_dir"] = str(run_dir)
     return config.replace(**changes) if changes else config
-
-
-def checkpoint_step(path: Path) -> int:
-    return int(Path(path).name.split("-")[-1])
-
-
-def find_previous_checkpoint(search_roots=(str(KAGGLE_INPUT),)) -> Path | None:
-    """The newest complete ``checkpoints/step-N/`` under ``search_roots`` (e.g. an attached previous version's
-    output). Found by glob, never by a hard-coded mount path: Kaggle has moved them before."""
-    found = []
-    for root in search_roots:
-        root = Path(root)
-        if not root.is_dir():
-            continue
-        for state in root.glob(f"**/checkpoints/step-*/{CHECKPOINT_STATE_FILE}"):
-            if re.fullmatch(r"step-\d+", state.parent.name):
-                found.append(state.parent)
-    if not found:
-        return None
-    return max(found, key=lambda p: (checkpoint_step(p), p.stat().st_mtime, str(p)))
-
-
-def prepare_resume(run_dir: str | os.PathLike, search_roots=(str(KAGGLE_INPUT),)) -> Path | None:
-    """Make ``resume="auto"`` continue from the newest checkpoint, local or attached.
-
-    When an attached previous output has a newer checkpoint than ``run_dir/checkpoints`` it is copied there
-    (``/kaggle/input`` is read-only). Returns the checkpoint ``resume="auto"`` will load, or None.
-    """
-    local_dir = Path(run_dir) / "checkpoints"
-    local = [p for p in local_dir.glob("step-*") if (p / CHECKPOINT_STATE_FILE).is_file()] if local_dir.is_dir() else []
-    newest_local = max(local, key=checkpoint_step) if local else None
-    previous = find_previous_checkpoint(search_roots)
-    if previous is None or (newest_local is not None and checkpoint_step(newest_local) >= checkpoint_step(previous)):
-        return newest_local
-    target = local_dir / previous.name
-    staging = local_dir / f".copy-{previous.name}"
-    shutil.rmtree(staging, ignore_errors=True)
-    shutil.copytree(previous, staging)
-    shutil.rmtree(target, ignore_errors=True)
-    os.replace(staging, target)
-    return target
 
 
 def free_accelerator_memory() -> None:

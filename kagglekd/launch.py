@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import queue
 import re
@@ -49,19 +50,13 @@ from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 
+from kagglekd import gpus, rundir
 from kagglekd.config import DistillConfig
 from kagglekd.errors import ConfigError, KaggleKDError
-from kagglekd.memory import (
-    GPU_PROFILES,
-    TIGHT_FRACTION,
-    GiB,
-    GpuProfile,
-    MemoryPlan,
-    StrategyChoice,
-    choose_strategy,
-    gpu_profile,
-    live_teacher,
-)
+from kagglekd.gpus import GpuProfile
+from kagglekd.memory import TIGHT_FRACTION, GiB, MemoryPlan, StrategyChoice, choose_strategy, live_teacher
+
+log = logging.getLogger(__name__)
 
 MODES = ("in-process", "notebook_launcher", "subprocess")
 LAUNCH_CONFIG = "launch_config.json"  # the config a subprocess launch hands to `kagglekd train`, in the run dir
@@ -153,21 +148,17 @@ def _nvidia_smi() -> list[tuple[str, int]]:
 
 
 def session_profile() -> GpuProfile:
-    """The memory-planner profile of this session (T4x2 on Kaggle's GPU sessions), read without touching CUDA."""
+    """The GPU profile of this session (T4x2 on Kaggle's GPU sessions), read without touching CUDA: the GPUs
+    counted through NVML, named by nvidia-smi, resolved by ``gpus.resolve``. A GPU the kit has no profile for
+    comes back unknown (``known=False``) with nvidia-smi's memory (capacity 0 without nvidia-smi)."""
     count = gpu_count()
     if count == 0:
-        return GPU_PROFILES["cpu"]
-    gpus = _nvidia_smi()
-    name = gpus[0][0] if gpus else ""
-    for key in ("T4", "P100", "A100", "L4"):
-        if key in name:
-            if key == "T4" and count == 2:
-                return GPU_PROFILES["T4x2"]
-            base = GPU_PROFILES[key]
-            return dataclasses.replace(base, name=key if count == 1 else f"{key}x{count}", devices=count)
-    capacity = gpus[0][1] * 1024**2 if gpus else 15 * GiB
-    label = name or "unknown GPU"
-    return GpuProfile(label, capacity, count, None, False, True, 65e12, f"{label} x{count} (read by nvidia-smi)")
+        return gpus.resolve("cpu")
+    found = _nvidia_smi()
+    profile = gpus.resolve(found[0][0] if found else "GPU without nvidia-smi", devices=count)
+    if not profile.known and found:
+        profile = dataclasses.replace(profile, capacity_bytes=found[0][1] * 1024**2)
+    return profile
 
 
 def _model_config(name: str):
@@ -199,10 +190,15 @@ def plan_launch(
         raise ConfigError(f"LAUNCH = {launch!r}: one of {', '.join(MODES)} (or None: the planner decides).")
     if num_processes is not None and num_processes < 1:
         raise ConfigError(f"num_processes = {num_processes}: must be >= 1 (or None: the planner decides).")
-    profile = gpu if isinstance(gpu, GpuProfile) else (gpu_profile(gpu) if gpu else session_profile())
+    profile = session_profile() if gpu is None else gpus.resolve(gpu, strict=not isinstance(gpu, GpuProfile))
     teacher_cfg, student_cfg = _model_config(config.teacher_model), _model_config(config.student_model)
     choice = None
-    if teacher_cfg is not None and student_cfg is not None:
+    if not profile.known:
+        log.warning("%s: no kagglekd GPU profile; %s", profile.name, profile.description)
+    if profile.capacity_bytes <= 0:
+        reason = f"{profile.name} has no kagglekd GPU profile and its memory is not known, so memory was not planned"
+        planned = profile.devices if config.strategy == "ddp" else 1
+    elif student_cfg is not None and (teacher_cfg is not None or not live_teacher(config)):
         choice = choose_strategy(
             config,
             gpu=profile,
@@ -214,6 +210,8 @@ def plan_launch(
         reason = choice.reason
         if choice.problem:
             reason = f"{choice.problem} {reason} (fix: {choice.fix})"
+        if not profile.known:
+            reason = f"planned on {profile.name} with the memory nvidia-smi reports: {reason}"
         planned = choice.processes if choice.strategy == "ddp" else 1
     else:
         reason = "the models' configs cannot be read, so memory was not planned"
@@ -360,7 +358,7 @@ def notebook_launch(
     )
     if results:
         return results[0]
-    return json.loads((Path(config.output_dir) / "summary.json").read_text())
+    return json.loads((Path(config.output_dir) / rundir.SUMMARY_FILE).read_text())
 
 
 def leave_worker(distiller, code: int = 0) -> None:
@@ -477,38 +475,20 @@ def subprocess_launch(
     kit_errors: list[str] = []  # the kit's own one-line reasons (`error: ...`, `stopped: ...`), from any rank
     _echo(f"$ {' '.join(command)}")
     started = time.time()
-    child = subprocess.Popen(
-        command,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        stdin=subprocess.DEVNULL,
-        text=True,  # universal newlines: a tqdm redraw (\r) ends a line too
-        encoding="utf-8",
-        errors="replace",
-        env=child_env(chart_every_s, env),
-        start_new_session=True,  # its own process group: stopped as one, and a notebook interrupt is ours to handle
-    )
+    child = _start_child(command, child_env(chart_every_s, env))
     lines: queue.Queue[str | None] = queue.Queue()
     reader = threading.Thread(target=_pump, args=(child.stdout, lines), daemon=True)
     reader.start()
-    chart_state = {"mtime": None}
-    next_chart = time.monotonic() + chart_every_s
+    chart_state: dict = {"mtime": None}
     try:
-        while True:
-            try:
-                line = lines.get(timeout=min(1.0, max(chart_every_s, 0.05)))
-            except queue.Empty:
-                line = ""
-            if line is None:  # end of output: every process holding the pipe is gone
-                break
-            if line.strip():
-                last_lines.append(line)
-                _echo(line)
-                if line.startswith(("error: ", "stopped: ")) and line not in kit_errors:
-                    kit_errors.append(line)
-            if live is not None and time.monotonic() >= next_chart:
-                _refresh_chart(live, run_dir, started, chart_state)
-                next_chart = time.monotonic() + chart_every_s
+        _stream(
+            lines,
+            last_lines,
+            kit_errors,
+            live,
+            chart_every_s,
+            lambda: _refresh_chart(live, run_dir, started, chart_state),
+        )
         exit_code = child.wait()
     except KeyboardInterrupt:
         _stop_process_group(child, stop_grace_s)
@@ -526,19 +506,59 @@ def subprocess_launch(
             child.stdout.close()
     if live is not None:
         _refresh_chart(live, run_dir, started, chart_state)
-    summary_path = run_dir / "summary.json"
-    if _written_since(summary_path, started):  # rank 0 finished: it writes summary.json after everything else
-        if exit_code != 0:
-            # A worker failed after rank 0 had written everything (leave_worker skips the interpreter teardown where
-            # gloo used to abort a rank now and then); the files are complete.
-            worker = _worker_exit_code(list(last_lines))
-            _echo(
-                f"note: torchrun exited with code {exit_code}"
-                + (f" (a worker exited with code {worker})" if worker is not None else "")
-                + f" after rank 0 had finished and written {summary_path}: the run is complete"
-            )
-        return json.loads(summary_path.read_text())
-    raise _training_process_error(exit_code, list(last_lines), kit_errors, run_dir, started)
+    return _child_summary(exit_code, list(last_lines), kit_errors, run_dir, started)
+
+
+def _start_child(command: list[str], env: dict[str, str]) -> subprocess.Popen:
+    return subprocess.Popen(
+        command,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+        text=True,  # universal newlines: a tqdm redraw (\r) ends a line too
+        encoding="utf-8",
+        errors="replace",
+        env=env,
+        start_new_session=True,  # its own process group: stopped as one, and a notebook interrupt is ours to handle
+    )
+
+
+def _stream(lines: queue.Queue, last_lines: deque, kit_errors: list[str], live, chart_every_s: float, redraw) -> None:
+    """Echo the child's output lines until it ends, keeping the last lines and the kit's own one-line reasons,
+    and call ``redraw`` every ``chart_every_s`` seconds when there is a live chart."""
+    next_chart = time.monotonic() + chart_every_s
+    while True:
+        try:
+            line = lines.get(timeout=min(1.0, max(chart_every_s, 0.05)))
+        except queue.Empty:
+            line = ""
+        if line is None:  # end of output: every process holding the pipe is gone
+            return
+        if line.strip():
+            last_lines.append(line)
+            _echo(line)
+            if line.startswith(("error: ", "stopped: ")) and line not in kit_errors:
+                kit_errors.append(line)
+        if live is not None and time.monotonic() >= next_chart:
+            redraw()
+            next_chart = time.monotonic() + chart_every_s
+
+
+def _child_summary(exit_code: int, last_lines: list[str], kit_errors: list[str], run_dir: Path, started: float) -> dict:
+    """Rank 0's summary when this launch's child wrote one, else ``TrainingProcessError``."""
+    summary_path = run_dir / rundir.SUMMARY_FILE
+    if not _written_since(summary_path, started):  # rank 0 writes summary.json after everything else
+        raise _training_process_error(exit_code, last_lines, kit_errors, run_dir, started)
+    if exit_code != 0:
+        # A worker failed after rank 0 had written everything (leave_worker skips the interpreter teardown where
+        # gloo used to abort a rank now and then); the files are complete.
+        worker = _worker_exit_code(last_lines)
+        _echo(
+            f"note: torchrun exited with code {exit_code}"
+            + (f" (a worker exited with code {worker})" if worker is not None else "")
+            + f" after rank 0 had finished and written {summary_path}: the run is complete"
+        )
+    return json.loads(summary_path.read_text())
 
 
 def _echo(line: str) -> None:
@@ -573,7 +593,7 @@ def _refresh_chart(live, run_dir: Path, started: float, state: dict) -> bool:
 
     from kagglekd.metrics import read_history
 
-    path = run_dir / "history.csv"
+    path = run_dir / rundir.HISTORY_FILE
     try:
         mtime = path.stat().st_mtime
     except OSError:
@@ -607,9 +627,9 @@ def _stop_process_group(child: subprocess.Popen, grace_s: float) -> None:
 
 
 def _newest_checkpoint(run_dir: Path) -> Path | None:
-    from kagglekd.trainer import latest_checkpoint
+    from kagglekd.checkpoint import latest_checkpoint
 
-    return latest_checkpoint(run_dir / "checkpoints")
+    return latest_checkpoint(run_dir / rundir.CHECKPOINTS_DIR)
 
 
 def _worker_exit_code(lines: list[str]) -> int | None:
@@ -624,7 +644,7 @@ def _training_process_error(
     exit_code: int, last_lines: list[str], kit_errors: list[str], run_dir: Path, started: float
 ) -> TrainingProcessError:
     worker_code = _worker_exit_code(last_lines)
-    report_path = run_dir / "failure_report.json"
+    report_path = run_dir / rundir.FAILURE_FILE
     report = None
     if _written_since(report_path, started):
         try:

@@ -9,7 +9,8 @@ part                   bytes
 =====================  ==================================================================================
 runtime_overhead       CUDA context + cuBLAS/cuDNN workspace, 0.4 GiB per GPU; on CPU 0.125 GiB of allocator arenas
                        and thread-pool buffers a first training step adds (calibrated on the CPU measurement below).
-teacher_weights        teacher parameters x 2 (fp16 on GPU; fp32 = 4 on CPU).
+teacher_weights        teacher parameters x 2 (fp16 on GPU; fp32 = 4 on CPU); 0 when no teacher runs (``live_teacher``:
+                       CE-only, or a teacher cache, whose top-k targets count under teacher_logits instead).
 student_weights        student parameters x 4 (fp32 master weights).
 student_grads          student parameters x 4.
 optimizer_states       student parameters x 8 (AdamW exp_avg + exp_avg_sq in fp32).
@@ -18,19 +19,20 @@ student_activations    tensors saved for backward, per token per decoder layer (
                        ``2h(8+b) + b(2 h_q + 2 kv + 4 i)`` with b = 2 under fp16 autocast, 4 in fp32
                        (residual stream + RMSNorm outputs, q/k/v, attention output, SwiGLU gate/up/act/prod);
                        with gradient checkpointing only each layer's input (4h per token) plus one layer.
-attention_maps         only when attention transfer is on: asking for attention maps forces eager attention,
-                       so [B, H, T, T] probabilities are kept for every student layer (saved for backward)
-                       and returned for every teacher layer.
+attention_maps         attention transfer only (``kagglekd.attention``): for each of the ``attention_layers`` chosen
+                       layers (default 1) the student keeps float32 [B, H, T, T] probabilities for backward and a
+                       [B, T, T] map; the teacher a map, plus one head chunk's scores/probabilities at a time.
 teacher_activations    teacher forward without grad: one layer's transient tensors; all hidden states
                        when the feature loss is on; the whole saved graph under SAR (router gradients).
 student_logits         the student's [B, T, V_s] logits (activation dtype) and their gradient: 2 x b x V_s.
 teacher_logits         the teacher's [B, T, V_t] logits in its dtype, alive until top-k/KD is taken.
-kd_intermediates       per row block (``min(loss_chunk_size, B*T)`` rows on a GPU, about 0.5 MB of rows on a
-                       CPU): student fp32 logits, log-probs and their gradient (3 x V_s x 4) plus teacher fp32
-                       log-probs and probs (2 x V_t x 4, or the top-k + tail bucket); plus the gradient that
-                       kd_loss and ce_loss each compute in the forward pass and hold until backward
-                       ([B, T, V_s] in the logits' dtype, one per loss; none under fused_kd). With
-                       cross_tokenizer: the mapped targets ([B*T, shared or top-k] ids + log-probs) too.
+kd_intermediates       per row block (``losses.rows_per_block``: ``min(loss_chunk_size, B*T)`` rows on a GPU, about
+                       0.5 MB of rows on a CPU): student fp32 logits, log-probs and their gradient (3 x V_s x 4) plus
+                       teacher fp32 log-probs and probs (2 x V_t x 4, or the top-k + tail bucket); plus the gradient
+                       that kd_loss and ce_loss each hold until backward ([B, T, V_s] in the logits' dtype, one per
+                       loss). Under fused_kd instead: per chunk the [chunk, V_s] float32 logits (two alive with several
+                       chunks) and the dense teacher's [chunk, V_t] rows, on a CPU as on a GPU, the row blocks, and the
+                       float32 [V_s, H] + [B, T, H] gradients. With cross_tokenizer: the mapped targets too.
 sar_router_states      SAR: teacher router weights' grads + AdamW states + fp32 master copy.
 =====================  ==================================================================================
 
@@ -54,8 +56,9 @@ ratio within 0.5x-2x for a tiny (0.6 M student / 6 M teacher) and a mid-size (~8
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import json
-import os
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -64,9 +67,10 @@ from typing import Any
 import torch
 
 from kagglekd.config import PRESETS_DIR, DistillConfig
+from kagglekd.errors import KaggleKDError
+from kagglekd.gpus import GiB, GpuProfile, resolve
 from kagglekd.losses import rows_per_block
 
-GiB = 1024**3
 TIGHT_FRACTION = 0.85
 # Throughput of each extra data-parallel GPU relative to the first (gradient all-reduce, stragglers): an assumption
 # for time estimates, not a measurement.
@@ -75,76 +79,6 @@ PLACEMENTS = ("both", "student", "teacher")
 TEACHER_PARTS = ("teacher_weights", "teacher_activations", "sar_router_states")
 CUDA_OVERHEAD_BYTES = int(0.4 * GiB)
 CPU_OVERHEAD_BYTES = int(0.125 * GiB)
-
-
-@dataclass(frozen=True)
-class GpuProfile:
-    """What the planner and diagnostics know about one machine type."""
-
-    name: str
-    capacity_bytes: int  # usable memory per device
-    devices: int
-    compute_capability: tuple[int, int] | None
-    native_bf16: bool
-    supported: bool  # by the PyTorch of the current Kaggle image
-    peak_flops: float  # per device, fp16/bf16 tensor cores (fp32 on CPU); for time estimates only
-    description: str
-
-
-def _cpu_ram_bytes() -> int:
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError):
-        return 24 * GiB
-
-
-GPU_PROFILES: dict[str, GpuProfile] = {
-    "T4": GpuProfile("T4", 15 * GiB, 1, (7, 5), False, True, 65e12, "one NVIDIA T4 (sm_75, fp16 tensor cores)"),
-    "T4x2": GpuProfile(
-        "T4x2",
-        15 * GiB,
-        2,
-        (7, 5),
-        False,
-        True,
-        65e12,
-        "Kaggle T4 x2 (per GPU 15 GiB; under DDP each GPU holds both models)",
-    ),
-    "P100": GpuProfile(
-        "P100",
-        16 * GiB,
-        1,
-        (6, 0),
-        False,
-        False,
-        18.7e12,
-        "NVIDIA P100 (sm_60): the current Kaggle PyTorch has no sm_60 kernels",
-    ),
-    "A100": GpuProfile("A100", 40 * GiB, 1, (8, 0), True, True, 312e12, "NVIDIA A100 40 GB (sm_80, bf16)"),
-    "L4": GpuProfile("L4", int(22.5 * GiB), 1, (8, 9), True, True, 121e12, "NVIDIA L4 (sm_89, bf16)"),
-    "cpu": GpuProfile("cpu", _cpu_ram_bytes(), 1, None, False, True, 1e11, "CPU only (system RAM)"),
-}
-
-
-def gpu_profile(name: str) -> GpuProfile:
-    """The profile called ``name`` (case-insensitive: t4x2, T4X2, a100, CPU ...)."""
-    for key, profile in GPU_PROFILES.items():
-        if key.lower() == str(name).lower():
-            return profile
-    raise KeyError(f"unknown GPU profile '{name}'; one of {', '.join(GPU_PROFILES)}")
-
-
-def gpu_for_device(device) -> GpuProfile:
-    """The profile of the device a run is on: a known Kaggle profile by name, else one read off the device."""
-    device = torch.device(device)
-    if device.type != "cuda":
-        return GPU_PROFILES["cpu"]
-    props = torch.cuda.get_device_properties(device)
-    for key in ("T4", "P100", "A100", "L4"):
-        if key in props.name:
-            return GPU_PROFILES[key]
-    capability = (props.major, props.minor)
-    return GpuProfile(props.name, props.total_memory, 1, capability, capability >= (8, 0), True, 65e12, props.name)
 
 
 # ---- model cards and configs ----------------------------------------------------------------------------
@@ -322,20 +256,147 @@ class MemoryPlan:
         )
 
     def to_dict(self) -> dict:
-        return {
-            "gpu": self.gpu,
-            "parts": dict(self.parts),
-            "total": self.total,
-            "capacity": self.capacity,
-            "fraction": self.fraction,
-            "verdict": self.verdict,
-            "batch_size": self.batch_size,
-            "max_length": self.max_length,
-            "gradient_checkpointing": self.gradient_checkpointing,
-            "kd_mode": self.kd_mode,
-            "placement": self.placement,
-            "notes": list(self.notes),
-        }
+        out = dataclasses.asdict(self)  # parts and notes copied
+        out.update(total=self.total, fraction=self.fraction, verdict=self.verdict)
+        return out
+
+
+@dataclass(frozen=True)
+class _Step:
+    """What the parts of one training step are computed from (built by ``plan_memory``)."""
+
+    config: DistillConfig
+    teacher: Shape | None  # None: no teacher config (a CE-only or teacher-cache run)
+    student: Shape
+    batch: int
+    length: int
+    on_gpu: bool
+    live: bool  # the trainer loads and runs the teacher (``live_teacher``)
+    sar: bool
+    tokens: int
+    b: int  # activation bytes: 2 under fp16/bf16 autocast
+    bt: int  # teacher weights/activations/logits bytes: fp16 on a GPU
+    chunk: int  # token positions per loss chunk
+    device: torch.device
+
+
+def _weight_parts(step: _Step, t_params: ParamCount | None, s_params: ParamCount) -> dict[str, int]:
+    amp = step.b == 2
+    return {
+        "runtime_overhead": CUDA_OVERHEAD_BYTES if step.on_gpu else CPU_OVERHEAD_BYTES,
+        "teacher_weights": t_params.total * step.bt if step.live and t_params else 0,
+        "student_weights": s_params.total * 4,
+        "student_grads": s_params.total * 4,
+        "optimizer_states": s_params.total * 8,
+        "autocast_copies": s_params.total * 2 if amp else 0,
+    }
+
+
+def _attention_maps(step: _Step) -> tuple[int, int]:
+    """(student, teacher) bytes of attention transfer (``kagglekd.attention``): the q/k of the chosen layers
+    only are hooked and their maps recomputed in float32, the model keeping its SDPA/flash kernel. Student, per
+    chosen layer: the softmax probabilities [B, H, T, T] saved for backward plus the head-averaged map [B, T, T];
+    teacher (no grad), per chosen layer: its map, plus one head chunk's scores and probabilities at a time."""
+    config, s, t = step.config, step.student, step.teacher
+    if config.alpha_attention <= 0:
+        return 0, 0
+    from kagglekd.attention import AttentionCapture
+
+    count = config.attention_layers or 1
+    square = step.batch * step.length * step.length * 4
+    student = min(count, s.layers) * square * (s.heads + 1)
+    if t is None or not step.live:
+        return student, 0
+    head_chunk = inspect.signature(AttentionCapture.maps).parameters["head_chunk"].default
+    return student, min(count, t.layers) * square + 2 * square * min(head_chunk, t.heads)
+
+
+def _activation_parts(step: _Step, gradient_checkpointing: bool) -> dict[str, int]:
+    s, t, tokens, b, bt = step.student, step.teacher, step.tokens, step.b, step.bt
+    per_layer = s.saved_bytes_per_token_layer(b)
+    edges = 3 * s.hidden * 4  # embedding output, final norm, lm_head input
+    if gradient_checkpointing:
+        student = tokens * (s.layers * s.hidden * 4 + per_layer + edges)
+    else:
+        student = tokens * (s.layers * per_layer + edges)
+    teacher = 0
+    if step.live and t is not None:
+        if step.sar:
+            teacher = tokens * t.layers * t.saved_bytes_per_token_layer(bt)
+        else:
+            teacher = tokens * bt * (4 * t.hidden + 2 * t.intermediate)  # one layer's transients
+            if step.config.alpha_feature > 0:
+                teacher += tokens * bt * t.hidden * (t.layers + 1)
+    return {
+        "student_activations": student,
+        "attention_maps": sum(_attention_maps(step)),
+        "teacher_activations": teacher,
+    }
+
+
+def _loss_parts(step: _Step) -> tuple[dict[str, int], str]:
+    """Logits and the losses' working memory (see the module docstring), and the KD mode."""
+    config, s, t, tokens, chunk = step.config, step.student, step.teacher, step.tokens, step.chunk
+    kd = config.alpha_kd > 0 and (step.live or config.teacher_cache is not None)
+    top_k = config.kd_top_k
+    teacher_vocab = t.vocab if t is not None else s.vocab
+    if not kd:
+        teacher_logits = 0
+    elif step.live:
+        teacher_logits = tokens * teacher_vocab * step.bt
+    else:  # cached top-k targets as the cache hands them over: int64 ids + float32 log-probs, float32 tail
+        teacher_logits = tokens * ((top_k or 0) * 12 + 4)
+    teacher_width = (top_k + 1) if top_k else teacher_vocab
+    kd_mode = ("top-k" if top_k else ("full" if chunk == tokens else "chunked")) if kd else "none"
+    if config.fused_kd:
+        # lm_head + KD + CE in token chunks: no [B, T, V_s] logits and no [B, T, V_s] gradient held
+        student_logits, intermediates = 0, _fused_working_memory(step, kd, teacher_width)
+        kd_mode = f"fused {kd_mode}"
+    else:
+        student_logits = tokens * s.vocab * step.b * 2  # the model's [B, T, V_s] logits and their gradient
+        # the losses walk the rows in blocks: a chunk on a GPU, cache-sized on a CPU (the heavier, non-light kind)
+        block = rows_per_block(s.vocab, chunk, step.device)
+        held = (int(kd) + int(config.alpha_ce > 0)) * tokens * s.vocab * step.b
+        intermediates = block * (3 * s.vocab * 4 + (2 * teacher_width * 4 if kd else 0)) + held
+    if config.cross_tokenizer and kd:
+        # mapped targets for every position (int64 student ids + float32 log-probs over the shared tokens, or
+        # top-k of them) and one row chunk of the teacher's float32 log-probs and probabilities while mapping
+        width = min(top_k or s.vocab, s.vocab)
+        intermediates += tokens * width * (8 + 4) + chunk * teacher_vocab * 4 * 2
+    parts = {"student_logits": student_logits, "teacher_logits": teacher_logits, "kd_intermediates": intermediates}
+    return parts, kd_mode
+
+
+def _fused_working_memory(step: _Step, kd: bool, teacher_width: int) -> int:
+    """What ``kagglekd.fused.fused_lm_head_kd`` allocates, on a CPU as on a GPU: per chunk of ``loss_chunk_size``
+    positions the chunk's float32 logits [c, V_s] (overwritten by their gradient; with several chunks the previous
+    chunk's buffer is still alive while the next one's logits are computed), the dense teacher's rows [c, V_t]
+    copied out in the teacher's dtype, and the row blocks of ``losses.rows_per_block`` (light for top-k targets or
+    CE only) that the KD/CE closed forms work in; plus the float32 gradients it holds until backward: the
+    lm_head's [V_s, H] and the hidden states' [B, T, H]."""
+    config, s, tokens, chunk = step.config, step.student, step.tokens, step.chunk
+    dense_teacher = kd and not config.kd_top_k
+    block = rows_per_block(s.vocab, chunk, step.device, light=not dense_teacher)
+    logits = chunk * s.vocab * 4 * (2 if tokens > chunk else 1)
+    teacher_rows = chunk * teacher_width * step.bt if dense_teacher else 0
+    per_block = block * (3 * s.vocab * 4 + (2 * teacher_width * 4 if kd else 0))
+    return logits + teacher_rows + per_block + s.vocab * s.hidden * 4 + (tokens + chunk) * s.hidden * 4
+
+
+def _placed(parts: dict[str, int], placement: str, step: _Step) -> dict[str, int]:
+    """The parts one GPU holds under ``placement`` (see the module docstring)."""
+    student_maps, teacher_maps = _attention_maps(step)
+    if placement == "student":
+        parts = {**parts, **dict.fromkeys(TEACHER_PARTS, 0)}  # teacher_logits stays: the copy moved over
+        parts["attention_maps"] = student_maps
+    elif placement == "teacher":
+        parts = {name: (value if name in ("runtime_overhead", *TEACHER_PARTS) else 0) for name, value in parts.items()}
+        parts["attention_maps"] = teacher_maps
+        # the micro-batch being consumed and the prefetched next one
+        teacher = step.teacher
+        kd = step.config.alpha_kd > 0 and teacher is not None
+        parts["teacher_logits"] = 2 * (step.tokens * teacher.vocab * step.bt if kd else 0)
+    return parts
 
 
 def plan_memory(
@@ -352,96 +413,59 @@ def plan_memory(
 ) -> MemoryPlan:
     """Predicted peak bytes per device of one training step of ``config`` on ``gpu``.
 
-    ``teacher_cfg``/``student_cfg`` are transformers configs (see ``resolve_model_config``). ``batch_size`` and
-    ``max_length`` override the config's (used by ``largest_fitting``). ``placement``: ``both`` (one device holds
-    both models: strategies single and ddp) or, under strategy split, the ``student`` or the ``teacher`` GPU.
+    ``gpu``: a ``GpuProfile`` or anything ``gpus.resolve`` names; it must have a capacity (an unknown GPU read
+    off a device does; an unknown name raises ``UnknownGpuError``). ``teacher_cfg``/``student_cfg`` are
+    transformers configs (see ``resolve_model_config``); ``teacher_cfg`` may be None when the run loads no
+    teacher (``live_teacher``: CE-only or a teacher cache), whose plan counts no teacher weights or activations.
+    ``batch_size`` and ``max_length`` override the config's (used by ``largest_fitting``). ``placement``:
+    ``both`` (one device holds both models: strategies single and ddp) or, under strategy split, the ``student``
+    or the ``teacher`` GPU.
     """
     if placement not in PLACEMENTS:
         raise ValueError(f"placement {placement!r}: one of {', '.join(PLACEMENTS)}")
-    profile = gpu if isinstance(gpu, GpuProfile) else gpu_profile(gpu)
-    on_gpu = profile.name != "cpu"
-    amp = on_gpu and config.use_amp
-    b = 2 if amp else 4  # activation bytes
-    bt = 2 if on_gpu else 4  # teacher weights/activations bytes
-    batch = batch_size or config.batch_size
-    length = max_length or config.max_length
-    tokens = batch * length
-    teacher, student = Shape.of(teacher_cfg), Shape.of(student_cfg)
-    t_params, s_params = count_parameters(teacher_cfg), count_parameters(student_cfg)
-
-    parts: dict[str, int] = {}
-    parts["runtime_overhead"] = CUDA_OVERHEAD_BYTES if on_gpu else CPU_OVERHEAD_BYTES
-    parts["teacher_weights"] = t_params.total * bt
-    parts["student_weights"] = s_params.total * 4
-    parts["student_grads"] = s_params.total * 4
-    parts["optimizer_states"] = s_params.total * 8
-    parts["autocast_copies"] = s_params.total * 2 if amp else 0
-
-    per_layer = student.saved_bytes_per_token_layer(b)
-    edges = 3 * student.hidden * 4  # embedding output, final norm, lm_head input
-    if gradient_checkpointing:
-        parts["student_activations"] = tokens * (student.layers * student.hidden * 4 + per_layer + edges)
-    else:
-        parts["student_activations"] = tokens * (student.layers * per_layer + edges)
-
-    attention = config.alpha_attention > 0
-    student_maps = batch * length * length * b * (student.layers * student.heads) if attention else 0
-    teacher_maps = batch * length * length * bt * (teacher.layers * teacher.heads) if attention else 0
-    parts["attention_maps"] = student_maps + teacher_maps
-
-    if sar:
-        teacher_act = tokens * teacher.layers * teacher.saved_bytes_per_token_layer(bt)
-    else:
-        teacher_act = tokens * bt * (4 * teacher.hidden + 2 * teacher.intermediate)  # one layer's transients
-        if config.alpha_feature > 0:
-            teacher_act += tokens * bt * teacher.hidden * (teacher.layers + 1)
-    parts["teacher_activations"] = teacher_act
-
-    parts["student_logits"] = tokens * student.vocab * b * 2  # the model's [B, T, V_s] logits and their gradient
-    chunk = min(config.loss_chunk_size, tokens)
-    # the losses walk the rows in blocks: a chunk on a GPU, cache-sized on a CPU (the heavier, non-light kind)
-    block = rows_per_block(student.vocab, chunk, torch.device("cuda" if on_gpu else "cpu"))
-    held = (int(config.alpha_kd > 0) + int(config.alpha_ce > 0)) * tokens * student.vocab * b
-    if config.alpha_kd > 0:
-        parts["teacher_logits"] = tokens * teacher.vocab * bt
-        teacher_width = (config.kd_top_k + 1) if config.kd_top_k else teacher.vocab
-        parts["kd_intermediates"] = block * (3 * student.vocab * 4 + 2 * teacher_width * 4) + held
-        kd_mode = "top-k" if config.kd_top_k else ("full" if chunk == tokens else "chunked")
-    else:
-        parts["teacher_logits"] = 0
-        parts["kd_intermediates"] = block * 3 * student.vocab * 4 + held  # CE only
-        kd_mode = "none"
-    if config.cross_tokenizer and config.alpha_kd > 0:
-        # mapped targets for every position (int64 student ids + float32 log-probs over the shared tokens, or
-        # top-k of them) and one row chunk of the teacher's float32 log-probs and probabilities while mapping
-        width = min(config.kd_top_k or student.vocab, student.vocab)
-        parts["kd_intermediates"] += tokens * width * (8 + 4) + chunk * teacher.vocab * 4 * 2
-    if config.fused_kd:
-        parts["kd_intermediates"] -= held  # the fused path holds no [B, T, V_s] gradient
-        # lm_head + KD + CE in token chunks: no [B, T, V_s] logits or logit gradient; the fused function keeps
-        # a float32 copy of the lm_head gradient [V_s, H] and of the hidden-state gradient [B, T, H] instead.
-        parts["student_logits"] = 0
-        parts["kd_intermediates"] += student.vocab * student.hidden * 4 + tokens * student.hidden * 4
-        kd_mode = f"fused {kd_mode}"
-    parts["sar_router_states"] = t_params.router * 16 if sar else 0
-    if placement == "student":
-        for name in TEACHER_PARTS:
-            parts[name] = 0
-        parts["attention_maps"] = student_maps  # teacher_logits stays: the copy moved over to this GPU
-    elif placement == "teacher":
-        parts = {name: (value if name in ("runtime_overhead", *TEACHER_PARTS) else 0) for name, value in parts.items()}
-        parts["attention_maps"] = teacher_maps
-        # the micro-batch being consumed and the prefetched next one
-        parts["teacher_logits"] = 2 * (tokens * teacher.vocab * bt if config.alpha_kd > 0 else 0)
+    profile = plannable(gpu)
+    live = live_teacher(config)
+    if live and teacher_cfg is None:
+        raise ValueError("teacher_cfg is None, but this config runs a live teacher (see memory.live_teacher)")
+    teacher = Shape.of(teacher_cfg) if teacher_cfg is not None else None
+    batch, length, on_gpu = batch_size or config.batch_size, max_length or config.max_length, profile.name != "cpu"
+    step = _Step(
+        config, teacher, Shape.of(student_cfg), batch, length, on_gpu, live, sar and live, batch * length,
+        2 if on_gpu and config.use_amp else 4, 2 if on_gpu else 4, min(config.loss_chunk_size, batch * length),
+        torch.device("cuda" if on_gpu else "cpu"),
+    )  # fmt: skip
+    t_params = count_parameters(teacher_cfg) if teacher_cfg is not None else None
+    parts = _weight_parts(step, t_params, count_parameters(student_cfg))
+    parts.update(_activation_parts(step, gradient_checkpointing))
+    loss_parts, kd_mode = _loss_parts(step)
+    parts.update(loss_parts)
+    parts["sar_router_states"] = t_params.router * 16 if step.sar else 0
+    parts = _placed(parts, placement, step)
 
     notes = []
-    if attention:
-        notes.append("attention transfer forces eager attention: [B,H,T,T] maps for every layer are kept")
+    if config.alpha_attention > 0:
+        notes.append(
+            f"attention transfer: float32 [B,H,T,T] maps of the {config.attention_layers or 1} chosen layer(s) of "
+            "each model (the models keep their SDPA/flash attention)"
+        )
+    if not live:
+        notes.append("no live teacher (CE-only or a teacher cache): no teacher weights or activations")
+    if not profile.known:
+        notes.append(f"{profile.name}: no kagglekd profile for this GPU; its memory was read off the device")
     if not profile.supported:
         notes.append(f"{profile.name} is not supported by the current Kaggle PyTorch (no sm_60 kernels)")
     return MemoryPlan(
         profile.name, parts, profile.capacity_bytes, batch, length, gradient_checkpointing, kd_mode, notes, placement
     )
+
+
+def plannable(gpu: str | GpuProfile) -> GpuProfile:
+    """The profile ``gpu`` names, one the planner can plan on: known, or unknown with a capacity read off a device.
+    Raises ``gpus.UnknownGpuError`` for an unknown name and ``KaggleKDError`` for a profile without a capacity."""
+    profile = resolve(gpu, strict=not isinstance(gpu, GpuProfile))
+    if profile.capacity_bytes <= 0:
+        raise KaggleKDError(f"GPU {profile.name}: its memory is not known, so nothing can be planned on it")
+    return profile
 
 
 def largest_fitting(
@@ -473,12 +497,8 @@ def largest_fitting(
     def ok_length(value: int) -> bool:
         return all(plan_memory(config, max_length=value, placement=p, **kw).fraction < limit for p in placements)
 
-    positions = Shape.of(student_cfg).max_positions or 1 << 20
-    teacher_positions = Shape.of(teacher_cfg).max_positions or 1 << 20
-    return {
-        "batch_size": _largest(ok_batch, 1, 4096),
-        "max_length": _largest(ok_length, 8, min(positions, teacher_positions)),
-    }
+    positions = [Shape.of(c).max_positions or 1 << 20 for c in (student_cfg, teacher_cfg) if c is not None]
+    return {"batch_size": _largest(ok_batch, 1, 4096), "max_length": _largest(ok_length, 8, min(positions))}
 
 
 def _largest(ok, low: int, high: int) -> int:
@@ -541,20 +561,9 @@ class StrategyChoice:
         return self.worst.verdict
 
     def to_dict(self) -> dict:
-        return {
-            "strategy": self.strategy,
-            "processes": self.processes,
-            "speedup": self.speedup,
-            "verdict": self.verdict,
-            "requested": self.requested,
-            "reason": self.reason,
-            "alternatives": dict(self.alternatives),
-            "problem": self.problem,
-            "fix": self.fix,
-            "fallback": self.fallback,
-            "best": self.best,
-            "devices": {role: plan.to_dict() for role, plan in self.plans.items()},
-        }
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "plans"}
+        out.update(verdict=self.verdict, alternatives=dict(self.alternatives))
+        return {**out, "devices": {role: plan.to_dict() for role, plan in self.plans.items()}}
 
 
 def live_teacher(config: DistillConfig) -> bool:
@@ -595,6 +604,27 @@ def _describe(name: str, plans: dict[str, MemoryPlan], speed: float, devices: in
     )
 
 
+_Candidates = dict[str, tuple[dict[str, MemoryPlan], float, int]]  # strategy -> (plans per GPU role, speed, processes)
+
+
+def _candidates(config: DistillConfig, profile: GpuProfile, devices: int, kw: dict[str, Any]) -> _Candidates:
+    both = {"gpu": plan_memory(config, gpu=profile, placement="both", **kw)}
+    candidates: _Candidates = {"single": (both, 1.0, 1)}
+    if devices > 1:
+        candidates["ddp"] = (both, 1 + (devices - 1) * DDP_EFFICIENCY, devices)
+        if live_teacher(config):
+            split = {p: plan_memory(config, gpu=profile, placement=p, **kw) for p in ("student", "teacher")}
+            candidates["split"] = (split, 1.0, 1)
+    return candidates
+
+
+def _rank(name: str, plans: dict[str, MemoryPlan], speed: float) -> tuple:
+    """Fits before tight before OOM; then faster; a split beats single at equal speed (both GPUs hold memory)."""
+    worst = max(plans.values(), key=lambda plan: plan.fraction)
+    verdict = _VERDICT_RANK[worst.verdict]
+    return (verdict, -speed if verdict < 2 else worst.fraction, name == "single")
+
+
 def choose_strategy(
     config: DistillConfig,
     *,
@@ -613,29 +643,13 @@ def choose_strategy(
     on the profile, or does not fit where another does, gets ``severity`` error with a ``fix``; one slower than a
     fitting alternative gets a warning.
     """
-    profile = gpu if isinstance(gpu, GpuProfile) else gpu_profile(gpu)
-    kw: dict[str, Any] = dict(
-        gpu=profile,
-        teacher_cfg=teacher_cfg,
-        student_cfg=student_cfg,
-        gradient_checkpointing=gradient_checkpointing,
-        sar=sar,
-    )
+    profile = plannable(gpu)
     devices = 1 if profile.name == "cpu" else profile.devices
-    both = {"gpu": plan_memory(config, placement="both", **kw)}
-    candidates: dict[str, tuple[dict[str, MemoryPlan], float, int]] = {"single": (both, 1.0, 1)}
-    if devices > 1:
-        candidates["ddp"] = (both, 1 + (devices - 1) * DDP_EFFICIENCY, devices)
-        if live_teacher(config):
-            split = {p: plan_memory(config, placement=p, **kw) for p in ("student", "teacher")}
-            candidates["split"] = (split, 1.0, 1)
+    kw = dict(teacher_cfg=teacher_cfg, student_cfg=student_cfg, gradient_checkpointing=gradient_checkpointing, sar=sar)
+    candidates = _candidates(config, profile, devices, kw)
 
     def rank(name: str) -> tuple:
-        plans, speed, _ = candidates[name]
-        worst = max(plan.fraction for plan in plans.values())
-        verdict = _VERDICT_RANK[max(plans.values(), key=lambda plan: plan.fraction).verdict]
-        # fits before tight before OOM; then faster; a split beats single at equal speed (both GPUs hold memory)
-        return (verdict, -speed if verdict < 2 else worst, name == "single")
+        return _rank(name, *candidates[name][:2])
 
     device = "CPU (RAM)" if profile.name == "cpu" else f"{profile.name.split('x')[0]} GPU"
     described = {name: _describe(name, plans, speed, devices, device) for name, (plans, speed, _) in candidates.items()}
@@ -643,36 +657,28 @@ def choose_strategy(
     best = min(pool, key=rank)
     fallback = min((name for name in ("split", "single") if name in candidates), key=rank)
     requested = config.strategy
-    severity, problem, fix = "info", None, None
-    chosen = best
-    if requested != "auto":
-        if requested not in candidates:
-            severity = "error"
-            if requested in ("ddp", "split") and devices < 2:
-                problem = f"strategy {requested} needs two GPUs; {profile.name} has {devices}."
-            else:
-                problem = (
-                    "strategy split puts the teacher on a GPU of its own, but this run has no live teacher "
-                    "(teacher_cache or a CE-only run)."
-                )
-            fix = f"strategy {best} (or auto)."
+    chosen, severity, problem, fix = best, "info", None, None
+    if requested != "auto" and requested not in candidates:
+        severity, fix = "error", f"strategy {best} (or auto)."
+        if requested in ("ddp", "split") and devices < 2:
+            problem = f"strategy {requested} needs two GPUs; {profile.name} has {devices}."
         else:
-            chosen = requested
-            own, wanted = rank(requested), rank(best)
-            if own[0] == 2 and wanted[0] < 2:
-                severity = "error"
-                problem = f"strategy {requested} does not fit ({described[requested]})."
-                fix = f"strategy {best}: {described[best]}."
-            elif own > wanted:
-                severity = "warning"
-                problem = f"strategy {requested} is not the best fit on {profile.name}."
-                fix = f"strategy {best} (or auto): {described[best]}."
+            problem = (
+                "strategy split puts the teacher on a GPU of its own, but this run has no live teacher "
+                "(teacher_cache or a CE-only run)."
+            )
+    elif requested != "auto":
+        chosen = requested
+        own, wanted = rank(requested), rank(best)
+        if own[0] == 2 and wanted[0] < 2:
+            severity, problem = "error", f"strategy {requested} does not fit ({described[requested]})."
+            fix = f"strategy {best}: {described[best]}."
+        elif own > wanted:
+            severity, problem = "warning", f"strategy {requested} is not the best fit on {profile.name}."
+            fix = f"strategy {best} (or auto): {described[best]}."
     plans, speed, processes = candidates[chosen]
     if chosen == best and requested == "auto":
-        why = described[chosen]
-        if devices > 1 and chosen == "split":
-            why += f". Not ddp: {described['ddp']}"
-        reason = why
+        reason = described[chosen] + (f". Not ddp: {described['ddp']}" if devices > 1 and chosen == "split" else "")
     else:
         reason = described[chosen] + (f" (strategy {requested} requested)" if requested != "auto" else "")
     return StrategyChoice(

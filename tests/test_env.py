@@ -71,6 +71,24 @@ def test_a100_has_native_bf16(fake_gpus):
     assert report.gpus[0].native_bf16 and report.profile == "A100" and report.exit_code == 0
 
 
+@pytest.mark.parametrize("name, capability", [("NVIDIA H100 80GB HBM3", (9, 0)), ("NVIDIA L40S", (8, 9))])
+def test_a_gpu_without_a_profile_is_reported_unknown_never_a_t4(fake_gpus, name, capability):
+    fake_gpus(name, capability, count=2)
+    report = env.doctor()
+    assert report.profile == f"unknown ({name})"  # not T4x2 (the old fallback), nor L4 for an L40S
+    assert env.gpu_profile_name() == report.profile
+    warning = next(c for c in report.checks if "no kagglekd GPU profile" in c.message)
+    assert warning.severity == "warning" and name in warning.message and "T4x2" in warning.message
+    assert {"item": "GPU profile", "value": report.profile} in report.rows()
+
+
+def test_profile_names_come_from_the_one_resolver(fake_gpus):
+    fake_gpus("Tesla T4", (7, 5), count=1)
+    assert env.gpu_profile_name() == "T4"
+    fake_gpus("NVIDIA L4", (8, 9), count=4)
+    assert env.gpu_profile_name() == "L4x4"
+
+
 def test_cpu_report_text_json_and_cli(capsys):
     report = env.doctor()
     assert report.gpus == [] and report.profile == "cpu" and report.exit_code == 0
@@ -106,48 +124,6 @@ def test_internet_is_only_checked_when_asked(monkeypatch):
     monkeypatch.setattr(env, "internet_reachable", lambda *a, **k: calls.append(1) or False)
     assert env.doctor().internet.startswith("unknown") and not calls
     assert env.doctor(check_internet=True).internet == "unreachable" and calls
-
-
-def _checkpoint(root, step, complete=True):
-    path = root / "checkpoints" / f"step-{step}"
-    path.mkdir(parents=True)
-    (path / "model.safetensors").write_bytes(b"x" * step)
-    if complete:
-        (path / env.CHECKPOINT_STATE_FILE).write_text(json.dumps({"step": step}))
-    return path
-
-
-def test_find_previous_checkpoint_takes_the_newest_complete(tmp_path):
-    inputs = tmp_path / "input"
-    _checkpoint(inputs / "my-kernel" / "runs" / "a", 200)
-    newest = _checkpoint(inputs / "datasets" / "me" / "other" / "run", 1000)  # mount layouts differ
-    _checkpoint(inputs / "my-kernel" / "runs" / "a", 1200, complete=False)  # killed mid-write: ignored
-    assert env.find_previous_checkpoint([inputs]) == newest
-    assert env.find_previous_checkpoint([tmp_path / "missing"]) is None
-
-
-def test_prepare_resume_copies_a_newer_attached_checkpoint(tmp_path):
-    previous = _checkpoint(tmp_path / "input" / "prev-version", 400)
-    run_dir = tmp_path / "run"
-    _checkpoint(run_dir, 200)
-    target = env.prepare_resume(run_dir, [tmp_path / "input"])
-    assert target == run_dir / "checkpoints" / "step-400"
-    assert (target / env.CHECKPOINT_STATE_FILE).read_text() == (previous / env.CHECKPOINT_STATE_FILE).read_text()
-    assert not list((run_dir / "checkpoints").glob(".copy-*"))
-    # the local one is as new or newer: nothing copied
-    _checkpoint(run_dir, 600)
-    assert env.prepare_resume(run_dir, [tmp_path / "input"]) == run_dir / "checkpoints" / "step-600"
-    assert env.prepare_resume(tmp_path / "fresh", [tmp_path / "nothing"]) is None
-
-
-def test_prepare_resume_feeds_the_trainers_latest_checkpoint(tmp_path):
-    from kagglekd.trainer import STATE_FILE, latest_checkpoint
-
-    assert STATE_FILE == env.CHECKPOINT_STATE_FILE
-    _checkpoint(tmp_path / "input" / "prev", 300)
-    run_dir = tmp_path / "run"
-    env.prepare_resume(run_dir, [tmp_path / "input"])
-    assert latest_checkpoint(run_dir / "checkpoints") == run_dir / "checkpoints" / "step-300"
 
 
 def test_notebook_config_smoke_and_run_dir(tmp_path):

@@ -37,11 +37,11 @@ for name in ("is_available", "init", "_lazy_init", "current_device", "get_device
     setattr(torch.cuda, name, recorder(name))
 
 import kagglekd
-from kagglekd import diagnose, env, launch, memory, metrics, models, plots, trainer
+from kagglekd import checkpoint, diagnose, env, launch, memory, metrics, models, plots, trainer
 from kagglekd.config import DistillConfig
 
 config = env.notebook_config("smollm2-360m-to-135m-t4x2", sys.argv[1], False)
-env.prepare_resume(sys.argv[1], search_roots=[sys.argv[1]])
+checkpoint.prepare_resume(sys.argv[1], search_roots=[sys.argv[1]])
 forced = launch.plan_launch(config, gpu="T4x2")
 session = launch.plan_launch(config)
 print(json.dumps({"calls": calls, "initialized": torch.cuda.is_initialized(), "forced": [forced.mode, forced.processes,
@@ -98,6 +98,26 @@ def test_the_session_planner_picks_subprocess_on_two_t4s_once_cuda_is_initialise
     assert (used.mode, used.processes, used.strategy, used.gpu) == ("subprocess", 2, "ddp", "T4x2")
     explicit = launch.plan_launch(config, launch="subprocess", num_processes=2, gpu="cpu")
     assert (explicit.mode, explicit.processes, explicit.strategy) == ("subprocess", 2, "ddp")
+
+
+def test_a_session_gpu_without_a_profile_is_said_unknown_not_planned_as_a_t4(monkeypatch, caplog):
+    config = DistillConfig.load("tiny-cpu")
+    monkeypatch.setattr(launch, "gpu_count", lambda: 2)
+    monkeypatch.setattr(launch, "_cuda_initialized", lambda: False)
+    monkeypatch.setattr(launch, "_nvidia_smi", lambda: [("NVIDIA H100 80GB HBM3", 81559)] * 2)
+    profile = launch.session_profile()
+    assert (profile.name, profile.known, profile.devices) == ("unknown (NVIDIA H100 80GB HBM3)", False, 2)
+    assert profile.capacity_bytes == 81559 * 1024**2  # nvidia-smi's memory, not a T4's 15 GiB
+    with caplog.at_level("WARNING", logger="kagglekd.launch"):
+        plan = launch.plan_launch(config)
+    assert plan.gpu == profile.name and "planned on unknown (NVIDIA H100 80GB HBM3)" in plan.reason
+    assert "no kagglekd GPU profile" in caplog.text
+    assert plan.choice.worst.capacity == 81559 * 1024**2
+    monkeypatch.setattr(launch, "_nvidia_smi", lambda: [])  # no names, no memory: nothing to plan with
+    blind = launch.plan_launch(config)
+    assert blind.choice is None and "memory was not planned" in blind.reason and "unknown (" in blind.gpu
+    with pytest.raises(launch.ConfigError, match="matches no GPU profile"):
+        launch.plan_launch(config, gpu="H100")
 
 
 def test_notebook_launch_with_one_process_trains_here(tmp_path, use_kit_cache, capsys):

@@ -2,22 +2,26 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
 import sys
 
 import pytest
+import torch
 from transformers import AutoConfig, LlamaConfig
 
+from kagglekd import gpus
 from kagglekd.config import DistillConfig
+from kagglekd.errors import KaggleKDError
+from kagglekd.gpus import UnknownGpuError
+from kagglekd.losses import rows_per_block
 from kagglekd.memory import (
-    GPU_PROFILES,
     GiB,
     card_names,
     config_from_card,
     count_parameters,
-    gpu_profile,
     largest_fitting,
     load_card,
     plan_memory,
@@ -106,7 +110,10 @@ def test_attention_transfer_checkpointing_and_topk_move_the_right_parts():
     kw = dict(gpu="T4x2", teacher_cfg=teacher, student_cfg=student)
     plain = plan_memory(base, **kw)
     attention = plan_memory(base.replace(alpha_attention=0.1, attention_layers=2), **kw)
-    assert attention.parts["attention_maps"] == 4 * 384 * 384 * 2 * (30 * 9 + 28 * 16)
+    # the 2 chosen layers of each model (not all 30 + 28): student float32 [B, 9, T, T] probabilities + its map;
+    # teacher its map per layer + one head chunk (4 heads) of scores and probabilities
+    square = 4 * 384 * 384 * 4
+    assert attention.parts["attention_maps"] == 2 * square * (9 + 1) + 2 * square + 2 * square * 4
     checkpointed = plan_memory(base, gradient_checkpointing=True, **kw)
     assert checkpointed.parts["student_activations"] < plain.parts["student_activations"] / 5
     topk = plan_memory(base.replace(kd_top_k=256), **kw)
@@ -133,21 +140,13 @@ def test_verdicts_and_largest_fitting():
     assert largest_fitting(config, gpu="A100", **kw)["batch_size"] > best["batch_size"]
 
 
-def test_gpu_profiles():
-    assert set(GPU_PROFILES) == {"T4", "T4x2", "P100", "A100", "L4", "cpu"}
-    assert gpu_profile("t4x2").devices == 2 and not gpu_profile("T4").native_bf16
-    assert not gpu_profile("P100").supported and gpu_profile("P100").compute_capability == (6, 0)
-    assert gpu_profile("A100").native_bf16 and gpu_profile("L4").capacity_bytes == int(22.5 * GiB)
-    with pytest.raises(KeyError):
-        gpu_profile("H100")
-
-
 # ---- predicted vs measured on CPU -------------------------------------------------------------------------
 MEASURE = r"""
 import json, sys
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, Qwen3MoeConfig
 from kagglekd import losses
+from kagglekd.config import KDOptions
 
 def rss(key):
     for line in open("/proc/self/status"):
@@ -175,9 +174,15 @@ optimizer = torch.optim.AdamW(student.parameters(), lr=1e-3)
 inputs, labels = ids[:, :-1], ids[:, 1:]
 with torch.no_grad():
     teacher_logits = teacher(input_ids=inputs).logits
-student_logits = student(input_ids=inputs).logits
-loss = 0.5 * losses.ce_loss(student_logits, labels, chunk_size=chunk) + 0.5 * losses.kd_loss(
-    student_logits, teacher_logits, labels, temperature=2.0, chunk_size=chunk)
+if spec.get("fused"):
+    from kagglekd.fused import fused_lm_head_kd
+    hidden = student.model(input_ids=inputs).last_hidden_state
+    loss = fused_lm_head_kd(hidden, student.get_output_embeddings().weight, teacher_logits, labels,
+        KDOptions(temperature=2.0), alpha_kd=0.5, alpha_ce=0.5, chunk_size=chunk)[0]
+else:
+    student_logits = student(input_ids=inputs).logits
+    loss = 0.5 * losses.ce_loss(student_logits, labels, chunk_size=chunk) + 0.5 * losses.kd_loss(
+        student_logits, teacher_logits, labels, KDOptions(temperature=2.0), chunk_size=chunk)
 loss.backward()
 optimizer.step()
 print(json.dumps({"measured": rss("VmHWM") - baseline}))
@@ -225,6 +230,36 @@ MID = {
 }
 
 
+# Fused lm_head + KD on a 49,152-token vocabulary with small layers, so the loss's [chunk, V] float32 buffers
+# dominate the step: two chunks of 512 positions, a dense teacher.
+FUSED_WIDE_VOCAB = {
+    "teacher": dict(
+        model_type="llama",
+        vocab_size=49152,
+        hidden_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=256,
+        tie_word_embeddings=True,
+    ),
+    "student": dict(
+        model_type="llama",
+        vocab_size=49152,
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=128,
+        tie_word_embeddings=True,
+    ),
+    "batch": 8,
+    "length": 128,
+    "chunk": 512,
+    "fused": True,
+}
+
+
 def measure_and_predict(spec: dict) -> tuple[int, int]:
     """(measured peak RSS delta, predicted bytes) of one teacher forward + student fwd/bwd + AdamW step on CPU."""
     out = subprocess.run(
@@ -243,6 +278,7 @@ def measure_and_predict(spec: dict) -> tuple[int, int]:
         alpha_kd=0.5,
         alpha_ce=0.5,
         use_amp=False,
+        fused_kd=spec.get("fused", False),
     )
     plan = plan_memory(
         config,
@@ -293,3 +329,87 @@ def test_cross_tokenizer_targets_are_planned():
         - plan_memory(config.replace(kd_top_k=None, cross_tokenizer=False), **kw).parts["kd_intermediates"]
         == tokens * student.vocab_size * 12 + chunk * teacher.vocab_size * 8
     )
+
+
+def test_fused_kd_cpu_working_memory_is_not_under_planned():
+    """The fused loss's CPU working memory: its [chunk, V] float32 logits (two alive across chunks) and the dense
+    teacher's [chunk, V] rows are what dominates a wide-vocabulary step; the plan must cover the measured peak."""
+    if not os.path.exists("/proc/self/status"):
+        pytest.skip("needs Linux /proc to read VmRSS/VmHWM")
+    measured, predicted = measure_and_predict(FUSED_WIDE_VOCAB)
+    print(f"predicted {predicted / 2**20:.1f} MiB, measured {measured / 2**20:.1f} MiB")
+    assert measured <= predicted <= 2 * measured
+
+
+def test_fused_kd_counts_the_chunk_buffers_on_cpu_and_gpu():
+    spec = FUSED_WIDE_VOCAB
+    teacher, student = AutoConfig.for_model(**spec["teacher"]), AutoConfig.for_model(**spec["student"])
+    config = DistillConfig(batch_size=8, max_length=128, loss_chunk_size=512, fused_kd=True, use_amp=False)
+    vocab, hidden, tokens, chunk = 49152, 64, 8 * 128, 512
+    for gpu, teacher_bytes in (("cpu", 4), ("T4", 2)):
+        plan = plan_memory(config, gpu=gpu, teacher_cfg=teacher, student_cfg=student)
+        block = rows_per_block(vocab, chunk, torch.device("cpu" if gpu == "cpu" else "cuda"))
+        expected = (
+            2 * chunk * vocab * 4  # this chunk's float32 logits and the previous one's (several chunks)
+            + chunk * vocab * teacher_bytes  # the dense teacher's rows of the chunk
+            + block * (3 * vocab * 4 + 2 * vocab * 4)  # one row block of the KD/CE closed forms
+            + vocab * hidden * 4  # float32 lm_head gradient
+            + (tokens + chunk) * hidden * 4  # float32 hidden-state gradient and the chunk's float32 rows
+        )
+        assert plan.parts["kd_intermediates"] == expected, gpu
+        assert plan.parts["student_logits"] == 0
+    one_chunk = plan_memory(config.replace(loss_chunk_size=tokens), gpu="cpu", teacher_cfg=teacher, student_cfg=student)
+    assert one_chunk.parts["kd_intermediates"] >= tokens * vocab * 4 + tokens * vocab * 4  # logits + teacher rows
+
+
+def test_attention_maps_only_on_the_chosen_layers():
+    config = DistillConfig.load("smollm2-360m-to-135m-t4x2").replace(alpha_attention=0.1)
+    (teacher, _), (student, _) = resolve_model_config(config.teacher_model), resolve_model_config(config.student_model)
+    kw = dict(gpu="T4x2", teacher_cfg=teacher, student_cfg=student)
+    square = config.batch_size * config.max_length**2 * 4  # float32 [B, T, T]
+    s_heads, t_heads = student.num_attention_heads, teacher.num_attention_heads
+    teacher_transient = 2 * square * min(4, t_heads)  # one head chunk of scores + probabilities
+    default = plan_memory(config.replace(attention_layers=None), **kw)  # None = the last layer only
+    assert default.parts["attention_maps"] == square * (s_heads + 1) + square + teacher_transient
+    three = plan_memory(config.replace(attention_layers=3), **kw)
+    assert three.parts["attention_maps"] == 3 * square * (s_heads + 1) + 3 * square + teacher_transient
+    # nowhere near every layer of both models in the activation dtype (what eager attention would keep)
+    every_layer = (
+        config.batch_size
+        * config.max_length**2
+        * 2
+        * (student.num_hidden_layers * s_heads + teacher.num_hidden_layers * t_heads)
+    )
+    assert default.parts["attention_maps"] < every_layer / 10
+
+
+def test_ce_only_and_teacher_cache_plans_count_no_teacher():
+    teacher, student = _pair()
+    base = DistillConfig(batch_size=4, max_length=384)
+    kw = dict(gpu="T4", student_cfg=student)
+    ce_only = plan_memory(base.replace(alpha_kd=0.0, alpha_ce=1.0), teacher_cfg=teacher, **kw)
+    for part in ("teacher_weights", "teacher_activations", "teacher_logits", "sar_router_states"):
+        assert ce_only.parts[part] == 0, part
+    assert ce_only.kd_mode == "none"
+    # the trainer loads no teacher then, so the plan needs no teacher config
+    assert plan_memory(base.replace(alpha_kd=0.0, alpha_ce=1.0), teacher_cfg=None, **kw).parts == ce_only.parts
+    cached = plan_memory(base.replace(teacher_cache="cache", kd_top_k=32), teacher_cfg=teacher, **kw)
+    assert cached.parts["teacher_weights"] == cached.parts["teacher_activations"] == 0
+    assert cached.parts["teacher_logits"] == 4 * 384 * (32 * 12 + 4)  # int64 ids + float32 log-probs, tail
+    live = plan_memory(base.replace(kd_top_k=32), teacher_cfg=teacher, **kw)
+    assert live.parts["teacher_weights"] == 2 * 1_280_200_704 and cached.total < live.total - 2 * GiB
+    with pytest.raises(ValueError, match="teacher_cfg"):
+        plan_memory(base, teacher_cfg=None, **kw)
+
+
+def test_plans_need_a_profile_with_memory():
+    teacher, student = _pair()
+    kw = dict(teacher_cfg=teacher, student_cfg=student)
+    with pytest.raises(UnknownGpuError):
+        plan_memory(DistillConfig(), gpu="H100", **kw)
+    with pytest.raises(KaggleKDError, match="not known"):
+        plan_memory(DistillConfig(), gpu=gpus.resolve("cuda"), **kw)
+    read_off_a_device = dataclasses.replace(gpus.resolve("H100"), capacity_bytes=80 * GiB)
+    plan = plan_memory(DistillConfig(), gpu=read_off_a_device, **kw)
+    assert plan.gpu == "unknown (H100)" and plan.capacity == 80 * GiB
+    assert any("no kagglekd profile" in note for note in plan.notes)
