@@ -27,7 +27,9 @@ import warnings
 import torch
 import torch.nn.functional as F
 
-from kagglekd.losses import IGNORE_INDEX, fused_lm_head_kd, kd_loss, teacher_topk
+from kagglekd.config import KDOptions
+from kagglekd.fused import fused_lm_head_kd
+from kagglekd.losses import IGNORE_INDEX, kd_loss, teacher_topk
 
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 
@@ -91,8 +93,8 @@ def build_case(spec: dict):
         "trl_fkl": lambda: trl_loss(student, teacher, labels, beta=0.0),
         "trl_jsd": lambda: trl_loss(student, teacher, labels, beta=0.5),
         "kit_full": lambda: kd_loss(student, teacher, labels),
-        "kit_jsd": lambda: kd_loss(student, teacher, labels, divergence="jsd", beta=0.5),
-        "kit_topk": lambda: kd_loss(student, teacher, labels, top_k=k),
+        "kit_jsd": lambda: kd_loss(student, teacher, labels, KDOptions(divergence="jsd", beta=0.5)),
+        "kit_topk": lambda: kd_loss(student, teacher, labels, KDOptions(top_k=k)),
         "kit_topk_cached": lambda: kd_loss(student, targets, labels),
         "naive_full_head": lambda: naive(hidden @ weight.T),
         "kit_full_head": lambda: kd_loss(hidden @ weight.T, teacher, labels),

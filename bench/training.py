@@ -27,7 +27,8 @@ import time
 import torch
 
 from kagglekd.data import next_token_batch
-from kagglekd.losses import fused_lm_head_kd, teacher_topk
+from kagglekd.fused import fused_lm_head_kd
+from kagglekd.losses import teacher_topk
 from kagglekd.models import tiny_random_dense, tiny_random_moe
 from kagglekd.teacher_cache import open_cache, write_cache
 
@@ -130,7 +131,7 @@ def trl_epoch_seconds(teacher, blocks, epochs: int) -> list[float]:
         from transformers import AutoTokenizer
         from trl.experimental.gkd import GKDConfig, GKDTrainer
 
-    from kagglekd.data import demo_tokenizer
+    from kagglekd.corpus import demo_tokenizer
 
     student = tiny_random_dense(VOCAB, 1)
     output_dir = tempfile.mkdtemp(prefix="kagglekd-bench-trl-")

@@ -42,8 +42,9 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
+from kagglekd.config import KDOptions
 from kagglekd.errors import ConfigError
-from kagglekd.losses import IGNORE_INDEX, TeacherTopK, _upcast, kd_loss
+from kagglekd.losses import DEFAULT_KD, IGNORE_INDEX, TeacherTopK, _upcast, kd_loss
 
 log = logging.getLogger(__name__)
 
@@ -516,15 +517,17 @@ def cross_targets(
     aligned: AlignedBatch,
     labels: Tensor,
     vocab_map: VocabMap,
-    temperature: float = 1.0,
-    top_k: int | None = None,
+    options: KDOptions = DEFAULT_KD,
+    *,
     chunk_size: int = 1024,
 ) -> tuple[TeacherTopK, Tensor, AlignmentStats]:
     """Mapped teacher targets for every student position, and the KD labels that mask the unaligned ones.
 
     ``teacher_logits`` ``[B, T_teacher, V_t]``, ``labels`` ``[B, T]`` -> ``(TeacherTopK`` with leading shape
     ``[B, T]`` (zeros at unaligned positions), ``kd_labels`` ``[B, T]`` (``labels`` with unaligned positions set
-    to -100), ``AlignmentStats)``. Feed both to ``kd_loss`` or ``fused_lm_head_kd``.
+    to -100), ``AlignmentStats)``. ``options.temperature`` and ``options.top_k`` shape the targets (the other
+    fields are not used). Feed both to ``kd_loss`` or ``fused_lm_head_kd`` with ``options.replace(top_k=None)``
+    (the targets are already top-k).
     """
     flat, sources, batch_valid = _aligned_positions(aligned, labels, teacher_logits)
     shape = labels.shape
@@ -538,7 +541,7 @@ def cross_targets(
     teacher_rows = teacher_logits.detach().flatten(0, 1)
     pieces, mass_sum = [], 0.0
     for chunk in sources.split(chunk_size):  # one chunk's float32 [chunk, V_teacher] copies alive at a time
-        targets, mass = mapped_targets(teacher_rows[chunk], vocab_map, temperature, top_k)
+        targets, mass = mapped_targets(teacher_rows[chunk], vocab_map, options.temperature, options.top_k)
         pieces.append(targets)
         mass_sum += float(mass.sum())
     indices, logprobs, tail = (torch.cat(parts) for parts in zip(*pieces))
@@ -559,14 +562,9 @@ def cross_kd_loss(
     aligned: AlignedBatch,
     labels: Tensor,
     vocab_map: VocabMap,
+    options: KDOptions = DEFAULT_KD,
     *,
     mode: str = "exact",
-    temperature: float = 1.0,
-    divergence: str = "forward_kl",
-    beta: float = 0.5,
-    skew_alpha: float = 0.1,
-    top_k: int | None = None,
-    scale_t2: bool = True,
     num_items: int | float | Tensor | None = None,
     chunk_size: int = 1024,
 ) -> tuple[Tensor, AlignmentStats]:
@@ -576,25 +574,16 @@ def cross_kd_loss(
     ``aligned.teacher_ids``), ``labels`` ``[B, T]`` (-100 ignored). Returns ``(loss, stats)``: the sum over
     aligned valid positions divided by ``num_items`` (the window's valid-target count, like every loss;
     ``None`` = this batch's valid count), so unaligned positions contribute 0. ``mode="exact"``: ``kd_loss``
-    against ``cross_targets`` (divergence, top-k and T² scaling as there). ``mode="uld"``:
-    ``uld_per_position``, scaled by T² when ``scale_t2``.
+    against ``cross_targets`` (``options``' divergence, top-k and T² scaling as there). ``mode="uld"``:
+    ``uld_per_position`` at ``options.temperature``, scaled by T² when ``options.scale_t2``.
     """
     if mode == "exact":
         targets, kd_labels, stats = cross_targets(
-            teacher_logits, aligned, labels, vocab_map, temperature, top_k, chunk_size
+            teacher_logits, aligned, labels, vocab_map, options, chunk_size=chunk_size
         )
-        batch_valid = stats.positions
+        window = num_items if num_items is not None else max(stats.positions, 1)
         loss = kd_loss(
-            student_logits,
-            targets,
-            kd_labels,
-            temperature=temperature,
-            divergence=divergence,
-            beta=beta,
-            skew_alpha=skew_alpha,
-            scale_t2=scale_t2,
-            num_items=num_items if num_items is not None else max(batch_valid, 1),
-            chunk_size=chunk_size,
+            student_logits, targets, kd_labels, options.replace(top_k=None), num_items=window, chunk_size=chunk_size
         )
         return loss, stats
     if mode != "uld":
@@ -609,16 +598,16 @@ def cross_kd_loss(
 
         # checkpointed: only one chunk's sorted probability vectors are alive at a time
         def part(s: Tensor, t: Tensor, c: Tensor = chunk) -> Tensor:
-            return uld_per_position(s[c], t, temperature).sum()
+            return uld_per_position(s[c], t, options.temperature).sum()
 
         if torch.is_grad_enabled() and student_rows.requires_grad:
             total = total + checkpoint(part, student_rows, teacher_chunk, use_reentrant=False)
         else:
             total = total + part(student_rows, teacher_chunk)
         with torch.no_grad():
-            mass += float(mapped_targets(teacher_chunk, vocab_map, temperature)[1].sum())
-    if scale_t2:
-        total = total * temperature**2
+            mass += float(mapped_targets(teacher_chunk, vocab_map, options.temperature)[1].sum())
+    if options.scale_t2:
+        total = total * options.temperature**2
     stats = AlignmentStats(batch_valid, int(flat.numel()), mass)
     return total / (num_items if num_items is not None else max(batch_valid, 1)), stats
 

@@ -20,6 +20,8 @@ Conventions every function here shares:
   falls back to autograd over checkpointed chunks, which also differentiates the teacher side.
 * when no position is valid the result is a float32 zero that is still attached to the student's graph,
   so ``.backward()`` works and yields zero gradients.
+* the KD settings (temperature, divergence, beta, skew_alpha, top_k, scale_t2) come as one
+  ``kagglekd.config.KDOptions``, which validates itself. The fused lm_head + KD path is ``kagglekd.fused``.
 """
 
 from __future__ import annotations
@@ -33,12 +35,16 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
+from kagglekd.config import DIVERGENCES, KDOptions
+
 IGNORE_INDEX = -100
-DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl")
+DEFAULT_KD = KDOptions()  # the default ``options`` of every KD call (KDOptions is frozen, so one shared instance)
 
 # Stands in for log(0) when masking entries before a logsumexp: exp() of it is exactly 0 in float32,
 # but unlike -inf it never produces (-inf) - (-inf) = nan in a forward or backward pass.
 _MASKED_LOGPROB = -1e30
+# A log-probability (or log-ratio) at or below this is a probability of exactly 0: -inf, or a masked entry.
+_ZERO_LOGPROB = 0.5 * _MASKED_LOGPROB
 
 
 class TeacherTopK(NamedTuple):
@@ -102,43 +108,41 @@ def _log_mixture(log_a: Tensor, log_b: Tensor, weight_a: float) -> Tensor:
     return torch.logaddexp(log_a + math.log(weight_a), log_b + math.log1p(-weight_a))
 
 
-def _divergence(log_p: Tensor, log_q: Tensor, divergence: str, beta: float, skew_alpha: float) -> Tensor:
+def _reduced(options: KDOptions) -> str:
+    """The divergence after its endpoint reductions: jsd at beta 0 / 1 is forward / reverse KL (the formula is
+    0/0 there), a skew KL at alpha 0 is the plain KL."""
+    divergence = options.divergence
+    if divergence == "jsd" and options.beta in (0.0, 1.0):
+        return "forward_kl" if options.beta == 0.0 else "reverse_kl"
+    if divergence.startswith("skew_") and options.skew_alpha == 0.0:
+        return divergence.removeprefix("skew_")
+    return divergence
+
+
+def _divergence(log_p: Tensor, log_q: Tensor, options: KDOptions) -> Tensor:
     """Per-row divergence between teacher ``p`` and student ``q`` given as float32 log-probs.
 
     ``[N, V], [N, V] -> [N]``; see ``kd_per_position`` for the definitions.
     """
+    divergence, beta, alpha = _reduced(options), options.beta, options.skew_alpha
     if divergence == "forward_kl":
         return _kl(log_p, log_q)
     if divergence == "reverse_kl":
-        return _kl(log_q, log_p)
+        # +inf where the teacher gives probability 0 (-inf or masked) to a token the student gives > 0
+        teacher_zero = ((log_p <= _ZERO_LOGPROB) & (log_q.exp() > 0)).any(-1)
+        return _kl(log_q, log_p).masked_fill(teacher_zero, math.inf)
     if divergence == "jsd":
-        # The weighted JSD divided by beta*(1-beta) tends to KL(p||q) as beta -> 0 and to KL(q||p) as
-        # beta -> 1; the endpoints are dispatched explicitly because the formula is 0/0 there.
-        if beta == 0.0:
-            return _kl(log_p, log_q)
-        if beta == 1.0:
-            return _kl(log_q, log_p)
         log_m = _log_mixture(log_p, log_q, beta)
         weighted = beta * _kl(log_p, log_m) + (1.0 - beta) * _kl(log_q, log_m)
         return weighted / (beta * (1.0 - beta))
     if divergence == "skew_forward_kl":
-        return _kl(log_p, _log_mixture(log_p, log_q, skew_alpha))
-    if divergence == "skew_reverse_kl":
-        return _kl(log_q, _log_mixture(log_q, log_p, skew_alpha))
-    raise ValueError(f"unknown divergence {divergence!r}; valid names: {', '.join(DIVERGENCES)}")
+        return _kl(log_p, _log_mixture(log_p, log_q, alpha))
+    return _kl(log_q, _log_mixture(log_q, log_p, alpha))  # skew_reverse_kl
 
 
-def _check_kd_args(divergence: str, temperature: float, beta: float, skew_alpha: float, top_k: int | None):
-    if divergence not in DIVERGENCES:
-        raise ValueError(f"unknown divergence {divergence!r}; valid names: {', '.join(DIVERGENCES)}")
-    if not temperature > 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
-    if not 0.0 <= beta <= 1.0:
-        raise ValueError(f"jsd beta must be in [0, 1] (0 = forward KL, 1 = reverse KL), got {beta}")
-    if not 0.0 <= skew_alpha <= 1.0:
-        raise ValueError(f"skew_alpha must be in [0, 1], got {skew_alpha}")
-    if top_k is not None and top_k < 1:
-        raise ValueError(f"top_k must be >= 1 or None (full vocabulary), got {top_k}")
+def _check_options(options: KDOptions) -> None:
+    if not isinstance(options, KDOptions):
+        raise TypeError(f"KD options must be a kagglekd.config.KDOptions, got {type(options).__name__}")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -202,26 +206,21 @@ def teacher_topk(teacher_logits: Tensor, k: int, temperature: float = 1.0, chunk
 # ---------------------------------------------------------------------------------------------------------
 
 
-def kd_per_position(
-    student_logits: Tensor,
-    teacher: Teacher,
-    *,
-    temperature: float = 1.0,
-    divergence: str = "forward_kl",
-    beta: float = 0.5,
-    skew_alpha: float = 0.1,
-    top_k: int | None = None,
-) -> Tensor:
+def kd_per_position(student_logits: Tensor, teacher: Teacher, options: KDOptions = DEFAULT_KD) -> Tensor:
     """Per-position divergence between teacher and student, not scaled by T² and not normalised.
 
     ``student_logits`` ``[N, V]`` (any float dtype), ``teacher`` either dense logits ``[N, V]`` or a
     ``TeacherTopK`` with ``indices``/``logprobs`` ``[N, k]`` and ``tail`` ``[N]``. Returns float32 ``[N]``.
+    ``options`` gives the temperature, divergence, beta, skew_alpha and top_k (``scale_t2`` is not used here).
 
     With ``p`` the teacher's and ``q`` the student's distribution (float32, logits / ``temperature``):
 
     * ``forward_kl``: KL(p || q) = sum p (log p - log q), the true KL (teacher entropy included), 0 for
       identical inputs; terms with p = 0 count as 0.
-    * ``reverse_kl``: KL(q || p).
+    * ``reverse_kl``: KL(q || p); +inf where the teacher gives probability exactly 0 (a -inf logit, e.g. a
+      narrower teacher padded to the student's width, or an empty tail bucket) to a token the student gives
+      probability > 0, so a non-finite check catches it. jsd at beta = 1 and skew_reverse_kl at alpha = 0
+      are reverse KL and behave alike; the other forms stay finite.
     * ``jsd``: with m = beta * p + (1 - beta) * q, for 0 < beta < 1
       ``JSD_beta = [beta * KL(p || m) + (1 - beta) * KL(q || m)] / (beta * (1 - beta))``;
       ``JSD_0 = KL(p || q)`` and ``JSD_1 = KL(q || p)``. This is the beta-skewed Jensen-Shannon divergence
@@ -240,8 +239,8 @@ def kd_per_position(
     dense teacher is the full-vocabulary computation. With a ``TeacherTopK`` teacher ``top_k`` may be None
     or must equal its k (after clamping to V), and the temperature applies to the student side only.
     """
-    _check_kd_args(divergence, temperature, beta, skew_alpha, top_k)
-    vocab = student_logits.shape[-1]
+    _check_options(options)
+    vocab, temperature, top_k = student_logits.shape[-1], options.temperature, options.top_k
     log_q = F.log_softmax(_upcast(student_logits) / temperature, dim=-1)
     _check_topk_k(teacher, top_k, vocab)
     if isinstance(teacher, TeacherTopK):
@@ -255,11 +254,11 @@ def kd_per_position(
             )
         log_p = F.log_softmax(_upcast(teacher) / temperature, dim=-1)
         if top_k is None or top_k >= vocab:
-            return _divergence(log_p, log_q, divergence, beta, skew_alpha)
+            return _divergence(log_p, log_q, options)
         log_p_top, indices = log_p.topk(top_k, dim=-1)
         log_p_tail = _tail_logprob(log_p, indices)
     log_q_buckets = _buckets(log_q.gather(-1, indices), _tail_logprob(log_q, indices))
-    return _divergence(_buckets(log_p_top, log_p_tail), log_q_buckets, divergence, beta, skew_alpha)
+    return _divergence(_buckets(log_p_top, log_p_tail), log_q_buckets, options)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -412,20 +411,17 @@ def _vecdot(a: Tensor, b: Tensor) -> Tensor:
 
 
 def _divergence_and_grad(
-    p: Tensor, q: Tensor, d: Tensor, divergence: str, beta: float, skew_alpha: float, need_grad: bool
+    p: Tensor, q: Tensor, d: Tensor, options: KDOptions, need_grad: bool
 ) -> tuple[Tensor, Tensor | None]:
     """Per-row divergence ``[c]`` and its gradient ``[c, n]`` w.r.t. the student's (scaled) logits.
 
     ``p``, ``q`` ``[c, n]`` probabilities (q a softmax of the student's logits or bucket log-probs), ``d`` =
-    log p - log q, finite. Same definitions as ``_divergence``. ``q`` and ``d`` may be overwritten.
+    log p - log q, finite (``_finite``: p = 0 < q gives d <= ``_ZERO_LOGPROB``). Same definitions as
+    ``_divergence``. ``q`` and ``d`` may be overwritten.
     """
-    if divergence == "jsd" and beta in (0.0, 1.0):
-        divergence = "forward_kl" if beta == 0.0 else "reverse_kl"
-    if divergence.startswith("skew_"):
-        if skew_alpha == 1.0:  # m equals the first argument: KL = 0
-            return p.new_zeros(p.shape[:-1]), (torch.zeros_like(q) if need_grad else None)
-        if skew_alpha == 0.0:
-            divergence = divergence.removeprefix("skew_")
+    divergence, beta, skew_alpha = _reduced(options), options.beta, options.skew_alpha
+    if divergence.startswith("skew_") and skew_alpha == 1.0:  # m equals the first argument: KL = 0
+        return p.new_zeros(p.shape[:-1]), (torch.zeros_like(q) if need_grad else None)
     grad = None
     if divergence == "forward_kl":
         value = _vecdot(p, d)
@@ -433,8 +429,10 @@ def _divergence_and_grad(
             grad = q.mul_(p.sum(-1, keepdim=True)).sub_(p)
     elif divergence == "reverse_kl":
         value = -_vecdot(q, d)
+        teacher_zero = ((d <= _ZERO_LOGPROB) & (q > 0)).any(-1)  # p = 0 < q somewhere: KL(q || p) = +inf
         if need_grad:
-            grad = d.add_(value.unsqueeze(-1)).mul_(q).neg_()
+            grad = d.add_(value.unsqueeze(-1)).mul_(q).neg_().masked_fill_(teacher_zero.unsqueeze(-1), math.nan)
+        value = value.masked_fill_(teacher_zero, math.inf)
     elif divergence == "jsd":
         log_p_ratio, log_q_ratio = _mixture_log_ratios(d, beta)
         kl_q = _vecdot(q, log_q_ratio)
@@ -447,14 +445,12 @@ def _divergence_and_grad(
         if need_grad:
             ratio = log_p_ratio.exp_()  # p / m
             grad = ratio.sub_(_vecdot(q, ratio).unsqueeze(-1)).mul_(q).mul_(skew_alpha - 1.0)
-    elif divergence == "skew_reverse_kl":
+    else:  # skew_reverse_kl
         _, log_q_ratio = _mixture_log_ratios(d, 1.0 - skew_alpha)
         value = _vecdot(q, log_q_ratio)
         if need_grad:
             u = log_q_ratio.exp().mul_(-skew_alpha).add_(log_q_ratio)  # log(q/m) - a q/m
             grad = u.sub_(_vecdot(q, u).unsqueeze(-1)).mul_(q)
-    else:
-        raise ValueError(f"unknown divergence {divergence!r}; valid names: {', '.join(DIVERGENCES)}")
     return value, grad
 
 
@@ -464,35 +460,30 @@ def _split_top(logits: Tensor, indices: Tensor) -> tuple[Tensor, Tensor | None, 
     Returns the logits at ``indices`` ``[c, k]``; the softmax over the other entries ``[c, V]`` (0 at
     ``indices``; None when k == V); the logsumexp over the other entries ``[c]`` (-inf when k == V); the
     logsumexp over all entries ``[c]``; both logsumexps in float64. The tail is summed directly, never as
-    1 - (top-k mass).
+    1 - (top-k mass). A row whose other entries are all -inf (a teacher padded with -inf) has an empty tail:
+    probabilities 0 and logsumexp -inf, not the nan of a softmax over nothing.
     """
     top = logits.gather(-1, indices)
     wide = _wide(logits)
     if indices.shape[-1] < logits.shape[-1]:
-        tail_probs, lse_tail = _softmax_and_lse(logits.scatter(-1, indices, float("-inf")))
+        rest = logits.scatter(-1, indices, float("-inf"))
+        tail_probs, lse_tail = _softmax_and_lse(rest)
+        empty = rest.amax(-1) == float("-inf")
+        tail_probs.masked_fill_(empty.unsqueeze(-1), 0.0)
+        lse_tail.masked_fill_(empty, float("-inf"))
     else:
         tail_probs, lse_tail = None, torch.full(top.shape[:-1], float("-inf"), dtype=wide, device=top.device)
     return top, tail_probs, lse_tail, torch.logaddexp(torch.logsumexp(top.to(wide), -1), lse_tail)
 
 
-def _kd_rows(
-    student: Tensor,
-    teacher: Teacher,
-    *,
-    temperature: float,
-    divergence: str,
-    beta: float,
-    skew_alpha: float,
-    top_k: int | None,
-    need_grad: bool,
-) -> tuple[Tensor, Tensor | None]:
+def _kd_rows(student: Tensor, teacher: Teacher, options: KDOptions, need_grad: bool) -> tuple[Tensor, Tensor | None]:
     """Divergence per row ``[c]`` and its gradient w.r.t. ``student / temperature`` ``[c, V]`` (or None).
 
     ``student`` ``[c, V]`` logits, ``teacher`` dense ``[c, V]`` logits or a ``TeacherTopK`` with ``[c, k]``
     fields; the same values as ``kd_per_position``. Math in float32 (float64 if either side is float64).
     Multiply the gradient by 1 / temperature to get d / d student.
     """
-    vocab = student.shape[-1]
+    vocab, temperature, top_k = student.shape[-1], options.temperature, options.top_k
     if isinstance(teacher, TeacherTopK):
         dtype = torch.promote_types(torch.promote_types(student.dtype, teacher.logprobs.dtype), torch.float32)
         indices, log_p_top, log_p_tail = teacher.indices, teacher.logprobs.to(dtype), teacher.tail.to(dtype)
@@ -506,7 +497,7 @@ def _kd_rows(
             p, lse_t = _softmax_and_lse(t)
             d = _finite(torch.sub(t, s).sub_((lse_t - lse_s).to(dtype).unsqueeze(-1)))
             del t
-            return _divergence_and_grad(p, q, d, divergence, beta, skew_alpha, need_grad)
+            return _divergence_and_grad(p, q, d, options, need_grad)
         indices = t.topk(top_k, dim=-1, sorted=False).indices
         t_top, _, t_lse_tail, t_lse = _split_top(t, indices)
         log_p_top, log_p_tail = t_top.to(t_lse.dtype) - t_lse.unsqueeze(-1), t_lse_tail - t_lse
@@ -515,9 +506,7 @@ def _kd_rows(
     log_q = torch.cat([s_top.to(lse.dtype) - lse.unsqueeze(-1), (lse_tail - lse).unsqueeze(-1)], -1)
     log_q = log_q.to(dtype).clamp_min_(_MASKED_LOGPROB)
     log_p = torch.cat([log_p_top, log_p_tail.unsqueeze(-1)], -1).to(dtype).clamp_min_(_MASKED_LOGPROB)
-    value, bucket_grad = _divergence_and_grad(
-        log_p.exp(), log_q.exp(), _finite(log_p - log_q), divergence, beta, skew_alpha, need_grad
-    )
+    value, bucket_grad = _divergence_and_grad(log_p.exp(), log_q.exp(), _finite(log_p - log_q), options, need_grad)
     if not need_grad:
         return value, None
     # an entry outside the top k moves with the student's tail bucket, in proportion to its share of it
@@ -591,13 +580,8 @@ def kd_loss(
     student_logits: Tensor,
     teacher_logits: Teacher,
     labels: Tensor,
+    options: KDOptions = DEFAULT_KD,
     *,
-    temperature: float = 1.0,
-    divergence: str = "forward_kl",
-    beta: float = 0.5,
-    skew_alpha: float = 0.1,
-    top_k: int | None = None,
-    scale_t2: bool = True,
     num_items: int | float | Tensor | None = None,
     chunk_size: int = 1024,
 ) -> Tensor:
@@ -605,15 +589,15 @@ def kd_loss(
 
     ``student_logits`` ``[B, T, V]``; ``teacher_logits`` dense ``[B, T, V]`` (same vocabulary) or a
     ``TeacherTopK`` with leading shape ``[B, T]``; ``labels`` ``[B, T]`` int64 (only its ``-100`` mask is
-    used). Returns a float32 scalar. The divergences, ``top_k`` and the tail bucket are described in
-    ``kd_per_position``. ``scale_t2`` multiplies the result by ``temperature ** 2`` (keeps the gradient scale
-    comparable across temperatures). ``num_items`` is the valid-target count of the whole accumulation
+    used). Returns a float32 scalar. The divergences, ``options.top_k`` and the tail bucket are described in
+    ``kd_per_position``. ``options.scale_t2`` multiplies the result by ``temperature ** 2`` (keeps the
+    gradient scale comparable across temperatures). ``num_items`` is the valid-target count of the whole accumulation
     window (``None`` = this batch's count). The teacher is not detached here: run its forward under
     ``torch.no_grad()`` unless gradients are meant to reach it.
     """
-    _check_kd_args(divergence, temperature, beta, skew_alpha, top_k)
+    _check_options(options)
     _check_labels(student_logits, labels, "student_logits")
-    vocab = student_logits.shape[-1]
+    vocab, temperature = student_logits.shape[-1], options.temperature
     if isinstance(teacher_logits, TeacherTopK):
         _check_labels(teacher_logits.logprobs, labels, "TeacherTopK.logprobs")
     elif teacher_logits.shape != student_logits.shape:
@@ -621,7 +605,7 @@ def kd_loss(
             f"teacher_logits shape {tuple(teacher_logits.shape)} != student_logits shape "
             f"{tuple(student_logits.shape)}; different vocabularies need kagglekd.alignment, never truncation"
         )
-    _check_topk_k(teacher_logits, top_k, vocab)
+    _check_topk_k(teacher_logits, options.top_k, vocab)
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     runs = _valid_runs(labels)
@@ -629,26 +613,22 @@ def kd_loss(
     if valid == 0:
         return _zero_with_grad(student_logits)
     rows, teacher_rows = student_logits.reshape(-1, vocab), _flat_rows(teacher_logits, vocab)
-    kd_kwargs = {"temperature": temperature, "divergence": divergence, "beta": beta, "skew_alpha": skew_alpha,
-                 "top_k": top_k}  # fmt: skip
     if _needs_grad(teacher_rows):
         # Gradients for the teacher too (SAR trains the teacher's routers through this loss): plain autograd
         # over checkpointed chunks, which differentiates both sides.
         def chunk_fn(student_rows: Tensor, teacher_chunk: Teacher, chunk: Tensor) -> Tensor:
-            return kd_per_position(student_rows[chunk], _select_rows(teacher_chunk, chunk), **kd_kwargs).sum()
+            return kd_per_position(student_rows[chunk], _select_rows(teacher_chunk, chunk), options).sum()
 
         total = _chunked_sum(chunk_fn, (rows, teacher_rows), _valid_positions(labels), chunk_size)
     else:
 
         def row_fn(start: int, end: int, need_grad: bool) -> tuple[Tensor, Tensor | None]:
-            return _kd_rows(
-                rows[start:end], _select_rows(teacher_rows, slice(start, end)), need_grad=need_grad, **kd_kwargs
-            )
+            return _kd_rows(rows[start:end], _select_rows(teacher_rows, slice(start, end)), options, need_grad)
 
         light = isinstance(teacher_rows, TeacherTopK)
         block_rows = rows_per_block(vocab, chunk_size, student_logits.device, light)
         total = _RowwiseLoss.apply(rows, row_fn, runs, block_rows, 1.0 / temperature)
-    if scale_t2:
+    if options.scale_t2:
         total = total * (temperature**2)
     return total / _normaliser(num_items, valid)
 
@@ -709,344 +689,3 @@ __all__ = [
     "token_log_probs",
     "valid_count",
 ]
-
-
-# ---- fused lm_head + KD ----
-# The student's lm_head and the KD/CE losses in one pass over chunks of valid positions: per chunk the
-# logits [c, V] are computed in float32, the losses and d loss / d logits are taken at once, and the
-# chunk's contribution to the gradients of the hidden states and of the lm_head weight is accumulated
-# right away. The [B, T, V] student logits (and their gradient) are never materialised and nothing is
-# recomputed in the backward pass (unlike checkpointed chunks, which run every chunk's forward twice).
-
-
-def _fused_chunk(logits, teacher_rows, targets, need_grad, options, kd_mask=None):
-    """The chunk's KD sum, CE sum and d(weighted loss)/d logits ``[c, V]`` (None without grad).
-
-    ``kd_mask`` ``[c]`` bool (None = all): rows whose KD term counts; the others contribute CE only.
-
-    The closed forms of ``_kd_rows`` and ``_ce_rows`` (d CE / dz = softmax(z) - onehot(label)), in cache-sized
-    row blocks. The gradient overwrites ``logits`` block by block (the chunk's logits are not needed again).
-    """
-    kd_kwargs = options["kd_kwargs"]
-    alpha_kd, alpha_ce, kd_scale = options["alpha_kd"], options["alpha_ce"], options["kd_scale"]
-    kd_weight = alpha_kd * kd_scale / kd_kwargs["temperature"]
-    kd_sums, ce_sums = [], []
-    light = alpha_kd == 0 or isinstance(teacher_rows, TeacherTopK)
-    block_rows = rows_per_block(logits.shape[-1], logits.shape[0], logits.device, light)
-    for start in range(0, logits.shape[0], block_rows):
-        end = start + block_rows
-        block, grad = logits[start:end], None
-        if alpha_kd != 0:
-            values, grad = _kd_rows(
-                block, _select_rows(teacher_rows, slice(start, end)), need_grad=need_grad, **kd_kwargs
-            )
-            if kd_mask is not None:  # where, not a product: a masked row's placeholder targets may give inf
-                keep = kd_mask[start:end]
-                values = values.masked_fill(~keep, 0.0)
-                if need_grad:
-                    grad.masked_fill_(~keep.unsqueeze(-1), 0.0)
-            kd_sums.append(values.sum())
-            if need_grad:
-                grad.mul_(kd_weight)
-        if alpha_ce != 0:
-            values, ce_grad = _ce_rows(block, targets[start:end], need_grad)
-            ce_sums.append(values.sum())
-            if need_grad:
-                grad = ce_grad.mul_(alpha_ce) if grad is None else grad.add_(ce_grad, alpha=alpha_ce)
-        if need_grad:
-            block.copy_(grad)
-    kd_sum = torch.stack(kd_sums).sum() if kd_sums else None
-    ce_sum = torch.stack(ce_sums).sum() if ce_sums else None
-    return kd_sum, ce_sum, logits if need_grad else None
-
-
-class _FusedLMHeadKD(torch.autograd.Function):
-    """Sums over valid positions of the weighted KD + CE, with gradients computed chunkwise in forward.
-
-    Inputs: ``hidden`` ``[M, H]`` (all flattened positions), ``weight`` ``[V, H]``, ``bias`` ``[V]`` or None,
-    ``positions`` ``[N]`` (valid rows of ``hidden``), ``targets`` ``[M]``, the teacher as dense ``[M, V]``
-    or TeacherTopK fields ``[M, k]``, ``[M, k]``, ``[M]``, and a dict of options. Outputs three scalars in
-    the compute dtype: the weighted sum ``alpha_kd * kd_scale * kd_sum + alpha_ce * ce_sum`` (differentiable
-    w.r.t. hidden, weight and bias) and the unweighted ``kd_sum`` and ``ce_sum`` (non-differentiable).
-    """
-
-    @staticmethod
-    def forward(ctx, hidden, weight, bias, positions, targets, teacher_dense, top_indices, top_logprobs,
-                top_tail, options):  # fmt: skip
-        need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
-        need_grad = need_hidden or need_weight or need_bias
-        compute_dtype = torch.promote_types(torch.promote_types(hidden.dtype, weight.dtype), torch.float32)
-        weight_c = weight.to(compute_dtype)
-        bias_c = bias.to(compute_dtype) if bias is not None else None
-        grad_hidden = torch.zeros(hidden.shape, dtype=compute_dtype, device=hidden.device) if need_hidden else None
-        grad_weight = torch.zeros_like(weight_c) if need_weight else None
-        grad_bias = torch.zeros_like(bias_c) if need_bias else None
-        kd_total = torch.zeros((), dtype=compute_dtype, device=hidden.device)
-        ce_total = torch.zeros((), dtype=compute_dtype, device=hidden.device)
-        alpha_kd, alpha_ce, kd_scale = options["alpha_kd"], options["alpha_ce"], options["kd_scale"]
-
-        for chunk in positions.split(options["chunk_size"]):
-            # advanced indexing, not index_select: on CPU index_select of wide rows is ~10x slower
-            rows = hidden[chunk].to(compute_dtype)
-            logits = rows @ weight_c.T if bias_c is None else torch.addmm(bias_c, rows, weight_c.T)
-            teacher_rows: Teacher | None = None
-            if alpha_kd != 0:
-                if teacher_dense is not None:
-                    teacher_rows = teacher_dense[chunk]
-                else:
-                    teacher_rows = TeacherTopK(top_indices[chunk], top_logprobs[chunk], top_tail[chunk])
-            kd_mask = options["kd_mask"][chunk] if options["kd_mask"] is not None else None
-            kd_sum, ce_sum, grad_logits = _fused_chunk(
-                logits, teacher_rows, targets[chunk], need_grad, options, kd_mask
-            )
-            if need_grad:
-                if need_hidden:
-                    grad_hidden[chunk] = grad_logits @ weight_c
-                if need_weight:
-                    grad_weight.addmm_(grad_logits.T, rows)
-                if need_bias:
-                    grad_bias += grad_logits.sum(0)
-            if kd_sum is not None:
-                kd_total += kd_sum.detach()
-            if ce_sum is not None:
-                ce_total += ce_sum.detach()
-
-        ctx.save_for_backward(*(g if g is not None else torch.empty(0) for g in (grad_hidden, grad_weight, grad_bias)))
-        ctx.input_dtypes = (hidden.dtype, weight.dtype, bias.dtype if bias is not None else None)
-        weighted = alpha_kd * kd_scale * kd_total + alpha_ce * ce_total
-        ctx.mark_non_differentiable(kd_total, ce_total)
-        return weighted, kd_total, ce_total
-
-    @staticmethod
-    def backward(ctx, grad_weighted, _grad_kd, _grad_ce):
-        grads = []
-        for needed, saved, dtype in zip(ctx.needs_input_grad[:3], ctx.saved_tensors, ctx.input_dtypes):
-            grads.append((saved * grad_weighted).to(dtype) if needed else None)
-        return (*grads, None, None, None, None, None, None, None)
-
-
-def fused_lm_head_kd(
-    hidden: Tensor,
-    lm_head_weight: Tensor,
-    teacher: Teacher | None,
-    labels: Tensor,
-    *,
-    alpha_kd: float = 0.5,
-    alpha_ce: float = 0.5,
-    temperature: float = 1.0,
-    divergence: str = "forward_kl",
-    beta: float = 0.5,
-    skew_alpha: float = 0.1,
-    top_k: int | None = None,
-    scale_t2: bool = True,
-    num_items: int | float | Tensor | None = None,
-    chunk_size: int = 1024,
-    lm_head_bias: Tensor | None = None,
-    kd_mask: Tensor | None = None,
-) -> tuple[Tensor, dict[str, Tensor]]:
-    """KD + CE straight from the student's last hidden states, without the ``[B, T, V]`` student logits.
-
-    ``hidden`` ``[B, T, H]`` (any float dtype; cast to float32 per chunk), ``lm_head_weight`` ``[V, H]``
-    (the embedding matrix when embeddings are tied: its gradient from here adds to the embedding's),
-    ``teacher`` dense logits ``[B, T, V]`` or a ``TeacherTopK`` with leading shape ``[B, T]`` (None is
-    allowed when ``alpha_kd == 0``), ``labels`` ``[B, T]`` with ``-100`` ignored; ``lm_head_bias`` ``[V]``;
-    ``kd_mask`` ``[B, T]`` bool (None = every valid position): where the KD term counts, e.g. the positions a
-    cross-tokenizer alignment covers; CE always covers every valid position (``kd`` then equals
-    ``kd_loss(logits, teacher, labels masked to kd_mask, num_items=...)``).
-
-    Returns ``(total, {"kd": kd, "ce": ce})`` where, with ``logits = hidden @ lm_head_weight.T + bias``,
-    ``kd == kd_loss(logits, teacher, labels, ...)`` (T² scaling and ``num_items`` normalisation included),
-    ``ce == ce_loss(logits, labels, num_items)`` and ``total = alpha_kd * kd + alpha_ce * ce``; ``kd`` and
-    ``ce`` are detached float32 scalars (float64 for float64 inputs), ``total`` carries the gradient.
-
-    Valid positions are processed ``chunk_size`` at a time: only one chunk's ``[chunk_size, V]`` float32
-    logits and their intermediates are alive at once. The gradients for ``hidden``, the weight and the bias
-    are computed during the forward pass and held until ``backward`` (a float32 ``[V, H]`` buffer the size of
-    the weight's own gradient, and ``[B, T, H]``), so the backward pass costs two multiplications by the
-    incoming scalar gradient. The teacher receives no gradient. Call ``backward`` once per call (like
-    every loss), and compute the loss outside autocast or let it be: the math here is float32 regardless.
-    """
-    _check_kd_args(divergence, temperature, beta, skew_alpha, top_k)
-    if alpha_kd < 0 or alpha_ce < 0 or alpha_kd + alpha_ce == 0:
-        raise ValueError(f"alpha_kd and alpha_ce must be >= 0 and not both 0, got {alpha_kd} and {alpha_ce}")
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-    if hidden.shape[:-1] != labels.shape:
-        raise ValueError(f"hidden shape {tuple(hidden.shape)} does not match labels {tuple(labels.shape)}")
-    vocab, hidden_size = lm_head_weight.shape
-    if hidden.shape[-1] != hidden_size:
-        raise ValueError(f"hidden size {hidden.shape[-1]} != lm_head_weight {tuple(lm_head_weight.shape)}")
-    if lm_head_bias is not None and lm_head_bias.shape != (vocab,):
-        raise ValueError(f"lm_head_bias shape {tuple(lm_head_bias.shape)} != ({vocab},)")
-    teacher_dense = top_indices = top_logprobs = top_tail = None
-    if alpha_kd != 0:
-        if teacher is None:
-            raise ValueError("teacher is None but alpha_kd != 0: pass teacher logits or TeacherTopK targets")
-        if isinstance(teacher, TeacherTopK):
-            _check_labels(teacher.logprobs, labels, "TeacherTopK.logprobs")
-            _check_topk_k(teacher, top_k, vocab)
-            top_indices, top_logprobs, top_tail = _flat_rows(teacher, vocab)
-        elif teacher.shape != (*labels.shape, vocab):
-            raise ValueError(
-                f"teacher logits shape {tuple(teacher.shape)} != student logits shape {(*labels.shape, vocab)}; "
-                "different vocabularies need kagglekd.alignment, never truncation"
-            )
-        else:
-            teacher_dense = teacher.detach().reshape(-1, vocab)
-        if top_indices is not None:
-            top_indices, top_logprobs, top_tail = top_indices.detach(), top_logprobs.detach(), top_tail.detach()
-
-    hidden_rows = hidden.reshape(-1, hidden_size)
-    positions = _valid_positions(labels)
-    if positions.numel() == 0:
-        zero = _zero_with_grad(hidden) + _zero_with_grad(lm_head_weight)
-        return zero, {"kd": zero.detach().clone(), "ce": zero.detach().clone()}
-
-    kd_scale = temperature**2 if scale_t2 else 1.0
-    options = {
-        "alpha_kd": float(alpha_kd),
-        "alpha_ce": float(alpha_ce),
-        "kd_scale": kd_scale,
-        "chunk_size": chunk_size,
-        "kd_mask": kd_mask.reshape(-1) if kd_mask is not None and alpha_kd != 0 else None,
-        "kd_kwargs": {
-            "temperature": temperature, "divergence": divergence, "beta": beta, "skew_alpha": skew_alpha,
-            "top_k": top_k,
-        },
-    }  # fmt: skip
-    weighted, kd_sum, ce_sum = _FusedLMHeadKD.apply(
-        hidden_rows, lm_head_weight, lm_head_bias, positions, labels.reshape(-1),
-        teacher_dense, top_indices, top_logprobs, top_tail, options,
-    )  # fmt: skip
-    normaliser = _normaliser(num_items, positions.numel())
-    total = weighted / normaliser
-    return total, {"kd": (kd_sum * kd_scale / normaliser).detach(), "ce": (ce_sum / normaliser).detach()}
-
-
-__all__ += ["fused_lm_head_kd"]
-
-
-# ---- feature and attention transfer ----
-# Hidden-state (feature) and attention-map transfer. The model-side parts (q/k hooks, attention maps of
-# chosen layers) live in kagglekd.moe; these are the pure losses and the layer map.
-
-FEATURE_LOSS_KINDS = ("mse", "cosine")
-
-
-def layer_map(
-    student_layers: int, teacher_layers: int, spec: str | list[int] = "uniform", count: int | None = None
-) -> list[tuple[int, int]]:
-    """``(student layer, teacher layer)`` pairs, 0-based decoder-layer indices.
-
-    ``"uniform"``: ``count`` student layers (default all) evenly spaced and ending at the last, each mapped to
-    the teacher layer at the same relative depth, ``round((s + 1) * teacher_layers / student_layers) - 1``,
-    so the last student layer always meets the last teacher layer. A list gives the teacher layer of each
-    student layer (length ``student_layers``; negative indices count from the end). Out-of-range indices
-    raise ValueError. With HF ``output_hidden_states`` the output of layer i is ``hidden_states[i + 1]``.
-    """
-    if student_layers < 1 or teacher_layers < 1:
-        raise ValueError(f"layer counts must be >= 1, got student {student_layers}, teacher {teacher_layers}")
-    if isinstance(spec, str):
-        if spec != "uniform":
-            raise ValueError(f"layer map must be 'uniform' or a list of teacher layer indices, got {spec!r}")
-        count = student_layers if count is None else count
-        if not 1 <= count <= student_layers:
-            raise ValueError(f"layer map count must be in [1, {student_layers}], got {count}")
-        students = [math.floor((j + 1) * student_layers / count + 0.5) - 1 for j in range(count)]
-        return [(s, math.floor((s + 1) * teacher_layers / student_layers + 0.5) - 1) for s in students]
-    if len(spec) != student_layers:
-        raise ValueError(
-            f"explicit layer map has {len(spec)} entries; give one teacher layer per student layer ({student_layers})"
-        )
-    pairs = []
-    for student, teacher in enumerate(spec):
-        if not -teacher_layers <= teacher < teacher_layers:
-            raise ValueError(
-                f"layer map entry {student} names teacher layer {teacher}, but the teacher has {teacher_layers} "
-                f"layers (valid: 0..{teacher_layers - 1}, or negative from the end)"
-            )
-        pairs.append((student, teacher % teacher_layers))
-    return pairs
-
-
-def feature_loss(
-    student_hidden: Tensor,
-    teacher_hidden: Tensor,
-    projection: Callable[[Tensor], Tensor],
-    mask: Tensor,
-    kind: str = "mse",
-    num_items: int | float | Tensor | None = None,
-) -> Tensor:
-    """Hidden-state transfer loss for one layer pair: sum over valid tokens / ``num_items``.
-
-    ``student_hidden`` ``[B, T, Hs]``, ``teacher_hidden`` ``[B, T, Ht]`` (detached here), ``projection`` maps
-    ``Hs -> Ht`` (an ``nn.Linear`` kept outside the student), ``mask`` ``[B, T]`` bool of valid tokens.
-    Per valid token with ``p = projection(student)`` and ``t = teacher`` (float32):
-
-    * ``"mse"``: ``mean_d (p - t)^2 / var(t)``, ``var(t)`` the teacher's per-dimension variance over the
-      valid tokens averaged over dimensions (detached). Invariant to the teacher's scale (when the student
-      side scales with it); a projection that outputs the teacher's mean vector scores 1.
-    * ``"cosine"``: ``1 - cos(p, t)``.
-
-    Returns a float32 scalar; zero (attached to the graph) when no token is valid. A trainer averages it over
-    the layer pairs so the weight does not grow with their number.
-    """
-    if kind not in FEATURE_LOSS_KINDS:
-        raise ValueError(f"feature loss kind must be one of {', '.join(FEATURE_LOSS_KINDS)}, got {kind!r}")
-    if student_hidden.shape[:-1] != mask.shape or teacher_hidden.shape[:-1] != mask.shape:
-        raise ValueError(
-            f"hidden shapes {tuple(student_hidden.shape)} / {tuple(teacher_hidden.shape)} do not match mask "
-            f"{tuple(mask.shape)}"
-        )
-    valid = mask.reshape(-1).bool()
-    projected = _upcast(projection(student_hidden.reshape(-1, student_hidden.shape[-1])[valid]))
-    target = _upcast(teacher_hidden.detach().reshape(-1, teacher_hidden.shape[-1])[valid])
-    if projected.shape[-1] != target.shape[-1]:
-        raise ValueError(f"projection outputs {projected.shape[-1]} dims, teacher hidden has {target.shape[-1]}")
-    if projected.shape[0] == 0:
-        return projected.sum()
-    if kind == "mse":
-        variance = target.var(dim=0, unbiased=False).mean()
-        # One valid token has no spread; fall back to a tiny fraction of its energy instead of dividing by 0.
-        variance = variance.clamp_min(1e-6 * target.pow(2).mean()).clamp_min(1e-12)
-        per_token = (projected - target).pow(2).mean(-1) / variance
-    else:
-        per_token = 1.0 - F.cosine_similarity(projected, target, dim=-1, eps=1e-8)
-    return per_token.sum() / _normaliser(num_items, projected.shape[0])
-
-
-def attention_loss(
-    student_maps: Tensor, teacher_maps: Tensor, mask: Tensor, num_items: int | float | Tensor | None = None
-) -> Tensor:
-    """KL(teacher || student) over keys of each valid query row of head-averaged attention maps.
-
-    ``student_maps`` / ``teacher_maps`` ``[B, T, T]`` (row t = distribution over keys s), ``mask`` ``[B, T]``
-    bool of valid (non-padding) tokens. Keys are restricted to ``s <= t`` and valid; both rows are
-    renormalised over those keys (a no-op for maps from ``kagglekd.moe.attention_maps``). Sum over valid
-    query rows / ``num_items`` (default: their count, i.e. the mean). Float32 scalar; zero attached to the
-    graph when no row is valid.
-    """
-    if student_maps.shape != teacher_maps.shape or student_maps.shape[:2] != mask.shape:
-        raise ValueError(
-            f"attention maps {tuple(student_maps.shape)} / {tuple(teacher_maps.shape)} and mask {tuple(mask.shape)} "
-            "must be [B, T, T], [B, T, T], [B, T]"
-        )
-    seq = mask.shape[1]
-    mask = mask.bool()
-    causal = torch.ones(seq, seq, dtype=torch.bool, device=mask.device).tril()
-    allowed = (causal & mask[:, None, :]).reshape(-1, seq)
-    rows = mask.reshape(-1)
-    allowed = allowed[rows]
-    student = _upcast(student_maps.reshape(-1, seq)[rows]) * allowed
-    teacher = _upcast(teacher_maps.detach().reshape(-1, seq)[rows]) * allowed
-    if student.shape[0] == 0:
-        return student.sum()
-    student = student / student.sum(-1, keepdim=True).clamp_min(1e-30)
-    teacher = teacher / teacher.sum(-1, keepdim=True).clamp_min(1e-30)
-    # Terms with teacher probability 0 count as 0; the student side is floored so an underflowed
-    # probability gives a large finite penalty rather than inf.
-    log_ratio = torch.where(teacher > 0, teacher.clamp_min(1e-30).log() - student.clamp_min(1e-30).log(), 0.0)
-    return (teacher * log_ratio).sum() / _normaliser(num_items, student.shape[0])
-
-
-__all__ += ["FEATURE_LOSS_KINDS", "attention_loss", "feature_loss", "layer_map"]

@@ -13,7 +13,8 @@ import pytest
 import torch
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-from kagglekd import alignment, data
+from kagglekd import alignment, corpus
+from kagglekd.config import KDOptions
 from kagglekd.losses import TeacherTopK, kd_loss
 
 CRAFTED = [
@@ -36,7 +37,7 @@ def student_tok(demo_tokenizer_dir):
 def metaspace_tok(kagglekd_cache):
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("KAGGLEKD_CACHE", str(kagglekd_cache))
-        return AutoTokenizer.from_pretrained(data.demo_tokenizer(3000, pre_tokenizer="whitespace-digits"))
+        return AutoTokenizer.from_pretrained(corpus.demo_tokenizer(3000, pre_tokenizer="whitespace-digits"))
 
 
 def _block(tok, texts):
@@ -256,9 +257,9 @@ def test_permuted_vocabulary_gives_exactly_the_identical_kd(student_tok, tmp_pat
     labels = blocks[:, 1:].clone()
     labels[0, -3:] = -100
     for divergence, temperature in (("forward_kl", 1.0), ("reverse_kl", 2.0), ("jsd", 1.0)):
-        options = dict(divergence=divergence, temperature=temperature)
-        expected = kd_loss(student, teacher_student_vocab, labels, **options)
-        got, stats = alignment.cross_kd_loss(student, teacher, aligned, labels, cross.vocab_map, **options)
+        options = KDOptions(divergence=divergence, temperature=temperature)
+        expected = kd_loss(student, teacher_student_vocab, labels, options)
+        got, stats = alignment.cross_kd_loss(student, teacher, aligned, labels, cross.vocab_map, options)
         assert got.item() == pytest.approx(expected.item(), rel=1e-9, abs=1e-12)
         assert stats.aligned == stats.positions == 43 and stats.mapped_mass_sum == pytest.approx(43)
 

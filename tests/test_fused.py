@@ -5,12 +5,13 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from kagglekd.config import KDOptions
+from kagglekd.fused import fused_lm_head_kd
 from kagglekd.losses import (
     DIVERGENCES,
     IGNORE_INDEX,
     TeacherTopK,
     ce_loss,
-    fused_lm_head_kd,
     kd_loss,
     teacher_topk,
 )
@@ -35,7 +36,7 @@ def unfused(hidden, weight, teacher, labels, *, alpha_kd, alpha_ce, bias=None, n
     logits = hidden.to(compute) @ weight.to(compute).T
     if bias is not None:
         logits = logits + bias.to(compute)
-    kd = kd_loss(logits, teacher, labels, num_items=num_items, **kd_kwargs)
+    kd = kd_loss(logits, teacher, labels, KDOptions(**kd_kwargs), num_items=num_items)
     ce = ce_loss(logits, labels, num_items=num_items)
     return alpha_kd * kd + alpha_ce * ce, kd, ce
 
@@ -49,8 +50,8 @@ def grads(loss, *tensors):
 def test_fused_equals_unfused_values_and_gradients(divergence, top_k):
     hidden, weight, teacher, labels = make_inputs()
     options = dict(temperature=1.7, divergence=divergence, beta=0.3, skew_alpha=0.2, top_k=top_k)
-    total, parts = fused_lm_head_kd(hidden, weight, teacher, labels, alpha_kd=0.6, alpha_ce=0.4, chunk_size=3,
-                                    **options)  # fmt: skip
+    total, parts = fused_lm_head_kd(hidden, weight, teacher, labels, KDOptions(**options), alpha_kd=0.6,
+                                    alpha_ce=0.4, chunk_size=3)  # fmt: skip
     ref_total, ref_kd, ref_ce = unfused(hidden, weight, teacher, labels, alpha_kd=0.6, alpha_ce=0.4, **options)
     torch.testing.assert_close(total, ref_total, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(parts["kd"], ref_kd.detach(), rtol=1e-5, atol=1e-5)
@@ -65,8 +66,8 @@ def test_fused_with_teacher_topk_targets_equals_unfused(divergence):
     hidden, weight, teacher, labels = make_inputs(seed=1)
     targets = teacher_topk(teacher, k=5, temperature=2.0)
     options = dict(temperature=2.0, divergence=divergence, beta=0.5, skew_alpha=0.1, scale_t2=False)
-    total, parts = fused_lm_head_kd(hidden, weight, targets, labels, alpha_kd=1.0, alpha_ce=0.25, chunk_size=4,
-                                    num_items=17, **options)  # fmt: skip
+    total, parts = fused_lm_head_kd(hidden, weight, targets, labels, KDOptions(**options), alpha_kd=1.0,
+                                    alpha_ce=0.25, chunk_size=4, num_items=17)  # fmt: skip
     ref_total, ref_kd, _ = unfused(hidden, weight, targets, labels, alpha_kd=1.0, alpha_ce=0.25, num_items=17,
                                    **options)  # fmt: skip
     torch.testing.assert_close(total, ref_total, rtol=1e-5, atol=1e-5)
@@ -83,13 +84,13 @@ def test_fused_kd_mask_limits_kd_and_keeps_ce_everywhere(divergence):
     kd_mask[1, 0] = False
     teacher[0, 2] = float("-inf")  # a masked row's placeholder target may be anything, even degenerate
     kd_labels = labels.masked_fill(~kd_mask, IGNORE_INDEX)
-    options = dict(temperature=1.3, divergence=divergence)
+    options = KDOptions(temperature=1.3, divergence=divergence)
     total, parts = fused_lm_head_kd(
-        hidden, weight, teacher, labels, alpha_kd=0.7, alpha_ce=0.3, chunk_size=4, kd_mask=kd_mask, **options
+        hidden, weight, teacher, labels, options, alpha_kd=0.7, alpha_ce=0.3, chunk_size=4, kd_mask=kd_mask
     )
     logits = hidden @ weight.T
     valid = int((labels != IGNORE_INDEX).sum())  # both terms over the window's valid count
-    kd = kd_loss(logits, teacher, kd_labels, num_items=valid, **options)
+    kd = kd_loss(logits, teacher, kd_labels, options, num_items=valid)
     ce = ce_loss(logits, labels, num_items=valid)
     torch.testing.assert_close(parts["kd"], kd.detach(), rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(parts["ce"], ce.detach(), rtol=1e-10, atol=1e-12)
@@ -97,12 +98,48 @@ def test_fused_kd_mask_limits_kd_and_keeps_ce_everywhere(divergence):
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("sparse", [False, True])
+@pytest.mark.parametrize(
+    "options, infinite",
+    [
+        (KDOptions(divergence="reverse_kl", temperature=1.5), True),
+        (KDOptions(divergence="jsd", beta=1.0), True),
+        (KDOptions(divergence="skew_reverse_kl", skew_alpha=0.0), True),
+        (KDOptions(divergence="forward_kl", temperature=1.5), False),
+        (KDOptions(divergence="jsd", beta=0.5), False),
+        (KDOptions(divergence="skew_reverse_kl", skew_alpha=0.3), False),
+    ],
+)
+def test_fused_reverse_kl_against_a_narrow_teacher_padded_with_minus_inf_is_infinite(options, infinite, sparse):
+    # a teacher with 8 real tokens padded with -inf to the student's 11 on batch row 0: p = 0 < q there, so
+    # KL(q || p) = +inf (a hand check: q > 0 on a padded column), the other forms stay finite and equal the
+    # unfused path; masking those rows out of the KD term (kd_mask) leaves a finite loss again.
+    hidden, weight, teacher, labels = make_inputs(dtype=F64, seed=9)
+    teacher[0, :, 8:] = float("-inf")
+    assert (torch.softmax(hidden[0] @ weight.T, -1)[:, 8:] > 0).all()
+    target = teacher_topk(teacher, 8, temperature=options.temperature) if sparse else teacher
+    total, parts = fused_lm_head_kd(hidden, weight, target, labels, options, alpha_kd=0.5, alpha_ce=0.5, chunk_size=4)
+    logits = hidden @ weight.T
+    kd = kd_loss(logits, target, labels, options)
+    assert torch.isposinf(parts["kd"]).item() == infinite and torch.isposinf(total).item() == infinite
+    if not infinite:
+        torch.testing.assert_close(parts["kd"], kd.detach(), rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(total, 0.5 * kd + 0.5 * ce_loss(logits, labels), rtol=1e-10, atol=1e-12)
+    kd_mask = torch.ones_like(labels, dtype=torch.bool)
+    kd_mask[0] = False
+    _, masked = fused_lm_head_kd(hidden, weight, target, labels, options, chunk_size=4, kd_mask=kd_mask)
+    valid = int((labels != IGNORE_INDEX).sum())
+    expected = kd_loss(logits, target, labels.masked_fill(~kd_mask, IGNORE_INDEX), options, num_items=valid)
+    assert torch.isfinite(masked["kd"])
+    torch.testing.assert_close(masked["kd"], expected.detach(), rtol=1e-10, atol=1e-12)
+
+
 def test_fused_float64_is_exact_and_chunk_size_does_not_matter():
     hidden, weight, teacher, labels = make_inputs(dtype=F64, seed=2)
     ref_total, _, _ = unfused(hidden, weight, teacher, labels, alpha_kd=0.5, alpha_ce=0.5, divergence="jsd")
     ref_grads = grads(ref_total, hidden, weight)
     for chunk_size in (1, 2, 5, 1000):
-        total, _ = fused_lm_head_kd(hidden, weight, teacher, labels, divergence="jsd", chunk_size=chunk_size)
+        total, _ = fused_lm_head_kd(hidden, weight, teacher, labels, KDOptions(divergence="jsd"), chunk_size=chunk_size)
         assert total.dtype == F64
         torch.testing.assert_close(total, ref_total, rtol=1e-12, atol=1e-12)
         for got, want in zip(grads(total, hidden, weight), ref_grads):
@@ -111,7 +148,7 @@ def test_fused_float64_is_exact_and_chunk_size_does_not_matter():
 
 def test_fused_fp16_hidden_is_cast_to_float32_inside():
     hidden, weight, teacher, labels = make_inputs(dtype=torch.float16, seed=3)
-    total, parts = fused_lm_head_kd(hidden, weight, teacher, labels, temperature=2.0, top_k=3)
+    total, parts = fused_lm_head_kd(hidden, weight, teacher, labels, KDOptions(temperature=2.0, top_k=3))
     assert total.dtype == torch.float32 and parts["kd"].dtype == torch.float32
     ref_total, _, _ = unfused(hidden, weight, teacher, labels, alpha_kd=0.5, alpha_ce=0.5, temperature=2.0, top_k=3)
     torch.testing.assert_close(total, ref_total, rtol=1e-5, atol=1e-5)
@@ -191,7 +228,7 @@ def test_fused_identical_teacher_gives_zero_kd():
     hidden, weight, _, labels = make_inputs(dtype=F64, seed=8)
     teacher = (hidden @ weight.T).detach()
     for divergence in DIVERGENCES:
-        _, parts = fused_lm_head_kd(hidden, weight, teacher, labels, divergence=divergence)
+        _, parts = fused_lm_head_kd(hidden, weight, teacher, labels, KDOptions(divergence=divergence))
         assert abs(parts["kd"].item()) < 1e-12
 
 
@@ -206,7 +243,7 @@ def test_fused_rejects_bad_inputs():
     with pytest.raises(ValueError, match="not both 0"):
         fused_lm_head_kd(hidden, weight, teacher, labels, alpha_kd=0.0, alpha_ce=0.0)
     with pytest.raises(ValueError, match="top_k"):
-        fused_lm_head_kd(hidden, weight, teacher_topk(teacher, 3), labels, top_k=4)
+        fused_lm_head_kd(hidden, weight, teacher_topk(teacher, 3), labels, KDOptions(top_k=4))
 
 
 # ----- memory: no full-vocab float32 tensor ---------------------------------------------------------------

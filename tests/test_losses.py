@@ -8,7 +8,9 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from torch.distributions import Categorical
 
+from kagglekd.config import KDOptions
 from kagglekd.losses import (
     DIVERGENCES,
     IGNORE_INDEX,
@@ -84,18 +86,18 @@ def ref_topk_divergence(student_rows, teacher_rows, k, divergence, temperature=1
 def test_identical_student_and_teacher_give_zero(divergence, top_k):
     student, _, labels = make_batch(dtype=torch.float32)
     same = student.detach().clone()
-    loss = kd_loss(student, same, labels, divergence=divergence, top_k=top_k, temperature=2.0)
+    loss = kd_loss(student, same, labels, KDOptions(divergence=divergence, top_k=top_k, temperature=2.0))
     assert abs(loss.item()) < 1e-6
     if top_k is not None:
         sparse = teacher_topk(same, top_k, temperature=2.0)
-        assert abs(kd_loss(student, sparse, labels, divergence=divergence, temperature=2.0).item()) < 1e-6
+        assert abs(kd_loss(student, sparse, labels, KDOptions(divergence=divergence, temperature=2.0)).item()) < 1e-6
 
 
 @pytest.mark.parametrize("divergence", DIVERGENCES)
 @pytest.mark.parametrize("temperature", [1.0, 2.0])
 def test_full_vocab_matches_probability_reference_values_and_grads(divergence, temperature):
     student, teacher, labels = make_batch()
-    loss = kd_loss(student, teacher, labels, divergence=divergence, temperature=temperature, beta=0.3)
+    loss = kd_loss(student, teacher, labels, KDOptions(divergence=divergence, temperature=temperature, beta=0.3))
     (grad,) = torch.autograd.grad(loss, student)
     ref_student = student.detach().clone().requires_grad_()
     n = valid_count(labels)
@@ -117,7 +119,7 @@ def test_teacher_with_masked_vocabulary_entries_gives_finite_reference_values(di
     student, teacher, labels = make_batch(vocab=6)
     teacher = teacher.clone()
     teacher[..., 4:] = float("-inf")
-    loss = kd_loss(student, teacher, labels, divergence=divergence, top_k=top_k, scale_t2=False)
+    loss = kd_loss(student, teacher, labels, KDOptions(divergence=divergence, top_k=top_k, scale_t2=False))
     (grad,) = torch.autograd.grad(loss, student)
     rows_s, rows_t = valid_rows(student, labels), valid_rows(teacher, labels)
     if top_k is None:
@@ -129,6 +131,89 @@ def test_teacher_with_masked_vocabulary_entries_gives_finite_reference_values(di
     torch.testing.assert_close(grad, ref_grad, rtol=1e-7, atol=1e-12)
 
 
+def narrow_teacher_rows(student_rows, teacher_rows, options, k=None):
+    """Independent float64 reference per row (torch.distributions), optionally over top-k + tail buckets whose
+    tail is a direct sum (exactly 0 when only zero-probability tokens are left)."""
+    p = F.softmax(teacher_rows.double() / options.temperature, -1)
+    q = F.softmax(student_rows.double() / options.temperature, -1)
+    if k is not None:
+        index = p.argsort(dim=-1, descending=True, stable=True)[:, :k]
+        rest = torch.ones_like(p).scatter(-1, index, 0.0)
+        p = torch.cat([p.gather(-1, index), (p * rest).sum(-1, keepdim=True)], -1)
+        q = torch.cat([q.gather(-1, index), (q * rest).sum(-1, keepdim=True)], -1)
+    kl = lambda a, b: torch.distributions.kl_divergence(Categorical(probs=a), Categorical(probs=b))
+    beta, alpha = options.beta, options.skew_alpha
+    divergence = options.divergence
+    if divergence == "jsd" and beta in (0.0, 1.0):
+        divergence = "forward_kl" if beta == 0.0 else "reverse_kl"
+    if divergence == "forward_kl":
+        return kl(p, q)
+    if divergence == "reverse_kl":
+        return kl(q, p)
+    if divergence == "jsd":
+        m = beta * p + (1 - beta) * q
+        return (beta * kl(p, m) + (1 - beta) * kl(q, m)) / (beta * (1 - beta))
+    if divergence == "skew_forward_kl":
+        return kl(p, alpha * p + (1 - alpha) * q)
+    return kl(q, alpha * q + (1 - alpha) * p)
+
+
+NARROW_TEACHER_CASES = [
+    KDOptions(divergence="reverse_kl"),
+    KDOptions(divergence="reverse_kl", temperature=2.0),
+    KDOptions(divergence="jsd", beta=1.0),
+    KDOptions(divergence="skew_reverse_kl", skew_alpha=0.0),
+    KDOptions(divergence="forward_kl", temperature=2.0),
+    KDOptions(divergence="jsd", beta=0.7),
+    KDOptions(divergence="skew_forward_kl", skew_alpha=0.2),
+    KDOptions(divergence="skew_reverse_kl", skew_alpha=0.2),
+]
+
+
+@pytest.mark.parametrize("options", NARROW_TEACHER_CASES, ids=repr)
+@pytest.mark.parametrize("targets", ["dense", "top_k=4", "top_k=5", "teacher_topk=4", "teacher_requires_grad"])
+def test_narrow_teacher_padded_with_minus_inf_makes_reverse_kl_infinite(options, targets):
+    # A teacher with 4 real tokens padded with -inf to the student's 6 (batch row 0 only): p = 0 on tokens the
+    # student gives q > 0, so KL(q || p) = +inf there (the trainer's finiteness check must see it), while the
+    # forms that stay finite keep their reference values. Row 1 is an ordinary teacher: finite for every form.
+    student, teacher, labels = make_batch(vocab=6, ignore=())
+    teacher = teacher.clone()
+    teacher[0, :, 4:] = float("-inf")
+    k = int(targets.split("=")[1]) if "=" in targets else None
+    target, kd_options = teacher, options.replace(top_k=k)
+    if targets.startswith("teacher_topk"):
+        target, kd_options = teacher_topk(teacher, k, temperature=options.temperature), options
+    elif targets == "teacher_requires_grad":  # the autograd path over kd_per_position
+        target = teacher.detach().requires_grad_()
+    rows_s, rows_t = valid_rows(student, labels), valid_rows(teacher, labels)
+    ref = narrow_teacher_rows(rows_s.detach(), rows_t, options, k)
+    infinite = options.divergence == "reverse_kl" or (options.divergence, options.beta) == ("jsd", 1.0)
+    infinite = infinite or (options.divergence, options.skew_alpha) == ("skew_reverse_kl", 0.0)
+    assert torch.isinf(ref[:5]).all() == infinite and torch.isfinite(ref[5:]).all()  # the reference agrees
+
+    per_position = kd_per_position(rows_s, _flat(target), kd_options)
+    assert torch.equal(torch.isposinf(per_position), torch.isposinf(ref))
+    finite = torch.isfinite(ref)
+    torch.testing.assert_close(per_position[finite], ref[finite], rtol=1e-9, atol=1e-12)
+    loss = kd_loss(student, target, labels, kd_options, num_items=7)
+    scale = options.temperature**2 / 7
+    if infinite:
+        assert loss.item() == math.inf
+    else:
+        assert loss.item() == pytest.approx(ref.sum().item() * scale, rel=1e-9)
+    # the ordinary teacher's rows alone are finite and exact on every path
+    only_row_1 = labels.clone()
+    only_row_1[0] = IGNORE_INDEX
+    row_1 = kd_loss(student, target, only_row_1, kd_options, num_items=7)
+    assert row_1.item() == pytest.approx(ref[5:].sum().item() * scale, rel=1e-9)
+
+
+def _flat(target):
+    if isinstance(target, TeacherTopK):
+        return TeacherTopK(*(field.reshape(-1, *field.shape[2:]) for field in target))
+    return target.reshape(-1, target.shape[-1])
+
+
 def test_jsd_endpoints_equal_forward_and_reverse_kl_div():
     student, teacher, labels = make_batch(dtype=torch.float32)
     s_rows, t_rows = valid_rows(student.detach(), labels).double(), valid_rows(teacher, labels).double()
@@ -136,19 +221,19 @@ def test_jsd_endpoints_equal_forward_and_reverse_kl_div():
     log_q, log_p = F.log_softmax(s_rows, -1), F.log_softmax(t_rows, -1)
     forward_ref = F.kl_div(log_q, log_p.exp(), reduction="sum").item() / n
     reverse_ref = F.kl_div(log_p, log_q.exp(), reduction="sum").item() / n
-    jsd = lambda beta: kd_loss(student, teacher, labels, divergence="jsd", beta=beta).item()
+    jsd = lambda beta: kd_loss(student, teacher, labels, KDOptions(divergence="jsd", beta=beta)).item()
     assert jsd(0.0) == pytest.approx(forward_ref, rel=1e-5)
     assert jsd(1.0) == pytest.approx(reverse_ref, rel=1e-5)
-    skew = lambda name: kd_loss(student, teacher, labels, divergence=name, skew_alpha=0.0).item()
+    skew = lambda name: kd_loss(student, teacher, labels, KDOptions(divergence=name, skew_alpha=0.0)).item()
     assert skew("skew_forward_kl") == pytest.approx(forward_ref, rel=1e-5)
     assert skew("skew_reverse_kl") == pytest.approx(reverse_ref, rel=1e-5)
     # skew with alpha = 1 compares a distribution with itself
-    assert abs(kd_loss(student, teacher, labels, divergence="skew_forward_kl", skew_alpha=1.0).item()) < 1e-7
+    assert abs(kd_loss(student, teacher, labels, KDOptions(divergence="skew_forward_kl", skew_alpha=1.0)).item()) < 1e-7
 
 
 def test_jsd_is_continuous_at_the_endpoints_and_four_js_at_half():
     student, teacher, labels = make_batch()
-    kd = lambda **kw: kd_loss(student, teacher, labels, **kw).item()
+    kd = lambda **kw: kd_loss(student, teacher, labels, KDOptions(**kw)).item()
     assert kd(divergence="jsd", beta=1e-5) == pytest.approx(kd(divergence="forward_kl"), rel=1e-3)
     assert kd(divergence="jsd", beta=1 - 1e-5) == pytest.approx(kd(divergence="reverse_kl"), rel=1e-3)
     p = F.softmax(valid_rows(teacher, labels), -1)
@@ -183,12 +268,12 @@ def test_golden_tiny_case_by_hand(temperature):
     student = torch.tensor([[student_logits]], requires_grad=True)
     teacher = torch.tensor([[teacher_logits]])
     labels = torch.tensor([[0]])
-    kd = lambda name: kd_loss(student, teacher, labels, divergence=name, temperature=temperature).item()
+    kd = lambda name: kd_loss(student, teacher, labels, KDOptions(divergence=name, temperature=temperature)).item()
     assert kd("forward_kl") == pytest.approx(scale * forward, rel=1e-6)
     assert kd("reverse_kl") == pytest.approx(scale * reverse, rel=1e-6)
     assert kd("jsd") == pytest.approx(scale * 4 * js, rel=1e-5)
     assert kd("skew_forward_kl") == pytest.approx(scale * skew_forward, rel=1e-6)
-    unscaled = kd_loss(student, teacher, labels, temperature=temperature, scale_t2=False).item()
+    unscaled = kd_loss(student, teacher, labels, KDOptions(temperature=temperature, scale_t2=False)).item()
     assert unscaled == pytest.approx(forward, rel=1e-6)
     # top-1 targets built by hand, as a teacher cache would store them: token 0 plus the tail bucket
     hand_made = TeacherTopK(
@@ -197,8 +282,10 @@ def test_golden_tiny_case_by_hand(temperature):
         tail=torch.tensor([[math.log(p[1] + p[2])]]),
     )
     top1 = p[0] * math.log(p[0] / q[0]) + (1 - p[0]) * math.log((1 - p[0]) / (1 - q[0]))
-    assert kd_loss(student, hand_made, labels, temperature=temperature).item() == pytest.approx(scale * top1, rel=1e-5)
-    assert kd_loss(student, teacher, labels, temperature=temperature, top_k=1).item() == pytest.approx(
+    assert kd_loss(student, hand_made, labels, KDOptions(temperature=temperature)).item() == pytest.approx(
+        scale * top1, rel=1e-5
+    )
+    assert kd_loss(student, teacher, labels, KDOptions(temperature=temperature, top_k=1)).item() == pytest.approx(
         scale * top1, rel=1e-6
     )
 
@@ -209,11 +296,13 @@ def test_golden_tiny_case_by_hand(temperature):
 @pytest.mark.parametrize("divergence", DIVERGENCES)
 def test_top_k_at_least_vocab_and_v_minus_one_equal_full(divergence):
     student, teacher, labels = make_batch(vocab=6)
-    full = kd_loss(student, teacher, labels, divergence=divergence).item()
+    full = kd_loss(student, teacher, labels, KDOptions(divergence=divergence)).item()
     for k in (6, 50):
-        assert kd_loss(student, teacher, labels, divergence=divergence, top_k=k).item() == full
+        assert kd_loss(student, teacher, labels, KDOptions(divergence=divergence, top_k=k)).item() == full
     # k = V - 1: the tail bucket holds exactly one token, so the buckets are the full distribution
-    assert kd_loss(student, teacher, labels, divergence=divergence, top_k=5).item() == pytest.approx(full, rel=1e-9)
+    assert kd_loss(student, teacher, labels, KDOptions(divergence=divergence, top_k=5)).item() == pytest.approx(
+        full, rel=1e-9
+    )
 
 
 @pytest.mark.parametrize("divergence", DIVERGENCES)
@@ -222,14 +311,14 @@ def test_top_k_matches_probability_bucket_reference_and_never_exceeds_full(diver
     n = valid_count(labels)
     values = []
     for k in range(1, 9):  # k = V is covered by the "equals full" test
-        loss = kd_loss(student, teacher, labels, divergence=divergence, top_k=k, scale_t2=False)
+        loss = kd_loss(student, teacher, labels, KDOptions(divergence=divergence, top_k=k, scale_t2=False))
         ref = ref_topk_divergence(valid_rows(student, labels), valid_rows(teacher, labels), k, divergence) / n
         assert loss.item() == pytest.approx(ref.item(), rel=1e-8, abs=1e-12)
         (grad,) = torch.autograd.grad(loss, student)
         (ref_grad,) = torch.autograd.grad(ref, student)
         torch.testing.assert_close(grad, ref_grad, rtol=1e-7, atol=1e-10)
         values.append(loss.item())
-    values.append(kd_loss(student, teacher, labels, divergence=divergence, scale_t2=False).item())
+    values.append(kd_loss(student, teacher, labels, KDOptions(divergence=divergence, scale_t2=False)).item())
     # merging a bucket into the tail cannot increase an f-divergence (data processing inequality)
     assert all(a <= b + 1e-12 for a, b in zip(values, values[1:]))
 
@@ -262,9 +351,9 @@ def test_teacher_topk_keeps_a_tiny_tail_exact_in_float32():
 def test_dense_teacher_with_top_k_equals_teacher_topk_targets(divergence, temperature):
     student, teacher, labels = make_batch(dtype=torch.float32, vocab=13)
     kw = dict(divergence=divergence, temperature=temperature)
-    dense = kd_loss(student, teacher, labels, top_k=4, **kw)
+    dense = kd_loss(student, teacher, labels, KDOptions(top_k=4, **kw))
     (dense_grad,) = torch.autograd.grad(dense, student)
-    sparse = kd_loss(student, teacher_topk(teacher, 4, temperature=temperature), labels, **kw)
+    sparse = kd_loss(student, teacher_topk(teacher, 4, temperature=temperature), labels, KDOptions(**kw))
     (sparse_grad,) = torch.autograd.grad(sparse, student)
     assert sparse.item() == pytest.approx(dense.item(), rel=1e-6, abs=1e-7)
     torch.testing.assert_close(sparse_grad, dense_grad, rtol=1e-5, atol=1e-7)
@@ -273,7 +362,7 @@ def test_dense_teacher_with_top_k_equals_teacher_topk_targets(divergence, temper
 def test_teacher_topk_with_a_different_top_k_is_refused():
     student, teacher, labels = make_batch()
     with pytest.raises(ValueError, match="top_k=2"):
-        kd_loss(student, teacher_topk(teacher, 3), labels, top_k=2)
+        kd_loss(student, teacher_topk(teacher, 3), labels, KDOptions(top_k=2))
 
 
 # ----- chunking, ignored positions, invariances -------------------------------------------------------------
@@ -291,9 +380,7 @@ def test_chunked_equals_unchunked_values_and_grads(divergence, top_k):
             student,
             teacher,
             labels,
-            divergence=divergence,
-            top_k=top_k,
-            temperature=2.0,
+            KDOptions(divergence=divergence, top_k=top_k, temperature=2.0),
             chunk_size=chunk_size,
         )
         results.append((loss, *torch.autograd.grad(loss, student)))
@@ -316,7 +403,7 @@ def test_all_ignored_labels_give_zero_with_zero_grad(dtype):
     assert valid_count(labels) == 0
     for loss in (
         kd_loss(student, teacher, labels),
-        kd_loss(student, teacher, labels, top_k=2, num_items=8),
+        kd_loss(student, teacher, labels, KDOptions(top_k=2), num_items=8),
         kd_loss(student, teacher_topk(teacher, 2), labels),
         ce_loss(student, labels),
     ):
@@ -329,9 +416,9 @@ def test_all_ignored_labels_give_zero_with_zero_grad(dtype):
 @pytest.mark.parametrize("divergence", DIVERGENCES)
 def test_per_token_loss_is_invariant_to_sequence_length_and_padding(divergence):
     student, teacher, labels = make_batch(batch=1, seq=6, vocab=8, dtype=torch.float32, ignore=((0, 2),))
-    base = kd_loss(student, teacher, labels, divergence=divergence).item()
+    base = kd_loss(student, teacher, labels, KDOptions(divergence=divergence)).item()
     repeated = kd_loss(
-        torch.cat([student] * 3, 1), torch.cat([teacher] * 3, 1), labels.repeat(1, 3), divergence=divergence
+        torch.cat([student] * 3, 1), torch.cat([teacher] * 3, 1), labels.repeat(1, 3), KDOptions(divergence=divergence)
     )
     assert repeated.item() == pytest.approx(base, rel=1e-6)
     pad_logits = torch.randn(1, 5, 8) * 10
@@ -339,7 +426,7 @@ def test_per_token_loss_is_invariant_to_sequence_length_and_padding(divergence):
         torch.cat([student, pad_logits], 1),
         torch.cat([teacher, -pad_logits], 1),
         torch.cat([labels, torch.full((1, 5), IGNORE_INDEX)], 1),
-        divergence=divergence,
+        KDOptions(divergence=divergence),
     )
     assert padded.item() == pytest.approx(base, rel=1e-6)
 
@@ -348,8 +435,8 @@ def test_per_token_loss_is_invariant_to_sequence_length_and_padding(divergence):
 def test_four_micro_batches_with_window_count_match_one_batch_of_four(loss_name):
     student, teacher, labels = make_batch(batch=4, seq=6, vocab=8, ignore=((0, 0), (1, 2), (1, 3), (3, 5)))
     losses = {
-        "kd": lambda s, t, y, n: kd_loss(s, t, y, divergence="jsd", temperature=2.0, num_items=n),
-        "kd_top_k": lambda s, t, y, n: kd_loss(s, t, y, top_k=3, num_items=n),
+        "kd": lambda s, t, y, n: kd_loss(s, t, y, KDOptions(divergence="jsd", temperature=2.0), num_items=n),
+        "kd_top_k": lambda s, t, y, n: kd_loss(s, t, y, KDOptions(top_k=3), num_items=n),
         "ce": lambda s, t, y, n: ce_loss(s, y, num_items=n),
     }[loss_name]
     whole = losses(student, teacher, labels, None)
@@ -373,7 +460,7 @@ def test_half_precision_logits_of_magnitude_1e4_give_finite_loss_and_grads(diver
     teacher = ((torch.rand(2, 3, 32, generator=gen) * 2 - 1) * 1e4).to(dtype)
     labels = torch.zeros(2, 3, dtype=torch.long)
     for target, top_k in ((teacher, None), (teacher, 5), (teacher_topk(teacher, 5, temperature), None)):
-        loss = kd_loss(student, target, labels, divergence=divergence, temperature=temperature, top_k=top_k)
+        loss = kd_loss(student, target, labels, KDOptions(divergence=divergence, temperature=temperature, top_k=top_k))
         student.grad = None
         loss.backward()
         assert loss.dtype == torch.float32 and torch.isfinite(loss) and loss.item() >= 0
@@ -384,8 +471,8 @@ def test_half_precision_logits_of_magnitude_1e4_give_finite_loss_and_grads(diver
 
 def test_half_precision_matches_float32_on_the_same_values():
     student, teacher, labels = make_batch(dtype=torch.float16)
-    half = kd_loss(student, teacher, labels, divergence="jsd").item()
-    full = kd_loss(student.detach().float(), teacher.float(), labels, divergence="jsd").item()
+    half = kd_loss(student, teacher, labels, KDOptions(divergence="jsd")).item()
+    full = kd_loss(student.detach().float(), teacher.float(), labels, KDOptions(divergence="jsd")).item()
     assert half == pytest.approx(full, rel=1e-6)
 
 
@@ -416,22 +503,22 @@ def test_token_log_probs_equal_negative_cross_entropy_and_zero_when_ignored():
 def test_kd_loss_is_sum_of_kd_per_position_scaled_and_normalised():
     student, teacher, labels = make_batch()
     per_position = kd_per_position(
-        valid_rows(student, labels), valid_rows(teacher, labels), temperature=3.0, divergence="reverse_kl"
+        valid_rows(student, labels), valid_rows(teacher, labels), KDOptions(temperature=3.0, divergence="reverse_kl")
     )
     assert per_position.shape == (valid_count(labels),)
-    loss = kd_loss(student, teacher, labels, temperature=3.0, divergence="reverse_kl", num_items=17)
+    loss = kd_loss(student, teacher, labels, KDOptions(temperature=3.0, divergence="reverse_kl"), num_items=17)
     assert loss.item() == pytest.approx(per_position.sum().item() * 9 / 17, rel=1e-12)
 
 
 def test_bad_arguments_raise_value_errors_that_say_what_to_do():
     student, teacher, labels = make_batch()
     with pytest.raises(ValueError) as info:
-        kd_loss(student, teacher, labels, divergence="kl")
+        kd_loss(student, teacher, labels, KDOptions(divergence="kl"))
     assert all(name in str(info.value) for name in DIVERGENCES)
     with pytest.raises(ValueError, match="alignment"):
         kd_loss(student, teacher[..., :5], labels)
     with pytest.raises(ValueError, match="beta"):
-        kd_loss(student, teacher, labels, divergence="jsd", beta=1.5)
+        kd_loss(student, teacher, labels, KDOptions(divergence="jsd", beta=1.5))
     with pytest.raises(ValueError, match="labels"):
         ce_loss(student, labels[:, :3])
 
@@ -457,11 +544,7 @@ def test_divergences_are_nonnegative_and_jsd_is_bounded(pair, beta, temperature,
         student,
         teacher,
         labels,
-        divergence=name,
-        beta=beta,
-        temperature=temperature,
-        top_k=top_k,
-        scale_t2=False,
+        KDOptions(divergence=name, beta=beta, temperature=temperature, top_k=top_k, scale_t2=False),
     ).item()
     forward, reverse, jsd = kd("forward_kl"), kd("reverse_kl"), kd("jsd")
     assert forward >= -1e-6 and reverse >= -1e-6

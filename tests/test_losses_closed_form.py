@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from kagglekd import losses
+from kagglekd.config import KDOptions
 from kagglekd.losses import DIVERGENCES, IGNORE_INDEX, TeacherTopK, ce_loss, kd_loss, teacher_topk
 
 F64 = torch.float64
@@ -71,8 +72,8 @@ def reference_loss(student, teacher, labels, divergence, temperature, top_k=None
 
 
 def assert_matches_reference(student, teacher, labels, divergence, temperature, top_k=None, rtol=1e-9, atol=1e-12):
-    loss = kd_loss(student, teacher, labels, divergence=divergence, temperature=temperature, top_k=top_k,
-                   beta=BETA, skew_alpha=ALPHA)  # fmt: skip
+    options = KDOptions(divergence=divergence, temperature=temperature, top_k=top_k, beta=BETA, skew_alpha=ALPHA)
+    loss = kd_loss(student, teacher, labels, options)
     (grad,) = torch.autograd.grad(loss, student)
     ref_student = student.detach().double().requires_grad_()
     ref = reference_loss(ref_student, teacher, labels, divergence, temperature, top_k)
@@ -113,7 +114,7 @@ def test_one_row_blocks_equal_one_block(monkeypatch, divergence, top_k):
         teacher, top_k = teacher_topk(teacher, 3, temperature=1.5), None
 
     def loss_and_grad():
-        loss = kd_loss(student, teacher, labels, divergence=divergence, top_k=top_k, temperature=1.5)
+        loss = kd_loss(student, teacher, labels, KDOptions(divergence=divergence, top_k=top_k, temperature=1.5))
         return loss, *torch.autograd.grad(loss, student)
 
     whole, whole_grad = loss_and_grad()
@@ -130,8 +131,8 @@ def test_teacher_that_requires_grad_gets_the_reference_gradient(divergence, top_
     # SAR trains the teacher's routers through the KD loss: both sides must receive their gradients
     student, teacher, labels = make_batch(seed=4)
     teacher = teacher.detach().requires_grad_()
-    loss = kd_loss(student, teacher, labels, divergence=divergence, temperature=1.5, top_k=top_k, beta=BETA,
-                   skew_alpha=ALPHA)  # fmt: skip
+    options = KDOptions(divergence=divergence, temperature=1.5, top_k=top_k, beta=BETA, skew_alpha=ALPHA)
+    loss = kd_loss(student, teacher, labels, options)
     grads = torch.autograd.grad(loss, (student, teacher))
     ref_student, ref_teacher = (x.detach().clone().requires_grad_() for x in (student, teacher))
     ref = reference_loss(ref_student, ref_teacher, labels, divergence, 1.5, top_k)
@@ -153,7 +154,7 @@ def test_teacher_topk_covering_the_whole_vocabulary_with_no_tail_mass_is_finite(
         top = top - top.logsumexp(-1, keepdim=True)  # all the mass on the k tokens
         targets = TeacherTopK(indices, top.to(dtype), torch.full(labels.shape, tail, dtype=dtype))
         for divergence in ("forward_kl", "jsd", "skew_forward_kl", "skew_reverse_kl"):
-            loss = kd_loss(student, targets, labels, divergence=divergence, beta=BETA, skew_alpha=ALPHA)
+            loss = kd_loss(student, targets, labels, KDOptions(divergence=divergence, beta=BETA, skew_alpha=ALPHA))
             (grad,) = torch.autograd.grad(loss, student)
             assert torch.isfinite(loss) and torch.isfinite(grad).all()
         if k == 6:  # every token in the top k: the full-vocabulary forward KL with the same teacher
@@ -172,9 +173,9 @@ def test_ce_gradient_equals_f_cross_entropy_autograd():
 
 def test_no_grad_gives_the_same_value_and_second_backward_says_what_to_do():
     student, teacher, labels = make_batch(seed=7)
-    loss = kd_loss(student, teacher, labels, divergence="jsd")
+    loss = kd_loss(student, teacher, labels, KDOptions(divergence="jsd"))
     with torch.no_grad():
-        assert kd_loss(student, teacher, labels, divergence="jsd").item() == loss.item()
+        assert kd_loss(student, teacher, labels, KDOptions(divergence="jsd")).item() == loss.item()
     loss.backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="backward once"):
         loss.backward()
@@ -182,11 +183,11 @@ def test_no_grad_gives_the_same_value_and_second_backward_says_what_to_do():
 
 def test_fp16_logits_get_an_fp16_gradient_equal_to_the_float32_one_rounded():
     student, teacher, labels = make_batch(vocab=64, seed=8, dtype=torch.float16)
-    loss = kd_loss(student, teacher, labels, temperature=2.0, divergence="skew_reverse_kl")
+    options = KDOptions(temperature=2.0, divergence="skew_reverse_kl")
+    loss = kd_loss(student, teacher, labels, options)
     (grad,) = torch.autograd.grad(loss, student)
     wide = student.detach().float().requires_grad_()
-    (wide_grad,) = torch.autograd.grad(kd_loss(wide, teacher.float(), labels, temperature=2.0,
-                                               divergence="skew_reverse_kl"), wide)  # fmt: skip
+    (wide_grad,) = torch.autograd.grad(kd_loss(wide, teacher.float(), labels, options), wide)
     assert grad.dtype == torch.float16
     torch.testing.assert_close(grad.float(), wide_grad, rtol=1e-3, atol=1e-6)
     assert math.isfinite(loss.item())

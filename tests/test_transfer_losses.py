@@ -8,10 +8,10 @@ from torch import nn
 from transformers import AutoModelForCausalLM, MixtralConfig, OlmoeConfig
 from transformers import logging as hf_logging
 
-from kagglekd import moe
+from kagglekd import attention
 from kagglekd.errors import ConfigError
-from kagglekd.losses import attention_loss, feature_loss, layer_map
 from kagglekd.models import tiny_dense_config, tiny_moe_config
+from kagglekd.transfer import attention_loss, feature_loss, layer_map
 
 hf_logging.set_verbosity_error()
 F64 = torch.float64
@@ -193,7 +193,7 @@ def test_attention_maps_equal_eager_attention_probabilities(family, tmp_path):
     mask[1, :3] = 0  # left padding in the second row
     layers = [0, fast.config.num_hidden_layers - 1]
     with torch.no_grad():
-        ours = moe.attention_maps(fast, layers, ids, attention_mask=mask)
+        ours = attention.attention_maps(fast, layers, ids, attention_mask=mask)
         reference = eager(input_ids=ids, attention_mask=mask, output_attentions=True).attentions
     valid = mask.bool()
     for layer, maps in zip(layers, ours):
@@ -213,8 +213,8 @@ def test_attention_transfer_trains_only_student_q_and_k():
     mask = torch.ones(2, 8, dtype=torch.bool)
     pairs = layer_map(student.config.num_hidden_layers, teacher.config.num_hidden_layers)
     with torch.no_grad():
-        teacher_maps = moe.attention_maps(teacher, [t for _, t in pairs], ids)
-    with moe.capture_attention(student, [s for s, _ in pairs]) as capture:
+        teacher_maps = attention.attention_maps(teacher, [t for _, t in pairs], ids)
+    with attention.capture_attention(student, [s for s, _ in pairs]) as capture:
         student(input_ids=ids)  # the forward the trainer runs anyway
     student_maps = capture.maps(mask)
     loss = sum(attention_loss(s, t, mask) for s, t in zip(student_maps, teacher_maps)) / len(pairs)
@@ -226,16 +226,16 @@ def test_attention_transfer_trains_only_student_q_and_k():
     last = student.model.layers[-1]
     assert last.self_attn.v_proj.weight.grad is None and last.mlp.up_proj.weight.grad is None
     with pytest.raises(RuntimeError, match="no forward captured"):
-        with moe.capture_attention(student, [0]) as unused:
+        with attention.capture_attention(student, [0]) as unused:
             pass
         unused.maps()
     with pytest.raises(ValueError, match="out of range"):
-        moe.capture_attention(student, [7]).__enter__()
+        attention.capture_attention(student, [7]).__enter__()
 
 
 def test_attention_maps_unknown_family_is_a_config_error():
     with pytest.raises(ConfigError, match="attention transfer supports"):
-        moe.AttentionCapture(nn.Module.__new__(_Unknown), [0])
+        attention.AttentionCapture(nn.Module.__new__(_Unknown), [0])
 
 
 class _Unknown(nn.Module):
