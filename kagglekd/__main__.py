@@ -1,4 +1,4 @@
-"""Command line: ``python -m kagglekd {demo,train,evaluate,diagnose} ...``.
+"""Command line: ``python -m kagglekd {demo,train,cache-teacher,evaluate,doctor,bundle,diagnose} ...``.
 
 Bad flags or a bad config exit with code 2 and one line naming the problem; a run that stops itself
 (non-finite storm) exits 3 with the path of its failure report.

@@ -95,12 +95,21 @@ def _parts_ok(text, min_slashes: int, max_slashes: int) -> bool:
 def validate_metadata(meta: dict, folder: str | Path) -> list[str]:
     """Every problem ``kaggle kernels push -p folder`` would raise before contacting the server, plus the
     kit's stricter rules (explicit booleans, title matching the slug, a T4 machine shape). [] = valid."""
-    problems: list[str] = []
     if not isinstance(meta, dict):
         return [f"{METADATA_FILE} must hold a JSON object, not {type(meta).__name__}"]
-    for key in sorted(set(meta) - KNOWN_KEYS):
-        problems.append(f"unknown key '{key}' (known: {', '.join(sorted(KNOWN_KEYS))})")
+    problems = [
+        f"unknown key '{key}' (known: {', '.join(sorted(KNOWN_KEYS))})" for key in sorted(set(meta) - KNOWN_KEYS)
+    ]
+    problems += _identity_problems(meta)
+    problems += _code_problems(meta, folder)
+    problems += _machine_problems(meta)
+    problems += _source_problems(meta)
+    return problems
 
+
+def _identity_problems(meta: dict) -> list[str]:
+    """The ``id`` (owner/slug) or ``id_no``, and a ``title`` that slugifies to the id's slug."""
+    problems = []
     kernel_id, slug = meta.get("id"), None
     if not kernel_id and not meta.get("id_no"):
         problems.append("id (owner/slug) or id_no must be given")
@@ -125,7 +134,12 @@ def validate_metadata(meta: dict, folder: str | Path) -> list[str]:
                 f"title {title!r} slugifies to {slugify(title)!r}, not the id's slug {slug!r}: Kaggle "
                 "would derive another URL. Make them match (--title / --slug)."
             )
+    return problems
 
+
+def _code_problems(meta: dict, folder: str | Path) -> list[str]:
+    """``code_file`` present in ``folder``, a known language and kernel type, and a well-formed notebook."""
+    problems = []
     code_file = meta.get("code_file")
     if not code_file:
         problems.append("code_file must name the notebook or script")
@@ -139,7 +153,12 @@ def validate_metadata(meta: dict, folder: str | Path) -> list[str]:
         problems.append(f"kernel_type {kernel_type!r} must be one of {', '.join(KERNEL_TYPES)}")
     if kernel_type == "notebook" and code_file and (Path(folder) / str(code_file)).is_file():
         problems += _notebook_problems(Path(folder) / str(code_file))
+    return problems
 
+
+def _machine_problems(meta: dict) -> list[str]:
+    """Explicit booleans, not GPU and TPU at once, and a current machine shape whenever the GPU is on."""
+    problems = []
     for key in BOOLEAN_KEYS:
         if key not in meta:
             problems.append(f"{key} must be written explicitly (the CLI's defaults differ: internet on, private)")
@@ -155,7 +174,12 @@ def validate_metadata(meta: dict, folder: str | Path) -> list[str]:
         problems.append(f"machine_shape {shape!r} is retired ({RETIRED_SHAPES[shape.lower()]}); use NvidiaTeslaT4")
     if str(meta.get("enable_gpu")).lower() == "true" and not shape:
         problems.append("enable_gpu without machine_shape has landed on P100s; set machine_shape NvidiaTeslaT4 (T4 x2)")
+    return problems
 
+
+def _source_problems(meta: dict) -> list[str]:
+    """The forms of the attached sources and keywords, and the docker image pinning type."""
+    problems = []
     for key, check, form in (
         ("dataset_sources", lambda s: _parts_ok(s, 1, 2), "owner/slug[/version]"),
         (
@@ -241,8 +265,13 @@ def kaggle_cli_problems(folder: str | Path) -> list[str]:
 
 # ---- the kit as a wheel ----------------------------------------------------------------------------------
 def package_files() -> list[Path]:
-    """The files a wheel of kagglekd carries: its modules and presets (what pyproject's package-data lists)."""
-    files = list(PACKAGE_DIR.glob("*.py")) + list((PACKAGE_DIR / "presets").glob("*.json"))
+    """The files a wheel of kagglekd carries: the modules of it and its subpackages, and its presets.
+
+    What ``pyproject.toml`` ships: ``packages.find`` takes every directory with an ``__init__.py``
+    (``kagglekd.diagnose`` too), ``package-data`` adds ``presets/*.json``.
+    """
+    modules = [path for path in PACKAGE_DIR.rglob("*.py") if (path.parent / "__init__.py").is_file()]
+    files = modules + list((PACKAGE_DIR / "presets").glob("*.json"))
     return sorted(files, key=lambda p: p.relative_to(PACKAGE_DIR.parent).as_posix())
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from kagglekd.config import DistillConfig
 from kagglekd.metrics import format_table
+from kagglekd.rundir import ALIGNMENT_FILE, CONFIG_FILE, STUDENT_DIR
 
 log = logging.getLogger(__name__)
 
@@ -81,32 +82,43 @@ def run_demo(
         "cross_tokenizer": cross_tokenizer,
     }
     if cross_tokenizer:
-        alignment_report = json.loads((out / "kd" / "alignment.json").read_text())
-        results["alignment"] = alignment_report
-        echo(
-            f"alignment: {alignment_report['setup']['aligned_fraction']:.1%} of held-out student positions aligned, "
-            f"{alignment_report['setup']['teacher_mass_mapped']:.1%} of the teacher's probability on tokens the "
-            f"student can spell ({alignment_report['setup']['shared_tokens']} shared tokens)"
-        )
+        results["alignment"] = _alignment_report(out / "kd", echo)
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    rows = [
-        {"model": teacher_name, "eval_ppl": teacher_ppl, "top1_agreement": 1.0},
-        {
-            "model": "student, CE only",
-            "eval_ppl": ce_eval["ppl"],
-            "top1_agreement": ce_eval["top1_agreement"],
-            "train_time_s": ce_summary["wall_time_s"],
-            "tokens_per_s": ce_summary["tokens_per_s"],
-        },
-        {
-            "model": "student, KD",
-            "eval_ppl": kd_eval["ppl"],
-            "top1_agreement": kd_eval["top1_agreement"],
-            "train_time_s": kd_summary["wall_time_s"],
-            "tokens_per_s": kd_summary["tokens_per_s"],
-        },
-    ]
+    rows = _result_rows(teacher_name, teacher_ppl, {"CE only": (ce_eval, ce_summary), "KD": (kd_eval, kd_summary)})
     _write_plots(out, results)
+    _write_results_table(out, rows, results, echo)
+    return results
+
+
+def _alignment_report(kd_dir: Path, echo: Callable[[str], None]) -> dict:
+    """The KD run's ``alignment.json`` (cross-tokenizer runs), with its headline figures echoed."""
+    alignment_report = json.loads((kd_dir / ALIGNMENT_FILE).read_text())
+    echo(
+        f"alignment: {alignment_report['setup']['aligned_fraction']:.1%} of held-out student positions aligned, "
+        f"{alignment_report['setup']['teacher_mass_mapped']:.1%} of the teacher's probability on tokens the "
+        f"student can spell ({alignment_report['setup']['shared_tokens']} shared tokens)"
+    )
+    return alignment_report
+
+
+def _result_rows(teacher_name: str, teacher_ppl: float, students: dict[str, tuple[dict, dict]]) -> list[dict]:
+    """The results table's rows: the teacher, then each ``student, <name>`` from its (evaluation, training summary)."""
+    rows = [{"model": teacher_name, "eval_ppl": teacher_ppl, "top1_agreement": 1.0}]
+    for name, (evaluation, summary) in students.items():
+        rows.append(
+            {
+                "model": f"student, {name}",
+                "eval_ppl": evaluation["ppl"],
+                "top1_agreement": evaluation["top1_agreement"],
+                "train_time_s": summary["wall_time_s"],
+                "tokens_per_s": summary["tokens_per_s"],
+            }
+        )
+    return rows
+
+
+def _write_results_table(out: Path, rows: list[dict], results: dict, echo: Callable[[str], None]) -> None:
+    """Write ``results.md`` and echo the table, the KD-vs-CE verdict and where the files are."""
     table = format_table(rows, RESULT_COLUMNS)
     (out / "results.md").write_text(table + "\n")
     echo("\n" + table)
@@ -119,7 +131,6 @@ def run_demo(
         f"written: {out / 'results.json'}, {out / 'results.md'}, plots {out / '*.png'} "
         f"(total {results['total_time_s'] / 60:.1f} min)"
     )
-    return results
 
 
 # Variants of the ablation: changes to the preset, on identical data, steps and seed.
@@ -213,11 +224,11 @@ def evaluate_run(run_dir: Path) -> list[dict]:
     from kagglekd.trainer import Distiller
 
     run_dir = Path(run_dir)
-    if not (run_dir / "config.json").exists() or not (run_dir / "student" / "config.json").exists():
+    if not (run_dir / CONFIG_FILE).exists() or not (run_dir / STUDENT_DIR / "config.json").exists():
         raise ConfigError(f"--run {run_dir}: expected a finished run directory with config.json and student/.")
-    config = DistillConfig.from_json(run_dir / "config.json")
+    config = DistillConfig.from_json(run_dir / CONFIG_FILE)
     distiller = Distiller(config, output_dir=run_dir, write_run_dir=False).setup()
-    student = AutoModelForCausalLM.from_pretrained(run_dir / "student").to(distiller.device)
+    student = AutoModelForCausalLM.from_pretrained(run_dir / STUDENT_DIR).to(distiller.device)
     metrics = distiller.evaluate(model=student, with_ema=False)
     rows = [
         {

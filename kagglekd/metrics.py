@@ -14,12 +14,14 @@ from pathlib import Path
 
 import pandas as pd
 
+from kagglekd.config import COMPONENTS
+from kagglekd.rundir import HISTORY_FILE
+
 # Columns every history.csv has, in this order; components a run adds come after them.
-_COMPONENTS = ("kd", "ce", "feature", "attention", "router")
 HISTORY_COLUMNS = (
-    ["step", "epoch", "lr", "loss", *_COMPONENTS]
-    + [f"w_{c}" for c in _COMPONENTS]
-    + [f"share_{c}" for c in _COMPONENTS]
+    ["step", "epoch", "lr", "loss", *COMPONENTS]
+    + [f"w_{c}" for c in COMPONENTS]
+    + [f"share_{c}" for c in COMPONENTS]
     + ["grad_norm", "tokens", "tokens_per_s", "skipped", "eval_ppl", "eval_kd", "eval_top1_agreement", "eval_ppl_ema"]
 )
 
@@ -98,7 +100,7 @@ class HistoryWriter:
 
 
 def read_history(run_dir: str | Path) -> pd.DataFrame:
-    return pd.read_csv(Path(run_dir) / "history.csv")
+    return pd.read_csv(Path(run_dir) / HISTORY_FILE)
 
 
 def format_table(rows: list[dict], columns: list[str]) -> str:

@@ -29,7 +29,7 @@ import transformers
 from packaging.version import Version
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Qwen3MoeConfig
 
-from kagglekd import data, env
+from kagglekd import corpus, data, env
 from kagglekd.errors import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -39,11 +39,11 @@ TINY_RANDOM_DENSE = "tiny-random-dense"
 TINY_MOE = "tiny-moe"
 TINY_MOE_8K = "tiny-moe-8k"
 TINY_MODELS = (TINY_MOE, TINY_MOE_8K, TINY_RANDOM_MOE, TINY_RANDOM_DENSE)
-# Tiny presets with a tokenizer of their own: (vocab size, pre-tokenizer of data.train_demo_tokenizer).
+# Tiny presets with a tokenizer of their own: (vocab size, pre-tokenizer of corpus.train_demo_tokenizer).
 # tiny-moe-8k reads the same corpus through a different vocabulary: the cross-tokenizer demo's teacher.
 OWN_TOKENIZERS = {TINY_MOE_8K: (8192, "bytelevel-digits")}
 
-# The demo tokenizer's <|endoftext|> id (see data.train_demo_tokenizer).
+# The demo tokenizer's <|endoftext|> id (see corpus.train_demo_tokenizer).
 DEMO_EOS_ID = 0
 
 # ``dtype=`` replaced ``torch_dtype=`` in from_pretrained in 4.56; 5.x deprecates the old name.
@@ -140,7 +140,7 @@ def _save_with_tokenizer(
     model: torch.nn.Module, vocab_size: int, out_dir: Path, pre_tokenizer: str = "bytelevel"
 ) -> None:
     """``save_pretrained`` the model and the demo tokenizer into ``out_dir``."""
-    tokenizer = AutoTokenizer.from_pretrained(data.demo_tokenizer(vocab_size, pre_tokenizer=pre_tokenizer))
+    tokenizer = AutoTokenizer.from_pretrained(corpus.demo_tokenizer(vocab_size, pre_tokenizer=pre_tokenizer))
     if len(tokenizer) > vocab_size:
         raise ConfigError(f"demo tokenizer has {len(tokenizer)} tokens, more than vocab_size {vocab_size}.")
     model.save_pretrained(out_dir)
@@ -158,10 +158,10 @@ def resolve_model(
     """
     reference = os.fspath(name_or_path)
     if reference in (TINY_RANDOM_MOE, TINY_RANDOM_DENSE):
-        out_dir = data.cache_root() / "models" / f"{reference}-v{vocab_size}-s{seed}"
+        out_dir = corpus.cache_root() / "models" / f"{reference}-v{vocab_size}-s{seed}"
         if not (out_dir / "config.json").exists():
             build = tiny_random_moe if reference == TINY_RANDOM_MOE else tiny_random_dense
-            with data.staged_directory(out_dir) as staging:
+            with corpus.staged_directory(out_dir) as staging:
                 _save_with_tokenizer(build(vocab_size, seed), vocab_size, staging)
             logger.info("Saved %s to %s", reference, out_dir)
         return out_dir
@@ -247,9 +247,9 @@ def load_tokenizer(name_or_path: str | os.PathLike, *, vocab_size: int = 4096, f
     reference = os.fspath(name_or_path)
     if reference in OWN_TOKENIZERS:
         own_vocab, pre_tokenizer = OWN_TOKENIZERS[reference]
-        source: Path | str = data.demo_tokenizer(own_vocab, pre_tokenizer=pre_tokenizer)
+        source: Path | str = corpus.demo_tokenizer(own_vocab, pre_tokenizer=pre_tokenizer)
     elif reference in TINY_MODELS:
-        source = data.demo_tokenizer(vocab_size)
+        source = corpus.demo_tokenizer(vocab_size)
     else:
         source = Path(reference).expanduser() if Path(reference).expanduser().is_dir() else reference
     try:
@@ -393,11 +393,11 @@ def pretrain_tiny_moe(
     recipe_hash = hashlib.sha256(json.dumps(recipe).encode()).hexdigest()[:8]
     spelled = "" if pre_tokenizer == "bytelevel" else f"-{pre_tokenizer}"
     name = f"{TINY_MOE}{spelled}-v{vocab_size}-s{seed}-n{steps}-{recipe_hash}"
-    out_dir = data.cache_root() / "models" / name
+    out_dir = corpus.cache_root() / "models" / name
     if (out_dir / "pretrain.json").exists():
         return out_dir
 
-    tokenizer = AutoTokenizer.from_pretrained(data.demo_tokenizer(vocab_size, pre_tokenizer=pre_tokenizer))
+    tokenizer = AutoTokenizer.from_pretrained(corpus.demo_tokenizer(vocab_size, pre_tokenizer=pre_tokenizer))
     texts = data.load_texts(data.STDLIB_DATASET)
     blocks = data.build_blocks(
         texts, tokenizer, max_length=max_length, eval_fraction=eval_fraction, seed=seed,
@@ -440,7 +440,7 @@ def pretrain_tiny_moe(
         ),  # fmt: skip
         "data": blocks.info,
     }
-    with data.staged_directory(out_dir) as staging:
+    with corpus.staged_directory(out_dir) as staging:
         _save_with_tokenizer(model, vocab_size, staging, pre_tokenizer)
         (staging / "pretrain.json").write_text(json.dumps(report, indent=2), encoding="utf-8")
     return out_dir

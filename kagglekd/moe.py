@@ -1,4 +1,4 @@
-"""Mixture-of-Experts teacher introspection and control, and the model-side hooks of feature/attention transfer.
+"""Mixture-of-Experts teacher introspection and control (attention-transfer hooks live in ``attention.py``).
 
 What lives here (the losses themselves are pure functions in ``losses.py``):
 
@@ -9,11 +9,9 @@ What lives here (the losses themselves are pure functions in ``losses.py``):
   ``load_router_state``, ``capture_router_logits``, ``router_regularisers``, ``enable_teacher_checkpointing``.
 * Knowledge Augmentation (KA): ``sampled_routing`` (Gumbel top-k expert sampling) and
   ``knowledge_augmentation`` (M sampled teacher passes, averaged or single).
-* attention transfer: ``capture_attention`` / ``attention_maps`` compute head-averaged attention
-  probabilities of chosen layers from q/k captured with hooks, so the model keeps its fast attention kernel.
 
-Families are described by explicit tables (``MOE_FAMILIES``, ``ATTENTION_FAMILIES``), keyed by
-``config.model_type``. Two module layouts of the sparse MoE block are supported:
+Families are described by an explicit table (``MOE_FAMILIES``), keyed by ``config.model_type``. Two module
+layouts of the sparse MoE block are supported:
 
 ==========  ==============================  =======================================  ====================
 layout      block.experts                   block.gate (the router)                  top-k read from
@@ -110,7 +108,8 @@ class _MoELayer:
     layout: str
 
 
-def _decoder_layers(model: nn.Module) -> nn.ModuleList:
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The decoder layers of a causal LM or of a bare decoder (also used by ``attention.py``)."""
     # ``base_model`` is ``model.model`` for a *ForCausalLM and the model itself for a bare decoder.
     return model.base_model.layers
 
@@ -126,7 +125,7 @@ def _moe_layers(model: nn.Module) -> list[_MoELayer]:
         return []
     names = {id(module): name for name, module in model.named_modules()}
     layers = []
-    for index, decoder_layer in enumerate(_decoder_layers(model)):
+    for index, decoder_layer in enumerate(decoder_layers(model)):
         attr = next((a for a in family.block_attrs if a in decoder_layer._modules), None)
         block = decoder_layer._modules.get(attr) if attr else None
         if block is None or type(block).__name__ != family.block_class:
@@ -608,185 +607,20 @@ def enable_teacher_checkpointing(teacher: nn.Module) -> None:
         warnings.filterwarnings("ignore", message=".*gradient_checkpointing_enable.*", category=FutureWarning)
         teacher.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     teacher.config.use_cache = False
-    for layer in _decoder_layers(teacher):
+    for layer in decoder_layers(teacher):
         layer.training = True  # this module only, not its children
 
 
-# ---------------------------------------------------------------------------------------------------------
-# Attention maps from q/k captured with hooks
-# ---------------------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class AttentionFamily:
-    """How a family's attention turns ``q_proj``/``k_proj`` outputs into rotated queries and keys.
-
-    ``qk_norm``: ``"none"``; ``"head"`` = ``q_norm``/``k_norm`` over each head's dims before RoPE (Qwen3);
-    ``"full"`` = over the whole projection before splitting heads (OLMoE, which also clamps q/k to
-    ``config.clip_qkv`` when set). ``sliding_window``: the family applies ``config.sliding_window`` (if not
-    None) to every layer. Every family here uses full-head-dim rotate-half RoPE and ``scaling = head_dim**-0.5``.
-    """
-
-    qk_norm: str = "none"
-    clip_qkv: bool = False
-    sliding_window: bool = False
-
-
-ATTENTION_FAMILIES: dict[str, AttentionFamily] = {
-    "llama": AttentionFamily(),
-    "mistral": AttentionFamily(sliding_window=True),
-    "mixtral": AttentionFamily(sliding_window=True),
-    "qwen2": AttentionFamily(),
-    "qwen2_moe": AttentionFamily(),
-    "qwen3": AttentionFamily(qk_norm="head"),
-    "qwen3_moe": AttentionFamily(qk_norm="head", sliding_window=True),
-    "olmoe": AttentionFamily(qk_norm="full", clip_qkv=True),
-}
-
-
-def _rotate_half(x: Tensor) -> Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-
-
-class AttentionCapture:
-    """q/k/RoPE of chosen layers captured during one forward; ``maps()`` turns them into attention maps."""
-
-    def __init__(self, model: nn.Module, layers: Sequence[int]):
-        model_type = getattr(model.config, "model_type", None)
-        if model_type not in ATTENTION_FAMILIES:
-            raise ConfigError(
-                f"attention transfer supports {', '.join(ATTENTION_FAMILIES)}; this model is {model_type!r}",
-                field="attention_layers",
-            )
-        decoder_layers = _decoder_layers(model)
-        for index in layers:
-            if not -len(decoder_layers) <= index < len(decoder_layers):
-                raise ValueError(f"attention layer {index} out of range for a {len(decoder_layers)}-layer model")
-        self.family = ATTENTION_FAMILIES[model_type]
-        self.config = model.config
-        self.layers = [index % len(decoder_layers) for index in layers]
-        self.modules = [decoder_layers[index].self_attn for index in self.layers]
-        self.queries: dict[int, Tensor] = {}
-        self.keys: dict[int, Tensor] = {}
-        self.rope: dict[int, tuple[Tensor, Tensor]] = {}
-
-    def _hooks(self):
-        handles = []
-        for position, attention in enumerate(self.modules):
-
-            def pre_hook(module, args, kwargs, position=position):
-                self.rope[position] = kwargs["position_embeddings"]
-
-            def q_hook(module, args, output, position=position):
-                self.queries[position] = output
-
-            def k_hook(module, args, output, position=position):
-                self.keys[position] = output
-
-            handles.append(attention.register_forward_pre_hook(pre_hook, with_kwargs=True))
-            handles.append(attention.q_proj.register_forward_hook(q_hook))
-            handles.append(attention.k_proj.register_forward_hook(k_hook))
-        return handles
-
-    def _project(self, attention: nn.Module, states: Tensor, norm: nn.Module, cos: Tensor, sin: Tensor) -> Tensor:
-        """``[B, T, heads * D]`` projection output -> ``[B, heads, T, D]`` float32 after norm and RoPE."""
-        batch, seq, _ = states.shape
-        if self.family.qk_norm == "full":
-            states = norm(states)
-        clip = getattr(self.config, "clip_qkv", None) if self.family.clip_qkv else None
-        if clip is not None:
-            states = states.clamp(min=-clip, max=clip)
-        states = states.view(batch, seq, -1, attention.head_dim)
-        if self.family.qk_norm == "head":
-            states = norm(states)
-        states = states.transpose(1, 2).float()
-        cos, sin = cos.float().unsqueeze(1), sin.float().unsqueeze(1)
-        return states * cos + _rotate_half(states) * sin
-
-    def maps(self, attention_mask: Tensor | None = None, head_chunk: int = 4) -> list[Tensor]:
-        """Head-averaged attention probabilities ``[B, T, T]`` float32 per captured layer (``layers`` order).
-
-        ``maps[b, t, s]`` = mean over heads of softmax over keys ``s <= t`` (and not padding, and within
-        the sliding window when the family has one) of ``q_t . k_s * scaling``. Rows of padding queries are
-        all zero. Heads are processed ``head_chunk`` at a time so only ``[B, head_chunk, T, T]`` scores are
-        alive at once. Differentiable with respect to the model's q/k projections and norms.
-        """
-        if len(self.queries) != len(self.modules):
-            raise RuntimeError("no forward captured: run the model inside capture_attention before maps()")
-        results = []
-        for position, attention in enumerate(self.modules):
-            cos, sin = self.rope[position]
-            queries = self._project(attention, self.queries[position], attention.q_norm if self.family.qk_norm
-                                    != "none" else None, cos, sin)  # fmt: skip
-            keys = self._project(attention, self.keys[position], attention.k_norm if self.family.qk_norm
-                                 != "none" else None, cos, sin)  # fmt: skip
-            batch, heads, seq, _ = queries.shape
-            keys = keys.repeat_interleave(heads // keys.shape[1], dim=1)
-            allowed = torch.ones(seq, seq, dtype=torch.bool, device=queries.device).tril()
-            window = getattr(self.config, "sliding_window", None) if self.family.sliding_window else None
-            if window is not None:
-                offsets = torch.arange(seq, device=queries.device)
-                allowed &= (offsets[:, None] - offsets[None, :]) < window
-            allowed = allowed.expand(batch, seq, seq)
-            if attention_mask is not None:
-                key_valid = attention_mask.to(queries.device).bool()
-                allowed = allowed & key_valid[:, None, :]
-            total = None
-            for start in range(0, heads, head_chunk):
-                scores = queries[:, start : start + head_chunk] @ keys[:, start : start + head_chunk].transpose(-1, -2)
-                # finfo.min rather than -inf: a row with no allowed key gives a finite softmax (zeroed next)
-                scores = (scores * attention.scaling).masked_fill(~allowed[:, None], torch.finfo(scores.dtype).min)
-                probs = (scores.softmax(dim=-1) * allowed[:, None]).sum(1)
-                total = probs if total is None else total + probs
-            maps = total / heads
-            if attention_mask is not None:
-                maps = maps * attention_mask.to(maps.device, maps.dtype)[:, :, None]
-            results.append(maps)
-        return results
-
-
-@contextlib.contextmanager
-def capture_attention(model: nn.Module, layers: Sequence[int]) -> Iterator[AttentionCapture]:
-    """Hook ``layers``' attention so the forward run inside the context can give attention maps.
-
-    Usage in a trainer step (the forward you already run; the model keeps its SDPA/flash kernel)::
-
-        with moe.capture_attention(student, student_layers) as capture:
-            out = student(input_ids=ids, attention_mask=mask, output_hidden_states=True)
-        student_maps = capture.maps(mask)
-    """
-    capture = AttentionCapture(model, layers)
-    handles = capture._hooks()
-    try:
-        yield capture
-    finally:
-        for handle in handles:
-            handle.remove()
-
-
-def attention_maps(
-    model: nn.Module, layers: Sequence[int], input_ids: Tensor, attention_mask: Tensor | None = None, **forward_kwargs
-) -> list[Tensor]:
-    """Run ``model`` on ``input_ids`` and return head-averaged attention maps ``[B, T, T]`` of ``layers``."""
-    with capture_attention(model, layers) as capture:
-        model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **forward_kwargs)
-    return capture.maps(attention_mask)
-
-
 __all__ = [
-    "ATTENTION_FAMILIES",
     "KA_MODES",
     "MOE_FAMILIES",
-    "AttentionCapture",
     "ExpertActivations",
     "MoEFamily",
     "MoEInfo",
     "all_experts",
-    "attention_maps",
-    "capture_attention",
     "capture_router_logits",
     "count_expert_activations",
+    "decoder_layers",
     "enable_teacher_checkpointing",
     "expert_top_k_schedule",
     "experts_per_token",

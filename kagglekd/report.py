@@ -17,8 +17,10 @@ from pathlib import Path
 import torch
 
 from kagglekd.config import DistillConfig
+from kagglekd.data import next_token_batch
 from kagglekd.errors import ConfigError
 from kagglekd.metrics import format_table
+from kagglekd.rundir import CONFIG_FILE, DATA_FILE, STUDENT_DIR, SUMMARY_FILE
 
 TEACHER = "teacher"
 STUDENT = "student (KD)"
@@ -56,19 +58,19 @@ def load_evaluation(run_dir: str | Path, ce_run_dir: str | Path | None = None) -
     from kagglekd.trainer import Distiller
 
     run_dir = Path(run_dir)
-    if not (run_dir / "config.json").is_file() or not (run_dir / "student" / "config.json").is_file():
+    if not (run_dir / CONFIG_FILE).is_file() or not (run_dir / STUDENT_DIR / "config.json").is_file():
         raise ConfigError(
             f"{run_dir}: expected a finished run directory with config.json and student/ "
             "(run 02_train, or `python -m kagglekd train`, to the end first)."
         )
-    config = DistillConfig.from_json(run_dir / "config.json")
+    config = DistillConfig.from_json(run_dir / CONFIG_FILE)
     distiller = Distiller(config, output_dir=run_dir, write_run_dir=False).setup()
     models: dict[str, torch.nn.Module] = {}
     weight_dirs: dict[str, Path | None] = {}
     if distiller.teacher is not None:
         models[TEACHER] = distiller.teacher
         weight_dirs[TEACHER] = _local_weights_dir(config.teacher_model, distiller.teacher)
-    for name, directory in ((STUDENT, run_dir / "student"), (BASELINE, Path(ce_run_dir or "") / "student")):
+    for name, directory in ((STUDENT, run_dir / STUDENT_DIR), (BASELINE, Path(ce_run_dir or "") / STUDENT_DIR)):
         if ce_run_dir is None and name == BASELINE:
             continue
         if not (directory / "config.json").is_file():
@@ -195,7 +197,8 @@ def forward_tokens_per_s(
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
-    batches = [blocks[i : i + batch_size, :-1].to(device) for i in range(0, len(blocks), batch_size)][: max_batches + 1]
+    starts = range(0, len(blocks), batch_size)[: max_batches + 1]
+    batches = [next_token_batch(blocks[i : i + batch_size])[0].to(device) for i in starts]
     model(input_ids=batches[0])  # warm-up: kernels, allocator
     timed = batches[1:] or batches
     tokens, elapsed = 0, 0.0
@@ -302,11 +305,20 @@ def write_model_card(
 ) -> Path:
     """``student/README.md``: what the student is, the data, the config, and the measured numbers."""
     run_dir, cfg = evaluation.run_dir, evaluation.config
-    path = Path(path) if path is not None else run_dir / "student" / "README.md"
-    data_info = _read_json(run_dir / "data.json")
-    summary = _read_json(run_dir / "summary.json")
+    path = Path(path) if path is not None else run_dir / STUDENT_DIR / "README.md"
     student = next((r for r in eval_rows if r["model"] == STUDENT), {})
-    dataset_line = cfg.dataset + (f" ({cfg.dataset_config})" if cfg.dataset_config else "")
+    lines = _card_front_matter(cfg)
+    lines += _card_data(cfg, _read_json(run_dir / DATA_FILE))
+    lines += _card_training(cfg, _read_json(run_dir / SUMMARY_FILE))
+    lines += _card_results(evaluation, eval_rows, size_rows, samples)
+    lines += _card_use_and_limitations(student)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines))
+    return path
+
+
+def _card_front_matter(cfg: DistillConfig) -> list[str]:
+    """The hub's YAML header: library, task, tags, and the base model / dataset when they are hub ids."""
     front = [
         "---",
         "library_name: transformers",
@@ -320,7 +332,13 @@ def write_model_card(
     if "/" in cfg.dataset and not Path(cfg.dataset).exists():
         front += ["datasets:", f"- {cfg.dataset}"]
     front.append("---")
-    lines = front + [
+    return front
+
+
+def _card_data(cfg: DistillConfig, data_info: dict) -> list[str]:
+    """The title, what was distilled how, and the data section (with the run's ``data.json`` counts)."""
+    dataset_line = cfg.dataset + (f" ({cfg.dataset_config})" if cfg.dataset_config else "")
+    lines = [
         "",
         f"# {cfg.student_model} distilled from {cfg.teacher_model}",
         "",
@@ -339,7 +357,12 @@ def write_model_card(
     for key in ("documents", "train_blocks", "eval_blocks", "train_tokens", "eval_tokens"):
         if key in data_info:
             lines.append(f"- {key.replace('_', ' ')}: {data_info[key]}")
-    lines += ["", "## Training", ""]
+    return lines
+
+
+def _card_training(cfg: DistillConfig, summary: dict) -> list[str]:
+    """The training section: the run's ``summary.json`` in a sentence, then the key config values."""
+    lines = ["", "## Training", ""]
     if summary:
         lines.append(
             f"{summary.get('optimizer_steps')} optimizer steps of {summary.get('planned_steps')} planned, "
@@ -350,15 +373,15 @@ def write_model_card(
         lines.append("")
     lines += ["| key | value |", "|---|---|"]
     lines += [f"| {key} | {json.dumps(getattr(cfg, key))} |" for key in CARD_CONFIG_KEYS]
-    lines += [
-        "",
-        "The full config is `config.json` of the run directory; the LR plan is `plan.json`.",
-        "",
-        "## Results (held-out blocks)",
-        "",
-        format_table(eval_rows, EVAL_COLUMNS),
-        "",
-    ]
+    lines += ["", "The full config is `config.json` of the run directory; the LR plan is `plan.json`."]
+    return lines
+
+
+def _card_results(
+    evaluation: Evaluation, eval_rows: list[dict], size_rows: list[dict] | None, samples: list[dict] | None
+) -> list[str]:
+    """Held-out perplexity and agreement, then size and speed and sample generations when given."""
+    lines = ["", "## Results (held-out blocks)", "", format_table(eval_rows, EVAL_COLUMNS), ""]
     lines.append(
         "Perplexity is exp of the token-weighted mean cross-entropy on the held-out blocks; top-1 agreement "
         "is the fraction of positions where the model's argmax token equals the teacher's."
@@ -380,7 +403,12 @@ def write_model_card(
             lines.append("")
             lines += [f"- *{name}:* {_one_line(sample.get(name, ''))}" for name in names]
             lines.append("")
-    lines += [
+    return lines
+
+
+def _card_use_and_limitations(student: dict) -> list[str]:
+    """How to load the student, and what the card's numbers do not show."""
+    return [
         "",
         "## Use",
         "",
@@ -398,9 +426,6 @@ def write_model_card(
         "the teacher's errors and biases.",
         "",
     ]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("\n".join(lines))
-    return path
 
 
 def _one_line(text: str) -> str:

@@ -15,23 +15,23 @@ def kagglekd_cache(tmp_path_factory):
 
     Tests that call cache-backed functions point ``KAGGLEKD_CACHE`` here (``monkeypatch.setenv``).
     """
-    from kagglekd import data
+    from kagglekd import corpus
 
     root = tmp_path_factory.mktemp("kagglekd-cache")
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("KAGGLEKD_CACHE", str(root))
-        data.demo_tokenizer(4096)
+        corpus.demo_tokenizer(4096)
     return root
 
 
 @pytest.fixture(scope="session")
 def demo_tokenizer_dir(kagglekd_cache):
     """Directory of the demo byte-level BPE tokenizer (vocab 4096), loadable with AutoTokenizer."""
-    from kagglekd import data
+    from kagglekd import corpus
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("KAGGLEKD_CACHE", str(kagglekd_cache))
-        return data.demo_tokenizer(4096)
+        return corpus.demo_tokenizer(4096)
 
 
 @pytest.fixture

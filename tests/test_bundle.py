@@ -158,6 +158,20 @@ def test_wheel_is_deterministic_and_complete():
     assert "kagglekd/bundle.py,sha256=" in record
 
 
+def test_wheel_carries_every_module_of_every_package_setuptools_finds():
+    from setuptools import find_packages
+
+    packages = find_packages(str(REPO), include=["kagglekd*"])
+    assert "kagglekd.diagnose" in packages  # a subpackage: the wheel must not stop at the top level
+    modules = {
+        path.relative_to(REPO).as_posix()
+        for package in packages
+        for path in (REPO / package.replace(".", "/")).glob("*.py")
+    }
+    names = set(bundle.wheel_contents(bundle.build_wheel()))
+    assert sorted(modules - names) == []
+
+
 def test_wheel_installs_offline_with_pip(tmp_path):
     wheel = tmp_path / bundle.wheel_name()
     wheel.write_bytes(bundle.build_wheel())

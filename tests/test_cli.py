@@ -61,3 +61,16 @@ def test_help_of_each_command_runs():
             [sys.executable, "-m", "kagglekd", command, "--help"], capture_output=True, text=True, cwd=ROOT, timeout=120
         )
         assert done.returncode == 0 and "usage" in done.stdout
+
+
+def test_module_docstring_and_top_level_help_name_every_command():
+    import argparse
+    import re
+
+    import kagglekd.__main__ as cli
+
+    parser = cli.build_parser()
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+    named = re.search(r"python -m kagglekd \{([^}]*)\}", cli.__doc__).group(1).split(",")
+    assert named == list(commands)  # the order of --help
+    assert parser.description == cli.__doc__.split("\n")[0]

@@ -1,4 +1,4 @@
-"""Tests of kagglekd.data: stdlib corpus, demo tokenizers, loading, packing, alignment, errors."""
+"""Tests of kagglekd.data and kagglekd.corpus: stdlib corpus, demo tokenizers, loading, packing, alignment, errors."""
 
 import json
 import shutil
@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from kagglekd import data
+from kagglekd import corpus, data
 from kagglekd.errors import ConfigError, DataError
 
 ROUND_TRIP_TEXT = "Café naïve — 日本語のテキスト 🙂🚀\tTabs\tand  double  spaces\nx = 3.14159; é\r\n"
@@ -60,16 +60,16 @@ def doc_dataset(lengths):
 
 def test_cache_root_follows_env_then_home(monkeypatch, tmp_path):
     monkeypatch.setenv("KAGGLEKD_CACHE", str(tmp_path / "kk"))
-    assert data.cache_root() == tmp_path / "kk" and (tmp_path / "kk").is_dir()
+    assert corpus.cache_root() == tmp_path / "kk" and (tmp_path / "kk").is_dir()
     monkeypatch.delenv("KAGGLEKD_CACHE")
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
-    assert data.cache_root() == tmp_path / "home" / ".cache" / "kagglekd"
-    assert data.cache_root().is_dir()
+    assert corpus.cache_root() == tmp_path / "home" / ".cache" / "kagglekd"
+    assert corpus.cache_root().is_dir()
 
 
 def test_stdlib_corpus_is_deterministic_real_prose_and_clean(tmp_path):
-    cached = data.stdlib_corpus()
-    rebuilt = data.stdlib_corpus(cache_dir=tmp_path)
+    cached = corpus.stdlib_corpus()
+    rebuilt = corpus.stdlib_corpus(cache_dir=tmp_path)
     assert rebuilt.parent == tmp_path
     assert cached.read_bytes() == rebuilt.read_bytes()
 
@@ -85,26 +85,26 @@ def test_stdlib_corpus_is_deterministic_real_prose_and_clean(tmp_path):
     assert "JSON" in json_doc and "dumps(" in json_doc
     # nothing of the machine leaks in: no environment dump, no memory addresses, no interpreter path
     assert "environ({'" not in text and " at 0x" not in text
-    assert str(data.cache_root()) not in text
+    assert str(corpus.cache_root()) not in text
 
 
 def test_stdlib_corpus_second_call_is_cached():
-    first = data.stdlib_corpus()
+    first = corpus.stdlib_corpus()
     stamp = first.stat().st_mtime_ns
-    assert data.stdlib_corpus() == first and first.stat().st_mtime_ns == stamp
+    assert corpus.stdlib_corpus() == first and first.stat().st_mtime_ns == stamp
     assert not list(first.parent.glob(".*.tmp"))  # the atomic write left no temp file behind
 
 
 # ----------------------------------------------------------------------------- tokenizers
 
 
-@pytest.mark.parametrize("pre_tokenizer", data.PRE_TOKENIZERS)
+@pytest.mark.parametrize("pre_tokenizer", corpus.PRE_TOKENIZERS)
 def test_demo_tokenizers_load_and_round_trip(pre_tokenizer):
-    directory = data.demo_tokenizer(4096, pre_tokenizer=pre_tokenizer)
-    assert directory.parent == data.cache_root() / "tokenizers" and pre_tokenizer in directory.name
+    directory = corpus.demo_tokenizer(4096, pre_tokenizer=pre_tokenizer)
+    assert directory.parent == corpus.cache_root() / "tokenizers" and pre_tokenizer in directory.name
     tok = AutoTokenizer.from_pretrained(directory)
     assert len(tok) == 4096
-    assert tok.eos_token == tok.bos_token == tok.pad_token == data.EOS_TOKEN and tok.eos_token_id == 0
+    assert tok.eos_token == tok.bos_token == tok.pad_token == corpus.EOS_TOKEN and tok.eos_token_id == 0
     ids = tok(ROUND_TRIP_TEXT)["input_ids"]
     assert tok.eos_token_id not in ids  # no special tokens added on encode
     assert tok.decode(ids) == ROUND_TRIP_TEXT
@@ -115,12 +115,12 @@ def test_demo_tokenizers_load_and_round_trip(pre_tokenizer):
     # common English compresses well: fewer tokens than characters
     prose = "Return a new list containing all items from the iterable in ascending order."
     assert len(tok(prose)["input_ids"]) < len(prose) / 3
-    assert data.demo_tokenizer(4096, pre_tokenizer=pre_tokenizer) == directory  # cached
+    assert corpus.demo_tokenizer(4096, pre_tokenizer=pre_tokenizer) == directory  # cached
 
 
 def test_the_two_pre_tokenizers_segment_differently():
-    byte_level = AutoTokenizer.from_pretrained(data.demo_tokenizer(4096, pre_tokenizer="bytelevel"))
-    metaspace = AutoTokenizer.from_pretrained(data.demo_tokenizer(4096, pre_tokenizer="whitespace-digits"))
+    byte_level = AutoTokenizer.from_pretrained(corpus.demo_tokenizer(4096, pre_tokenizer="bytelevel"))
+    metaspace = AutoTokenizer.from_pretrained(corpus.demo_tokenizer(4096, pre_tokenizer="whitespace-digits"))
     text = "The year 2024 has 366 days."
     a = byte_level.convert_ids_to_tokens(byte_level(text)["input_ids"])
     b = metaspace.convert_ids_to_tokens(metaspace(text)["input_ids"])
@@ -134,9 +134,9 @@ def test_the_two_pre_tokenizers_segment_differently():
 
 
 def test_train_demo_tokenizer_on_a_text_file(tmp_path):
-    corpus = tmp_path / "corpus.txt"
-    corpus.write_text("the cat sat on the mat. " * 200 + "numbers 0123456789", encoding="utf-8")
-    out = data.train_demo_tokenizer(corpus, 300, tmp_path / "tok", pre_tokenizer="whitespace-digits")
+    text_file = tmp_path / "corpus.txt"
+    text_file.write_text("the cat sat on the mat. " * 200 + "numbers 0123456789", encoding="utf-8")
+    out = corpus.train_demo_tokenizer(text_file, 300, tmp_path / "tok", pre_tokenizer="whitespace-digits")
     tok = AutoTokenizer.from_pretrained(out)
     assert len(tok) <= 300
     assert tok.decode(tok("the cat 🐈 sat")["input_ids"]) == "the cat 🐈 sat"
@@ -144,10 +144,10 @@ def test_train_demo_tokenizer_on_a_text_file(tmp_path):
 
 
 def test_unknown_pre_tokenizer_is_a_config_error(tmp_path):
-    corpus = tmp_path / "c.txt"
-    corpus.write_text("text", encoding="utf-8")
+    text_file = tmp_path / "c.txt"
+    text_file.write_text("text", encoding="utf-8")
     with pytest.raises(ConfigError, match="sentencepiece"):
-        data.train_demo_tokenizer(corpus, 300, tmp_path / "t", pre_tokenizer="sentencepiece")
+        corpus.train_demo_tokenizer(text_file, 300, tmp_path / "t", pre_tokenizer="sentencepiece")
 
 
 # ----------------------------------------------------------------------------- load_texts
@@ -371,7 +371,7 @@ def test_dataset_fingerprint_is_stable_and_sensitive(tokenizer, tmp_path):
     assert first == data.dataset_fingerprint(**base) and len(first) == 16
     for change in ({"max_length": 64}, {"seed": 1}, {"eval_fraction": 0.1}, {"subset_size": 10}):
         assert data.dataset_fingerprint(**{**base, **change}) != first
-    other_tokenizer = AutoTokenizer.from_pretrained(data.demo_tokenizer(4096, pre_tokenizer="whitespace-digits"))
+    other_tokenizer = AutoTokenizer.from_pretrained(corpus.demo_tokenizer(4096, pre_tokenizer="whitespace-digits"))
     assert data.dataset_fingerprint(**{**base, "tokenizer": other_tokenizer}) != first
     path = tmp_path / "d.txt"
     path.write_text("one")
@@ -382,11 +382,11 @@ def test_dataset_fingerprint_is_stable_and_sensitive(tokenizer, tmp_path):
 
 def test_staged_directory_is_atomic(tmp_path):
     final = tmp_path / "out"
-    with pytest.raises(RuntimeError), data.staged_directory(final) as staging:
+    with pytest.raises(RuntimeError), corpus.staged_directory(final) as staging:
         (staging / "half").write_text("x")
         raise RuntimeError("boom")
     assert not final.exists() and not list(tmp_path.iterdir())
-    with data.staged_directory(final) as staging:
+    with corpus.staged_directory(final) as staging:
         (staging / "whole").write_text("x")
     assert (final / "whole").exists() and not list(tmp_path.glob(".out.*"))
     shutil.rmtree(final)

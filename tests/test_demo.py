@@ -54,9 +54,9 @@ def test_ablation_table(tmp_path, tiny_preset):
 def test_cross_tokenizer_demo(tmp_path, tiny_preset):
     from transformers import AutoTokenizer
 
-    from kagglekd import data, models
+    from kagglekd import corpus, models
 
-    tokenizer = AutoTokenizer.from_pretrained(data.demo_tokenizer(3000, pre_tokenizer="whitespace-digits"))
+    tokenizer = AutoTokenizer.from_pretrained(corpus.demo_tokenizer(3000, pre_tokenizer="whitespace-digits"))
     teacher = tmp_path / "teacher"
     models.tiny_random_moe(len(tokenizer), seed=0).save_pretrained(teacher)
     tokenizer.save_pretrained(teacher)

@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Qwen3MoeConfig
 
-from kagglekd import data, models
+from kagglekd import corpus, models
 from kagglekd.errors import ConfigError
 
 
@@ -122,7 +122,7 @@ def test_hub_id_offline_is_a_config_error_naming_the_field():
 def test_load_tokenizer_tiny_names_and_pad_fallback(tmp_path, demo_tokenizer_dir):
     for name in set(models.TINY_MODELS) - set(models.OWN_TOKENIZERS):  # those have a vocabulary of their own
         tok = models.load_tokenizer(name)
-        assert len(tok) == 4096 and tok.eos_token == data.EOS_TOKEN
+        assert len(tok) == 4096 and tok.eos_token == corpus.EOS_TOKEN
     no_pad = AutoTokenizer.from_pretrained(demo_tokenizer_dir)
     no_pad.pad_token = None
     no_pad.save_pretrained(tmp_path / "tok")

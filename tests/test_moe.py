@@ -21,6 +21,7 @@ from transformers import (
 )
 
 from kagglekd import moe
+from kagglekd.data import next_token_batch
 from kagglekd.errors import ConfigError
 from kagglekd.losses import kd_loss
 from kagglekd.models import tiny_dense_config, tiny_moe_config
@@ -366,9 +367,7 @@ def _sar_step(teacher, all_experts: bool):
     optimizer = torch.optim.AdamW(
         [{"params": list(student.parameters()), "lr": 1e-3}, {"params": router_params, "lr": 1e-2}]
     )
-    ids = _ids(seq=10)
-    labels = torch.roll(ids, -1, dims=1)
-    labels[:, -1] = -100
+    ids, labels = next_token_batch(_ids(seq=11))
     top_k = moe.moe_info(teacher).experts_per_layer if all_experts else moe.moe_info(teacher).experts_per_token
     with moe.experts_per_token(teacher, top_k), moe.capture_router_logits(teacher) as router_logits:
         teacher_logits = teacher(input_ids=ids).logits
