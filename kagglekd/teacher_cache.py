@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from kagglekd import env
+from kagglekd.data import dataset_fingerprint, next_token_batch, tokenizer_fingerprint
 from kagglekd.errors import ConfigError
 from kagglekd.losses import TeacherTopK, teacher_topk
 
@@ -110,16 +111,7 @@ def write_cache(
     where its parameters are, in batches of ``batch_size`` blocks; top-k is taken chunkwise
     (``losses.teacher_topk``), so no float32 copy of the teacher's full-vocab logits is made.
     """
-    missing = [key for key in REQUIRED_MANIFEST_KEYS if key not in manifest]
-    if missing:
-        raise ValueError(f"manifest is missing {', '.join(missing)} (required: {', '.join(REQUIRED_MANIFEST_KEYS)})")
-    if blocks.ndim != 2 or blocks.shape[1] < 2:
-        raise ValueError(f"blocks must be [N, L + 1] with L >= 1, got shape {tuple(blocks.shape)}")
-    num_blocks, max_length = blocks.shape[0], blocks.shape[1] - 1
-    if manifest["max_length"] != max_length:
-        raise ValueError(f"manifest max_length {manifest['max_length']} != blocks' L = {max_length}")
-    if batch_size < 1 or blocks_per_shard < 1:
-        raise ValueError(f"batch_size and blocks_per_shard must be >= 1, got {batch_size}, {blocks_per_shard}")
+    num_blocks, max_length = _check_inputs(blocks, manifest, batch_size, blocks_per_shard)
     vocab = teacher_model.get_output_embeddings().weight.shape[0]
     k = min(int(k), vocab)
 
@@ -133,35 +125,15 @@ def write_cache(
     _check_budget(estimate, budget_bytes, allow_over_budget, out_dir)
     (out_dir / MANIFEST_NAME).unlink(missing_ok=True)
 
-    device = next(teacher_model.parameters()).device
+    shard_sizes = [min(blocks_per_shard, num_blocks - start) for start in range(0, num_blocks, blocks_per_shard)]
     was_training = teacher_model.training
     teacher_model.eval()
-    shard_sizes = [min(blocks_per_shard, num_blocks - start) for start in range(0, num_blocks, blocks_per_shard)]
     progress = env.progress_bar()(total=num_blocks, desc="teacher cache", unit="block")
     try:
         for shard, shard_size in enumerate(shard_sizes):
             start = shard * blocks_per_shard
-            arrays = {
-                name: np.lib.format.open_memmap(
-                    _shard_path(out_dir, shard, name),
-                    mode="w+",
-                    dtype=dtype,
-                    shape=(shard_size, max_length, k) if name != "tail" else (shard_size, max_length),
-                )  # fmt: skip
-                for name, dtype in _ARRAYS.items()
-            }
-            for offset in range(0, shard_size, batch_size):
-                rows = blocks[start + offset : start + min(offset + batch_size, shard_size), :-1]
-                logits = teacher_model(input_ids=rows.to(device)).logits
-                targets = teacher_topk(logits, k, temperature)
-                stop = offset + rows.shape[0]
-                arrays["indices"][offset:stop] = targets.indices.cpu().numpy().astype(np.int32)
-                arrays["logprobs"][offset:stop] = targets.logprobs.cpu().numpy().astype(np.float16)
-                arrays["tail"][offset:stop] = targets.tail.cpu().numpy().astype(np.float32)
-                progress.update(rows.shape[0])
-            for array in arrays.values():
-                array.flush()
-            del arrays
+            _write_shard(teacher_model, blocks[start : start + shard_size], out_dir, shard, k, temperature,
+                         batch_size, progress)  # fmt: skip
     finally:
         progress.close()
         teacher_model.train(was_training)
@@ -184,6 +156,48 @@ def write_cache(
     os.replace(staging, out_dir / MANIFEST_NAME)
     logger.info("Wrote teacher cache %s (%d shards)", out_dir, len(shard_sizes))
     return out_dir
+
+
+def _check_inputs(blocks: torch.Tensor, manifest: Mapping, batch_size: int, blocks_per_shard: int) -> tuple[int, int]:
+    """``(num_blocks, max_length)`` of ``[N, L + 1]`` blocks after checking them against the manifest."""
+    missing = [key for key in REQUIRED_MANIFEST_KEYS if key not in manifest]
+    if missing:
+        raise ValueError(f"manifest is missing {', '.join(missing)} (required: {', '.join(REQUIRED_MANIFEST_KEYS)})")
+    if blocks.ndim != 2 or blocks.shape[1] < 2:
+        raise ValueError(f"blocks must be [N, L + 1] with L >= 1, got shape {tuple(blocks.shape)}")
+    num_blocks, max_length = blocks.shape[0], blocks.shape[1] - 1
+    if manifest["max_length"] != max_length:
+        raise ValueError(f"manifest max_length {manifest['max_length']} != blocks' L = {max_length}")
+    if batch_size < 1 or blocks_per_shard < 1:
+        raise ValueError(f"batch_size and blocks_per_shard must be >= 1, got {batch_size}, {blocks_per_shard}")
+    return num_blocks, max_length
+
+
+@torch.no_grad()
+def _write_shard(teacher_model, blocks, out_dir: Path, shard: int, k: int, temperature: float, batch_size: int,
+                 progress) -> None:  # fmt: skip
+    """The top-k targets of ``blocks`` (one shard's ``[n, L + 1]``) into that shard's memory-mapped arrays."""
+    device = next(teacher_model.parameters()).device
+    count, max_length = blocks.shape[0], blocks.shape[1] - 1
+    arrays = {
+        name: np.lib.format.open_memmap(
+            _shard_path(out_dir, shard, name),
+            mode="w+",
+            dtype=dtype,
+            shape=(count, max_length, k) if name != "tail" else (count, max_length),
+        )  # fmt: skip
+        for name, dtype in _ARRAYS.items()
+    }
+    for offset in range(0, count, batch_size):
+        input_ids, _ = next_token_batch(blocks[offset : offset + batch_size])
+        targets = teacher_topk(teacher_model(input_ids=input_ids.to(device)).logits, k, temperature)
+        stop = offset + input_ids.shape[0]
+        arrays["indices"][offset:stop] = targets.indices.cpu().numpy().astype(np.int32)
+        arrays["logprobs"][offset:stop] = targets.logprobs.cpu().numpy().astype(np.float16)
+        arrays["tail"][offset:stop] = targets.tail.cpu().numpy().astype(np.float32)
+        progress.update(input_ids.shape[0])
+    for array in arrays.values():
+        array.flush()
 
 
 class TeacherCache:
@@ -280,3 +294,20 @@ def open_cache(path: str | os.PathLike, expected_manifest: Mapping) -> TeacherCa
 
 
 __all__ = ["TeacherCache", "estimate_cache_bytes", "open_cache", "write_cache"]
+
+
+def cache_manifest(cfg, tokenizer) -> dict:
+    """What a teacher cache must have been built for to serve a run of ``cfg`` with ``tokenizer``."""
+    fingerprint = dataset_fingerprint(
+        source=cfg.dataset, tokenizer=tokenizer, max_length=cfg.max_length, eval_fraction=cfg.eval_fraction,
+        seed=cfg.split_seed, subset_size=cfg.dataset_subset_size, text_column=cfg.text_column,
+        dataset_config=cfg.dataset_config, split=cfg.dataset_split,
+    )  # fmt: skip
+    return {
+        "teacher_model": cfg.teacher_model,
+        "tokenizer_hash": tokenizer_fingerprint(tokenizer),
+        "max_length": cfg.max_length,
+        "dataset_fingerprint": fingerprint,
+        "k": cfg.kd_top_k,
+        "temperature": cfg.temperature,
+    }

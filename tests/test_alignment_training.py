@@ -10,7 +10,7 @@ from conftest import TINY_RUN
 from test_alignment import _permuted_tokenizer
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from kagglekd import data, models
+from kagglekd import corpus, models
 from kagglekd.config import DistillConfig
 from kagglekd.errors import ConfigError
 from kagglekd.trainer import Distiller
@@ -43,7 +43,7 @@ def permuted_teacher(tmp_path, use_kit_cache):
 @pytest.fixture
 def metaspace_teacher(tmp_path, use_kit_cache):
     """A tiny random Qwen3-MoE that reads text with the SentencePiece-style tokenizer (vocab 3000)."""
-    tok = AutoTokenizer.from_pretrained(data.demo_tokenizer(3000, pre_tokenizer="whitespace-digits"))
+    tok = AutoTokenizer.from_pretrained(corpus.demo_tokenizer(3000, pre_tokenizer="whitespace-digits"))
     out = tmp_path / "metaspace-teacher"
     models.tiny_random_moe(len(tok), seed=0).save_pretrained(out)
     tok.save_pretrained(out)

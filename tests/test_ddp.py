@@ -23,7 +23,7 @@ from kagglekd.config import DistillConfig
 from kagglekd.launch import leave_worker
 from kagglekd.trainer import Distiller
 distiller = Distiller(DistillConfig.from_json(sys.argv[1])).setup()
-distiller._window_backward(next(distiller._windows(0)))
+distiller._train_step(next(distiller._windows(0)), apply=False)
 if distiller.is_main:
     torch.save([p.grad.clone() for p in distiller.student.parameters()], sys.argv[2])
 leave_worker(distiller)
@@ -68,7 +68,7 @@ def test_two_processes_match_one_with_the_same_global_batch(tmp_path, kagglekd_c
     script.write_text(GRAD_SCRIPT)
     _launch(kagglekd_cache, str(script), str(tmp_path / "two.json"), str(tmp_path / "grads.pt"))
     reference = Distiller(one).setup()
-    reference._window_backward(next(reference._windows(0)))
+    reference._train_step(next(reference._windows(0)), apply=False)
     expected = torch.cat([p.grad.flatten() for p in reference.student.parameters()])
     got = torch.cat([g.flatten() for g in torch.load(tmp_path / "grads.pt")])
     assert (expected - got).norm() / expected.norm() < 1e-5

@@ -14,9 +14,11 @@ import pytest
 import torch
 from conftest import TINY_RUN
 
+from kagglekd.checkpoint import latest_checkpoint
 from kagglekd.config import DistillConfig
 from kagglekd.errors import ConfigError, KaggleKDError
-from kagglekd.trainer import Distiller, OutOfMemory, latest_checkpoint
+from kagglekd.teacher import TeacherSide
+from kagglekd.trainer import Distiller, OutOfMemory
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -33,7 +35,7 @@ def tiny(tmp_path, **changes) -> DistillConfig:
 def test_cuda_oom_is_explained_with_the_planner_estimate(tmp_path, monkeypatch):
     distiller = Distiller(tiny(tmp_path)).setup()
     calls = {"n": 0}
-    original = distiller._window_backward
+    original = distiller._train_step
 
     def oom_on_third(window):
         calls["n"] += 1
@@ -41,7 +43,7 @@ def test_cuda_oom_is_explained_with_the_planner_estimate(tmp_path, monkeypatch):
             raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.50 GiB")
         return original(window)
 
-    monkeypatch.setattr(distiller, "_window_backward", oom_on_third)
+    monkeypatch.setattr(distiller, "_train_step", oom_on_third)
     with pytest.raises(OutOfMemory) as err:
         distiller.train()
     message = str(err.value)
@@ -70,7 +72,7 @@ def test_full_disk_during_checkpoint_keeps_the_previous_one(tmp_path, monkeypatc
     # and it resumes from there
     resumed = Distiller(tiny(tmp_path)).setup()
     resumed._maybe_resume()
-    assert resumed.state["step"] == 2
+    assert resumed.state.step == 2
 
 
 def test_unwritable_output_dir_is_a_clear_error(tmp_path):
@@ -91,9 +93,9 @@ def test_unwritable_output_dir_is_a_clear_error(tmp_path):
     ],
 )
 def test_model_mismatch_is_caught_at_setup(tmp_path, changes, field):
-    distiller = Distiller(tiny(tmp_path, **changes))
+    # a config-only rule (alpha_feature without KD) is caught when the config is built, the others at setup
     with pytest.raises(ConfigError) as err:
-        distiller.setup()
+        Distiller(tiny(tmp_path, **changes)).setup()
     assert err.value.field == field
     assert not (tmp_path / "run" / "history.csv").exists()  # before any step
 
@@ -164,13 +166,13 @@ def test_grad_scaler_skip_is_counted_not_hidden(tmp_path, monkeypatch):
     monkeypatch.setattr(distiller.accelerator, "scaler", torch.amp.GradScaler("cpu", enabled=False), raising=False)
     overflow_steps = {1, 2}
     monkeypatch.setattr(
-        Accelerator, "optimizer_step_was_skipped", property(lambda self: distiller.state["step"] in overflow_steps)
+        Accelerator, "optimizer_step_was_skipped", property(lambda self: distiller.state.step in overflow_steps)
     )
     ema_before = [p.detach().clone() for p in distiller.ema.module.parameters()]
     distiller.train()
     rows = pd.read_csv(distiller.output_dir / "history.csv")
     assert list(rows["skipped"]) == [0, 1, 2, 2]
-    assert distiller.state["consecutive_skips"] == 0
+    assert distiller.state.consecutive_skips == 0
     # the EMA was updated on the two real steps only (it moved, so it was updated at least once)
     assert any(not torch.equal(a, b.detach()) for a, b in zip(ema_before, distiller.ema.module.parameters()))
 
@@ -178,8 +180,8 @@ def test_grad_scaler_skip_is_counted_not_hidden(tmp_path, monkeypatch):
 def test_cli_exits_3_after_a_non_finite_storm(tmp_path, monkeypatch, capsys):
     from kagglekd.__main__ import main
 
-    original = Distiller._teacher_logits
-    monkeypatch.setattr(Distiller, "_teacher_logits", lambda self, ids: original(self, ids) * float("nan"))
+    original = TeacherSide.logits
+    monkeypatch.setattr(TeacherSide, "logits", lambda self, ids: original(self, ids) * float("nan"))
     config = tiny(tmp_path, max_consecutive_skips=2, save_steps=None)
     config.to_json(tmp_path / "storm.json")
     assert main(["train", "--config", str(tmp_path / "storm.json")]) == 3

@@ -5,6 +5,7 @@ import json
 import pytest
 import torch
 
+from kagglekd.config import KDOptions
 from kagglekd.errors import ConfigError
 from kagglekd.losses import IGNORE_INDEX, kd_loss, teacher_topk
 from kagglekd.models import tiny_random_moe
@@ -69,8 +70,8 @@ def test_round_trip_equals_live_teacher_topk(teacher, blocks, cache_dir):
     student = torch.randn(4, LENGTH, VOCAB)
     labels = blocks[picked, 1:].clone()
     labels[0, :3] = IGNORE_INDEX
-    from_cache = kd_loss(student, cached, labels, temperature=TEMPERATURE)
-    from_live = kd_loss(student, live, labels, temperature=TEMPERATURE)
+    from_cache = kd_loss(student, cached, labels, KDOptions(temperature=TEMPERATURE))
+    from_live = kd_loss(student, live, labels, KDOptions(temperature=TEMPERATURE))
     torch.testing.assert_close(from_cache, from_live, rtol=1e-3, atol=1e-4)
 
 

@@ -10,8 +10,9 @@ from conftest import TINY_RUN
 from transformers import AutoModelForCausalLM
 
 from kagglekd import data
+from kagglekd.checkpoint import latest_checkpoint
 from kagglekd.config import DistillConfig
-from kagglekd.trainer import Distiller, TrainingStopped, latest_checkpoint
+from kagglekd.trainer import Distiller, TrainingStopped
 
 pytestmark = pytest.mark.usefixtures("use_kit_cache")
 
@@ -77,7 +78,7 @@ def test_logged_lr_equals_plan_in_odd_case(tmp_path, kagglekd_cache, truncate_tr
 def _first_window_grads(config):
     distiller = Distiller(config).setup()
     window = next(distiller._windows(0))
-    distiller._window_backward(window)
+    distiller._train_step(window, apply=False)
     return torch.cat([p.grad.flatten() for p in distiller.student.parameters() if p.grad is not None]), window
 
 
@@ -92,7 +93,7 @@ def test_gradient_accumulation_invariance(tmp_path, kagglekd_cache):
 def test_nan_in_teacher_logits_skips_one_step(tmp_path, kagglekd_cache, monkeypatch):
     config = tiny_config(tmp_path, max_steps=5, eval_steps=None)
     distiller = Distiller(config).setup()
-    original = distiller._teacher_logits
+    original = distiller.teacher_side.logits
     calls = {"n": 0}
 
     def poisoned(input_ids):
@@ -103,7 +104,7 @@ def test_nan_in_teacher_logits_skips_one_step(tmp_path, kagglekd_cache, monkeypa
             logits[0, 0, 0] = float("nan")
         return logits
 
-    monkeypatch.setattr(distiller, "_teacher_logits", poisoned)
+    monkeypatch.setattr(distiller.teacher_side, "logits", poisoned)
     summary = distiller.train()
     rows = history(distiller.output_dir)
     assert summary["skipped"] == 1 and summary["optimizer_steps"] == 5
@@ -115,13 +116,13 @@ def test_nan_in_teacher_logits_skips_one_step(tmp_path, kagglekd_cache, monkeypa
 def test_non_finite_storm_stops_with_report_and_keeps_checkpoint(tmp_path, kagglekd_cache, monkeypatch):
     config = tiny_config(tmp_path, max_steps=12, save_steps=2, eval_steps=None, max_consecutive_skips=3)
     distiller = Distiller(config).setup()
-    original = distiller._teacher_logits
+    original = distiller.teacher_side.logits
 
     def poisoned(input_ids):
         logits = original(input_ids)
-        return logits * float("nan") if distiller.state["step"] >= 4 else logits
+        return logits * float("nan") if distiller.state.step >= 4 else logits
 
-    monkeypatch.setattr(distiller, "_teacher_logits", poisoned)
+    monkeypatch.setattr(distiller.teacher_side, "logits", poisoned)
     with pytest.raises(TrainingStopped) as stop:
         distiller.train()
     report = json.loads((distiller.output_dir / "failure_report.json").read_text())

@@ -8,7 +8,7 @@ import torch
 from conftest import TINY_RUN
 from safetensors.torch import load_file
 
-from kagglekd import moe
+from kagglekd import data, moe
 from kagglekd.config import DistillConfig
 from kagglekd.errors import ConfigError
 from kagglekd.trainer import Distiller
@@ -55,10 +55,10 @@ def test_sar_changes_only_router_weights_and_keeps_them_out_of_student(tmp_path)
 
 def test_all_experts_and_top_k_schedule_change_expert_activations(tmp_path):
     distiller = Distiller(tiny(tmp_path, expert_top_k_start=1, expert_top_k_end=4, max_steps=4)).setup()
-    ids = distiller.blocks.train[:2, :-1]
+    ids, _ = data.next_token_batch(distiller.blocks.train[:2])
     counts = []
     for step in range(4):
-        k = distiller._apply_expert_schedule(step)
+        k = distiller.teacher_side.expert_schedule(step, distiller.plan.optimizer_steps)
         with moe.count_expert_activations(distiller.teacher) as seen, torch.no_grad():
             distiller.teacher(input_ids=ids)
         counts.append((k, int(seen.total)))

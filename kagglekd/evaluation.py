@@ -1,0 +1,138 @@
+"""The one evaluator: held-out perplexity of the student (or any model, EMA included), KD loss and top-1
+agreement with the teacher, the teacher's own perplexity and the cross-tokenizer alignment diagnostics.
+
+The trainer's periodic evals, ``demo``, ``report`` / ``03_evaluate`` and ``evaluate --run`` all come here
+(through ``Distiller.evaluate`` / ``Distiller.teacher_perplexity``). Perplexity is exp of the token-weighted
+student CE; under DDP every rank evaluates its share of the blocks and the sums are reduced.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+
+from kagglekd import alignment, data, losses
+from kagglekd.metrics import EvalTotals
+from kagglekd.objective import Objective
+from kagglekd.teacher import TeacherOutputs, TeacherSide, match_vocab
+
+log = logging.getLogger(__name__)
+
+
+class Evaluator:
+    """Evaluates models on ``blocks`` (``[N, L + 1]`` held-out token blocks) with the run's teacher and KD."""
+
+    def __init__(self, accelerator, blocks: torch.Tensor, *, batch_size: int, chunk_size: int,
+                 teacher: TeacherSide | None, objective: Objective, student_vocab: int):  # fmt: skip
+        self.accelerator, self.blocks = accelerator, blocks
+        self.batch_size, self.chunk_size = batch_size, chunk_size
+        self.teacher, self.objective, self.student_vocab = teacher, objective, student_vocab
+        self.rank, self.world = accelerator.process_index, accelerator.num_processes
+        self.device = accelerator.device
+
+    def _batches(self, blocks: torch.Tensor | None = None):
+        """This rank's share of the blocks, ``batch_size`` at a time."""
+        rows = (self.blocks if blocks is None else blocks)[self.rank :: self.world]
+        for start in range(0, len(rows), self.batch_size):
+            yield rows[start : start + self.batch_size]
+
+    def _reduce(self, totals: EvalTotals) -> EvalTotals:
+        if self.world == 1:
+            return totals
+        fields = (totals.tokens, totals.ce_sum, totals.kd_sum, totals.agree, totals.compared)
+        packed = torch.tensor(fields, device=self.device, dtype=torch.float64)
+        tokens, ce_sum, kd_sum, agree, compared = self.accelerator.reduce(packed, reduction="sum").tolist()
+        return EvalTotals(int(tokens), ce_sum, kd_sum, int(agree), int(compared))
+
+    @torch.no_grad()
+    def evaluate(self, model: torch.nn.Module, with_teacher: bool) -> EvalTotals:
+        """CE (and, ``with_teacher``, KD and agreement) sums of ``model`` over the held-out blocks."""
+        was_training = model.training
+        model.eval()
+        totals = EvalTotals()
+        with_teacher = with_teacher and self.teacher is not None and self.teacher.live
+        for batch in self._batches():
+            input_ids, labels = data.next_token_batch(batch.to(self.device))
+            with self.accelerator.autocast():
+                logits = model(input_ids=input_ids).logits
+            logits = match_vocab(logits, self.student_vocab)
+            ce_sum = float(losses.ce_loss(logits, labels, num_items=1, chunk_size=self.chunk_size))
+            kd_sum, agree, compared = 0.0, 0, 0
+            if with_teacher:
+                kd_sum, agree, compared = self._against_teacher(batch, input_ids, logits, labels)
+            totals.add(losses.valid_count(labels), ce_sum, kd_sum, agree, compared)
+        model.train(was_training)
+        return self._reduce(totals)
+
+    def _against_teacher(self, batch, input_ids, logits, labels) -> tuple[float, int, int]:
+        """KD sum, agreeing positions and compared positions (0 = every valid one) of one batch."""
+        if self.teacher.cross is not None:
+            aligned = self.teacher.cross.align(batch).to(self.device)
+            teacher = TeacherOutputs(logits=self.teacher.logits(aligned.teacher_ids), aligned=aligned)
+            kd_sum = float(self.objective.kd(logits, teacher, labels, 1)[0])
+            vocab_map = self.teacher.cross.vocab_map
+            agree, compared = alignment.top1_agreement(logits, teacher.logits, aligned, labels, vocab_map)
+            return kd_sum, agree, compared
+        teacher = TeacherOutputs(logits=self.teacher.logits(input_ids))
+        kd_sum = float(self.objective.kd(logits, teacher, labels, 1)[0])
+        valid = labels != losses.IGNORE_INDEX
+        return kd_sum, int(((logits.argmax(-1) == teacher.logits.argmax(-1)) & valid).sum()), 0
+
+    @torch.no_grad()
+    def teacher_perplexity(self) -> float:
+        """The teacher's held-out perplexity. Across vocabularies it is per TEACHER token (the teacher reads
+        the eval blocks in its own tokens), so it is not comparable with the student's number."""
+        if self.teacher is None or not self.teacher.live:
+            return float("nan")
+        if self.teacher.cross is None:
+            return self.evaluate(self.teacher.model, with_teacher=False).ppl
+        totals = EvalTotals()
+        for batch in self._batches():
+            aligned = self.teacher.cross.align(batch).to(self.device)
+            logits = self.teacher.logits(aligned.teacher_ids)
+            ce = losses.ce_loss(logits, aligned.teacher_labels, num_items=1, chunk_size=self.chunk_size)
+            totals.add(losses.valid_count(aligned.teacher_labels), float(ce))
+        return self._reduce(totals).ppl
+
+    @torch.no_grad()
+    def measure_alignment(self, max_blocks: int = 32) -> dict:
+        """Alignment diagnostics on held-out blocks (this process's view, no reduction): the fraction of student
+        positions aligned and the teacher probability mass that maps onto the student vocabulary."""
+        cross, stats = self.teacher.cross, alignment.AlignmentStats()
+        blocks = self.blocks[:max_blocks]
+        for start in range(0, len(blocks), self.batch_size):
+            batch = blocks[start : start + self.batch_size]
+            _, labels = data.next_token_batch(batch.to(self.device))
+            aligned = cross.align(batch).to(self.device)
+            logits = self.teacher.logits(aligned.teacher_ids)
+            stats += alignment.cross_targets(
+                logits, aligned, labels, cross.vocab_map, self.objective.options, chunk_size=self.chunk_size
+            )[2]
+        vocab_map, cfg = cross.vocab_map, self.objective.config
+        return {
+            "teacher_tokenizer": cfg.teacher_tokenizer or cfg.teacher_model,
+            "student_tokenizer": cfg.tokenizer or cfg.student_model,
+            "loss": cfg.cross_tokenizer_loss,
+            "teacher_vocab": vocab_map.teacher_vocab,
+            "student_vocab": vocab_map.student_vocab,
+            "shared_tokens": int(vocab_map.shared.numel()),
+            "student_vocab_shared": vocab_map.shared_fraction,
+            "eval_blocks_measured": len(blocks),
+            **stats.to_dict(),
+        }
+
+    def report_alignment(self, path: Path) -> dict:
+        """Log the held-out alignment diagnostics and start ``alignment.json`` (at ``path``) with them."""
+        from kagglekd.rundir import write_json
+
+        report = self.measure_alignment()
+        log.info(
+            "cross-tokenizer alignment on %d held-out blocks: %.1f %% of student positions aligned, %.1f %% of "
+            "the teacher's probability on tokens the student can spell (%d shared tokens, %.1f %% of its vocab)",
+            report["eval_blocks_measured"], 100 * report["aligned_fraction"], 100 * report["teacher_mass_mapped"],
+            report["shared_tokens"], 100 * report["student_vocab_shared"],
+        )  # fmt: skip
+        write_json(path, {"setup": report})
+        return report

@@ -1,0 +1,81 @@
+"""The run directory: its file names (defined once) and the JSON I/O every part writes through.
+
+A run dir holds ``config.json``, ``plan.json``, ``data.json``, ``history.csv``, ``summary.json``, optional
+``alignment.json`` / ``failure_report.json``, ``checkpoints/step-N/``, ``student/`` and (SAR) ``teacher_routers/``.
+Every JSON file is written to a temp name and renamed, so a killed write never leaves half a file.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+from kagglekd.errors import ConfigError
+
+CONFIG_FILE = "config.json"
+PLAN_FILE = "plan.json"
+DATA_FILE = "data.json"
+HISTORY_FILE = "history.csv"
+SUMMARY_FILE = "summary.json"
+ALIGNMENT_FILE = "alignment.json"
+FAILURE_FILE = "failure_report.json"
+CHECKPOINTS_DIR = "checkpoints"
+STUDENT_DIR = "student"
+ROUTERS_DIR = "teacher_routers"
+
+
+def write_json(path: Path, payload: dict) -> None:
+    """Atomic JSON write (temp file + rename); numpy scalars, tuples and non-finite floats are converted."""
+    path = Path(path)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=2, default=json_default) + "\n")
+    tmp.replace(path)
+
+
+def json_default(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, (np.integer, np.floating)):
+        return value.item()
+    if isinstance(value, tuple):
+        return list(value)
+    return str(value)
+
+
+def merge_json(path: Path, key: str, value: dict) -> None:
+    """Set ``key`` in the JSON object at ``path`` (created when missing), keeping its other keys."""
+    path = Path(path)
+    report = json.loads(path.read_text()) if path.exists() else {}
+    write_json(path, {**report, key: value})
+
+
+def prepare(output_dir: Path) -> None:
+    """Create ``output_dir`` and prove it is writable, before any step spends time."""
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        probe = output_dir / ".write-test"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as err:
+        raise ConfigError(
+            f"output_dir {output_dir} is not writable ({err.strerror or err}). On Kaggle write under "
+            "/kaggle/working (kept) or /kaggle/temp (scratch); /kaggle/input is read-only.",
+            field="output_dir",
+        ) from None
+
+
+def export_student(model, tokenizer, path: str | os.PathLike) -> Path:
+    """``save_pretrained`` of ``model`` and ``tokenizer`` into ``path``, through a temp dir and a rename."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    shutil.rmtree(path, ignore_errors=True)
+    os.replace(tmp, path)
+    return path

@@ -1,0 +1,254 @@
+"""The teacher side of a step: live forward, cache read, expert schedule, SAR/KA state -> ``TeacherOutputs``.
+
+Everything a loss reads from the teacher arrives in one typed object on the student's device. The teacher
+runs on its own device (the second GPU under strategy ``split``) without grad, except the routers under SAR,
+whose gradient flows through the router term (and, where the path keeps the teacher's logits attached, KD).
+"""
+
+from __future__ import annotations
+
+import logging
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from kagglekd import alignment, data, losses, models, moe
+from kagglekd.config import DistillConfig
+from kagglekd.memory import live_teacher
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TeacherOutputs:
+    """What one micro-batch's losses read from the teacher, on the student's device.
+
+    ``logits``: ``[B, T, V]`` (vocabulary matched to the student's unless the tokenizers differ, then
+    ``[B, T_teacher, V_teacher]``) or a cached ``TeacherTopK``; ``hidden``: the teacher's hidden states (feature
+    transfer); ``maps``: attention maps of the matched layers; ``router``: the SAR router term (already a
+    share of the window's mean); ``aligned``: the teacher's own tokens and the offset alignment (cross-tokenizer).
+    """
+
+    logits: torch.Tensor | losses.TeacherTopK | None
+    hidden: tuple[torch.Tensor, ...] | None = None
+    maps: list[torch.Tensor] | None = None
+    router: torch.Tensor | None = None
+    aligned: alignment.AlignedBatch | None = None
+
+    def to(self, device: torch.device) -> TeacherOutputs:
+        move = lambda t: t.to(device, non_blocking=True) if t is not None else None
+        return TeacherOutputs(
+            logits=move(self.logits),
+            hidden=tuple(move(h) for h in self.hidden) if self.hidden is not None else None,
+            maps=[move(m) for m in self.maps] if self.maps is not None else None,
+            router=move(self.router),
+            aligned=self.aligned,
+        )
+
+
+class TeacherSide:
+    """The teacher model (or its cache) and the MoE state a run keeps for it (SAR routers, KA generator)."""
+
+    def __init__(
+        self,
+        config: DistillConfig,
+        model: torch.nn.Module | None,
+        *,
+        cross: alignment.CrossTokenizer | None,
+        cache,
+        device: torch.device,
+        student_device: torch.device,
+        student_vocab: int,
+        autocast,
+    ):
+        self.config, self.model, self.cross, self.cache = config, model, cross, cache
+        self.device, self.student_device, self.student_vocab = device, student_device, student_vocab
+        self.autocast = autocast  # a context-manager factory: the student's autocast (accelerate's)
+        self.patterns = config.router_patterns or None
+        self.router_params: list[torch.nn.Parameter] = []
+        self.initial_routers: dict = {}
+        self.ka_generator: torch.Generator | None = None
+        self.hidden_wanted = False  # feature transfer reads the hidden states
+        self.attention_layers: list[int] = []  # teacher layers whose attention maps are matched
+
+    @property
+    def live(self) -> bool:
+        return self.model is not None
+
+    # ---- setup -------------------------------------------------------------------------------------------
+    def prepare_moe(self) -> moe.MoEInfo | None:
+        """Expert control, SAR and KA on the loaded teacher (the rules checked the combination already)."""
+        cfg = self.config
+        wanted = {"all_experts": cfg.all_experts, "expert_top_k_start": cfg.expert_top_k_start is not None,
+                  "sar": cfg.sar, "ka_samples": cfg.ka_samples > 0}  # fmt: skip
+        options = [name for name, on in wanted.items() if on]
+        if not options or self.model is None:
+            return None
+        info = moe.require_moe(self.model, options[0], self.patterns)
+        if cfg.ka_samples:
+            self.ka_generator = torch.Generator(device=self.device).manual_seed(cfg.seed + 17)
+        if cfg.all_experts or (cfg.sar and not cfg.ka_samples):
+            # SAR runs every expert so the routers' weights over all of them carry the gradient.
+            moe.set_experts_per_token(self.model, info.experts_per_layer)
+        if cfg.sar:
+            self.router_params = moe.prepare_sar(self.model, self.patterns)
+            for param in self.router_params:  # router updates need fp32 even when the teacher runs in fp16
+                param.data = param.data.float()
+            self.initial_routers = moe.router_state_dict(self.model, self.patterns)
+            if cfg.teacher_gradient_checkpointing:
+                moe.enable_teacher_checkpointing(self.model)
+        return info
+
+    def expert_schedule(self, step: int, total_steps: int) -> int | None:
+        """Set the teacher's experts per token for ``step`` (expert_top_k_start -> expert_top_k_end)."""
+        cfg = self.config
+        if cfg.expert_top_k_start is None:
+            return None
+        k = moe.expert_top_k_schedule(cfg.expert_top_k_start, cfg.expert_top_k_end, step, total_steps)
+        moe.set_experts_per_token(self.model, k)
+        return k
+
+    # ---- forward -----------------------------------------------------------------------------------------
+    def logits(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """``[B, T, V]`` logits without grad, on the student's device; vocabulary matched unless cross."""
+        # Same autocast as the student: the fp16/bf16 teacher's matmuls meet fp32 parts (SAR routers) safely.
+        with torch.no_grad(), self.autocast():
+            logits = self.model(input_ids=input_ids.to(self.device)).logits
+        logits = logits.to(self.student_device, non_blocking=True)
+        return logits if self.cross is not None else match_vocab(logits, self.student_vocab)
+
+    def outputs(self, micro_batch: torch.Tensor, num_items: int, rows: torch.Tensor | None = None):
+        """``TeacherOutputs`` of one ``[b, L + 1]`` micro-batch (``rows``: its train-block indices, for a cache);
+        None when the run has no teacher signal (CE-only)."""
+        if self.model is None:
+            if self.cache is None or self.config.alpha_kd == 0:
+                return None
+            return TeacherOutputs(logits=self.cache.get(rows, device=self.student_device))
+        input_ids, labels = data.next_token_batch(micro_batch)
+        micro_tokens = max(losses.valid_count(labels), 1)
+        aligned = None
+        if self.cross is not None:
+            # the teacher reads the same text in its own tokens; labels are its own next tokens (SAR's CE)
+            aligned = self.cross.align(micro_batch)
+            input_ids, labels = aligned.teacher_ids, aligned.teacher_labels
+        cfg = self.config
+        if not (cfg.sar or cfg.ka_samples or self.hidden_wanted or self.attention_layers):
+            out = TeacherOutputs(logits=self.logits(input_ids))
+        else:
+            out = self._instrumented(input_ids.to(self.device), labels.to(self.device), micro_tokens, num_items)
+            out = out.to(self.student_device) if self.device != self.student_device else out
+            if self.cross is None:
+                out.logits = match_vocab(out.logits, self.student_vocab)
+        out.aligned = aligned.to(self.student_device) if aligned is not None else None
+        return out
+
+    def _instrumented(self, input_ids: torch.Tensor, labels: torch.Tensor, micro_tokens: int, num_items: int):
+        """The forward with hooks: hidden states, attention maps, KA sampling, SAR's router term (with grad)."""
+        cfg = self.config
+        grad = torch.enable_grad() if cfg.sar else torch.no_grad()
+        routers = moe.capture_router_logits(self.model, self.patterns) if cfg.sar else nullcontext()
+        out = TeacherOutputs(logits=None)
+        with grad, self.autocast(), routers as routed:
+            if cfg.ka_samples:
+                generator = None if cfg.teacher_gradient_checkpointing else self.ka_generator
+                out.logits = moe.knowledge_augmentation(
+                    self.model, input_ids, cfg.ka_samples, mode=cfg.ka_mode, generator=generator
+                )
+            if self.hidden_wanted or self.attention_layers or not cfg.ka_samples:
+                from kagglekd.attention import capture_attention
+
+                layers = self.attention_layers
+                with capture_attention(self.model, layers) if layers else nullcontext() as capture:
+                    result = self.model(input_ids=input_ids, output_hidden_states=self.hidden_wanted)
+                out.logits = out.logits if out.logits is not None else result.logits
+                out.hidden = result.hidden_states if self.hidden_wanted else None
+                out.maps = [m.detach() for m in capture.maps()] if layers else None
+            if cfg.sar:
+                regs = moe.router_regularisers(self.model, self.initial_routers, routed, patterns=self.patterns)
+                teacher_ce = losses.ce_loss(out.logits, labels, num_items=micro_tokens)
+                mean = (
+                    cfg.sar_anchor_weight * regs["anchor"]
+                    + cfg.sar_balance_weight * regs["balance"]
+                    + cfg.sar_entropy_weight * regs["entropy"]
+                    + cfg.sar_teacher_ce_weight * teacher_ce
+                )
+                # a per-micro-batch mean, weighted by its share of the window's tokens
+                out.router = mean * (micro_tokens / num_items)
+        return out
+
+    # ---- state -------------------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """The teacher-side part of a checkpoint: adapted routers and the KA generator."""
+        state = {}
+        if self.router_params:
+            state["routers"] = moe.router_state_dict(self.model, self.patterns)
+        if self.ka_generator is not None:
+            state["ka_generator"] = self.ka_generator.get_state()
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        if self.router_params:
+            moe.load_router_state(self.model, state["routers"])
+        if self.ka_generator is not None and "ka_generator" in state:
+            self.ka_generator.set_state(state["ka_generator"])
+
+    def save_routers(self, path: str | Path) -> Path:
+        """The SAR-adapted router weights, in the run dir beside (never inside) student/."""
+        from safetensors.torch import save_file
+
+        from kagglekd.rundir import write_json
+
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        state = {name: t.contiguous() for name, t in moe.router_state_dict(self.model, self.patterns).items()}
+        save_file(state, str(path / "routers.safetensors"))
+        write_json(path / "source.json", {"teacher_model": self.config.teacher_model, "routers": sorted(state)})
+        return path
+
+
+def load(config: DistillConfig, student_tokenizer, *, device, dtype, student_device):
+    """``(teacher model or None, CrossTokenizer or None, vocab relation or None)`` for ``config``.
+
+    No teacher is loaded when none is needed (CE-only, or a teacher cache stands in for it)."""
+    if not live_teacher(config):
+        return None, None, None
+    teacher_tokenizer = models.load_tokenizer(config.teacher_tokenizer or config.teacher_model)
+    relation = alignment.classify_vocab_pair(teacher_tokenizer, student_tokenizer)
+    from kagglekd import rules
+
+    rules.raise_errors(rules.check(config, rules.Facts(vocab_relation=relation)))
+    if relation != "different" and config.cross_tokenizer:
+        log.info("cross_tokenizer is on but the vocabularies are %s: plain logit KD is used", relation)
+    model = models.load_model(
+        config.teacher_model,
+        role="teacher",
+        device=device,
+        dtype=dtype,
+        vocab_size=len(student_tokenizer),
+        seed=config.seed,
+    )
+    cross = None
+    if relation == "different":
+        teacher_vocab = model.get_output_embeddings().weight.shape[0]
+        cross = alignment.CrossTokenizer(teacher_tokenizer, student_tokenizer, teacher_vocab=teacher_vocab)
+        # targets are mapped where the student trains (split moves the teacher's outputs there): move the map
+        # once, not per chunk
+        cross.vocab_map = cross.vocab_map.to(student_device)
+    return model, cross, relation
+
+
+def match_vocab(logits: torch.Tensor, vocab: int) -> torch.Tensor:
+    """Make the last dim ``vocab`` wide when one side only has unused padding rows (classified "padded").
+
+    Rows past the shared vocabulary are dropped from a wider teacher; a narrower one is padded with -inf
+    (probability 0), never with zeros (which would be probability mass on tokens that do not exist).
+    """
+    width = logits.shape[-1]
+    if width == vocab:
+        return logits
+    if width > vocab:
+        return logits[..., :vocab]
+    pad = logits.new_full((*logits.shape[:-1], vocab - width), float("-inf"))
+    return torch.cat([logits, pad], dim=-1)
