@@ -325,6 +325,12 @@ class DistillConfig:
         rules.raise_errors(rules.check(self))
 
     @property
+    def live_teacher(self) -> bool:
+        """Whether the run loads and runs the teacher: a teacher cache or a CE-only run does not."""
+        transfers = self.alpha_kd > 0 or self.alpha_feature > 0 or self.alpha_attention > 0
+        return transfers and self.teacher_cache is None
+
+    @property
     def kd_options(self) -> KDOptions:
         """The KD arguments of this run, as one frozen object."""
         return KDOptions(

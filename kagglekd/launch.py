@@ -54,7 +54,7 @@ from kagglekd import gpus, rundir
 from kagglekd.config import DistillConfig
 from kagglekd.errors import ConfigError, KaggleKDError
 from kagglekd.gpus import GpuProfile
-from kagglekd.memory import TIGHT_FRACTION, GiB, MemoryPlan, StrategyChoice, choose_strategy, live_teacher
+from kagglekd.memory import TIGHT_FRACTION, GiB, MemoryPlan, StrategyChoice, choose_strategy
 
 log = logging.getLogger(__name__)
 
@@ -198,7 +198,7 @@ def plan_launch(
     if profile.capacity_bytes <= 0:
         reason = f"{profile.name} has no kagglekd GPU profile and its memory is not known, so memory was not planned"
         planned = profile.devices if config.strategy == "ddp" else 1
-    elif student_cfg is not None and (teacher_cfg is not None or not live_teacher(config)):
+    elif student_cfg is not None and (teacher_cfg is not None or not config.live_teacher):
         choice = choose_strategy(
             config,
             gpu=profile,
@@ -300,7 +300,7 @@ def train(
     if config is None:
         config = plan.config
     else:  # a split needs a live teacher; a CE-only twin has none
-        split_without_teacher = plan.strategy == "split" and not live_teacher(config)
+        split_without_teacher = plan.strategy == "split" and not config.live_teacher
         config = config.replace(strategy="single" if split_without_teacher else plan.strategy)
     if plan.mode == "notebook_launcher":
         return notebook_launch(

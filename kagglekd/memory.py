@@ -70,6 +70,7 @@ from kagglekd.config import PRESETS_DIR, DistillConfig
 from kagglekd.errors import KaggleKDError
 from kagglekd.gpus import GiB, GpuProfile, resolve
 from kagglekd.losses import rows_per_block
+from kagglekd.rules import moe_shape
 
 TIGHT_FRACTION = 0.85
 # Throughput of each extra data-parallel GPU relative to the first (gradient all-reduce, stragglers): an assumption
@@ -167,15 +168,9 @@ def _count_cached(config_json: str) -> ParamCount:
             expert += count
         elif name.endswith("mlp.gate.weight") or ".router." in name:
             router += count
-    experts, top_k = _moe_shape(config)
+    experts, top_k = moe_shape(config)
     active = total - expert + (expert * top_k // experts if experts else 0)
     return ParamCount(total, embedding, expert, active, router)
-
-
-def _moe_shape(config) -> tuple[int, int]:
-    experts = getattr(config, "num_experts", None) or getattr(config, "num_local_experts", None) or 0
-    top_k = getattr(config, "num_experts_per_tok", None) or 0
-    return int(experts), int(top_k)
 
 
 @dataclass(frozen=True)
@@ -197,7 +192,7 @@ class Shape:
     def of(cls, cfg) -> Shape:
         heads = cfg.num_attention_heads
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
-        experts, top_k = _moe_shape(cfg)
+        experts, top_k = moe_shape(cfg)
         if experts:
             intermediate = top_k * (getattr(cfg, "moe_intermediate_size", None) or cfg.intermediate_size)
         else:
@@ -271,7 +266,7 @@ class _Step:
     batch: int
     length: int
     on_gpu: bool
-    live: bool  # the trainer loads and runs the teacher (``live_teacher``)
+    live: bool  # the trainer loads and runs the teacher (``DistillConfig.live_teacher``)
     sar: bool
     tokens: int
     b: int  # activation bytes: 2 under fp16/bf16 autocast
@@ -416,7 +411,8 @@ def plan_memory(
     ``gpu``: a ``GpuProfile`` or anything ``gpus.resolve`` names; it must have a capacity (an unknown GPU read
     off a device does; an unknown name raises ``UnknownGpuError``). ``teacher_cfg``/``student_cfg`` are
     transformers configs (see ``resolve_model_config``); ``teacher_cfg`` may be None when the run loads no
-    teacher (``live_teacher``: CE-only or a teacher cache), whose plan counts no teacher weights or activations.
+    teacher (``config.live_teacher``: CE-only or a teacher cache), whose plan counts no teacher weights or
+    activations.
     ``batch_size`` and ``max_length`` override the config's (used by ``largest_fitting``). ``placement``:
     ``both`` (one device holds both models: strategies single and ddp) or, under strategy split, the ``student``
     or the ``teacher`` GPU.
@@ -424,9 +420,9 @@ def plan_memory(
     if placement not in PLACEMENTS:
         raise ValueError(f"placement {placement!r}: one of {', '.join(PLACEMENTS)}")
     profile = plannable(gpu)
-    live = live_teacher(config)
+    live = config.live_teacher
     if live and teacher_cfg is None:
-        raise ValueError("teacher_cfg is None, but this config runs a live teacher (see memory.live_teacher)")
+        raise ValueError("teacher_cfg is None, but this config runs a live teacher (see DistillConfig.live_teacher)")
     teacher = Shape.of(teacher_cfg) if teacher_cfg is not None else None
     batch, length, on_gpu = batch_size or config.batch_size, max_length or config.max_length, profile.name != "cpu"
     step = _Step(
@@ -566,12 +562,6 @@ class StrategyChoice:
         return {**out, "devices": {role: plan.to_dict() for role, plan in self.plans.items()}}
 
 
-def live_teacher(config: DistillConfig) -> bool:
-    """Whether a run loads and runs the teacher (the trainer's rule): a teacher cache or a CE-only run does not."""
-    transfers = config.alpha_kd > 0 or config.alpha_feature > 0 or config.alpha_attention > 0
-    return transfers and config.teacher_cache is None
-
-
 def _teacher_student_split(plan: MemoryPlan) -> tuple[int, int]:
     """(teacher bytes, student bytes) of a one-device plan; the runtime overhead counts on neither side."""
     teacher = sum(plan.parts.get(name, 0) for name in (*TEACHER_PARTS, "teacher_logits"))
@@ -612,7 +602,7 @@ def _candidates(config: DistillConfig, profile: GpuProfile, devices: int, kw: di
     candidates: _Candidates = {"single": (both, 1.0, 1)}
     if devices > 1:
         candidates["ddp"] = (both, 1 + (devices - 1) * DDP_EFFICIENCY, devices)
-        if live_teacher(config):
+        if config.live_teacher:
             split = {p: plan_memory(config, gpu=profile, placement=p, **kw) for p in ("student", "teacher")}
             candidates["split"] = (split, 1.0, 1)
     return candidates

@@ -109,16 +109,11 @@ def raise_errors(findings: Iterable[Finding]) -> None:
 
 
 # ---- helpers ---------------------------------------------------------------------------------------------
-def _live_teacher(config: DistillConfig) -> bool:
-    from kagglekd.memory import live_teacher
-
-    return live_teacher(config)
-
-
-def _experts(model_config: Any) -> int:
-    from kagglekd.memory import _moe_shape
-
-    return _moe_shape(model_config)[0]
+def moe_shape(model_config: Any) -> tuple[int, int]:
+    """(experts per layer, experts per token) from a model config; (0, 0) for a dense model."""
+    experts = getattr(model_config, "num_experts", None) or getattr(model_config, "num_local_experts", None) or 0
+    top_k = getattr(model_config, "num_experts_per_tok", None) or 0
+    return int(experts), int(top_k)
 
 
 def _error(id: str, field: str, message: str, fix: str, patch: Mapping[str, Any] | None = None) -> Finding:
@@ -255,7 +250,7 @@ def _transfer_needs_kd(config: DistillConfig, facts: Facts) -> Iterator[Finding]
 
 
 def _split_needs_teacher(config: DistillConfig, facts: Facts) -> Iterator[Finding]:
-    if config.strategy == "split" and not _live_teacher(config):
+    if config.strategy == "split" and not config.live_teacher:
         yield _error(
             "strategy",
             "strategy",
@@ -268,7 +263,7 @@ def _split_needs_teacher(config: DistillConfig, facts: Facts) -> Iterator[Findin
 
 def _moe_without_teacher(config: DistillConfig, facts: Facts) -> Iterator[Finding]:
     # sar with alpha_kd 0 and every option under teacher_cache have their own finding above
-    if config.teacher_cache is not None or _live_teacher(config):
+    if config.teacher_cache is not None or config.live_teacher:
         return
     for name, on in MOE_OPTIONS.items():
         if name != "sar" and on(config):
@@ -318,7 +313,7 @@ def _split_needs_two_gpus(config: DistillConfig, facts: Facts) -> Iterator[Findi
 
 # ---- rules on the models ---------------------------------------------------------------------------------
 def _vocabularies(config: DistillConfig, facts: Facts) -> Iterator[Finding]:
-    if facts.vocab_relation == "different" and not config.cross_tokenizer and _live_teacher(config):
+    if facts.vocab_relation == "different" and not config.cross_tokenizer and config.live_teacher:
         yield _error(
             "tokenizer",
             "cross_tokenizer",
@@ -374,9 +369,9 @@ def _data_size(config: DistillConfig, facts: Facts) -> Iterator[Finding]:
 
 
 def _moe_teacher(config: DistillConfig, facts: Facts) -> Iterator[Finding]:
-    if facts.teacher is None or not _live_teacher(config) or config.router_patterns:
+    if facts.teacher is None or not config.live_teacher or config.router_patterns:
         return  # router_patterns: the routers are found in the loaded modules, not the config
-    experts = _experts(facts.teacher)
+    experts = moe_shape(facts.teacher)[0]
     on = [name for name, is_on in MOE_OPTIONS.items() if is_on(config)]
     if not experts:
         model_type = getattr(facts.teacher, "model_type", "?")
@@ -405,7 +400,7 @@ def _moe_teacher(config: DistillConfig, facts: Facts) -> Iterator[Finding]:
 
 
 def _layer_counts(config: DistillConfig, facts: Facts) -> Iterator[Finding]:
-    if facts.teacher is None or facts.student is None or not _live_teacher(config):
+    if facts.teacher is None or facts.student is None or not config.live_teacher:
         return
     student_layers, teacher_layers = facts.student.num_hidden_layers, facts.teacher.num_hidden_layers
     for weight, name, count in (
@@ -429,7 +424,7 @@ def _layer_counts(config: DistillConfig, facts: Facts) -> Iterator[Finding]:
 
 
 def _attention_families_rule(config: DistillConfig, facts: Facts) -> Iterator[Finding]:
-    if config.alpha_attention <= 0 or not _live_teacher(config):
+    if config.alpha_attention <= 0 or not config.live_teacher:
         return
     from kagglekd.attention import ATTENTION_FAMILIES as families
 

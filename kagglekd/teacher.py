@@ -16,7 +16,6 @@ import torch
 
 from kagglekd import alignment, data, losses, models, moe
 from kagglekd.config import DistillConfig
-from kagglekd.memory import live_teacher
 
 log = logging.getLogger(__name__)
 
@@ -212,7 +211,7 @@ def load(config: DistillConfig, student_tokenizer, *, device, dtype, student_dev
     """``(teacher model or None, CrossTokenizer or None, vocab relation or None)`` for ``config``.
 
     No teacher is loaded when none is needed (CE-only, or a teacher cache stands in for it)."""
-    if not live_teacher(config):
+    if not config.live_teacher:
         return None, None, None
     teacher_tokenizer = models.load_tokenizer(config.teacher_tokenizer or config.teacher_model)
     relation = alignment.classify_vocab_pair(teacher_tokenizer, student_tokenizer)

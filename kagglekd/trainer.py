@@ -31,7 +31,6 @@ from kagglekd import teacher as teacher_side
 from kagglekd.config import DistillConfig
 from kagglekd.errors import ConfigError, KaggleKDError
 from kagglekd.evaluation import Evaluator
-from kagglekd.memory import live_teacher
 from kagglekd.metrics import HistoryWriter
 from kagglekd.objective import COMPONENTS, Objective
 from kagglekd.schedule import SchedulePlan, batches_per_epoch, build_scheduler, plan_schedule
@@ -640,7 +639,7 @@ def resolve_strategy(cfg: DistillConfig, processes: int) -> str:
     if cfg.strategy != "auto":
         return cfg.strategy
     two_gpus = torch.cuda.is_available() and torch.cuda.device_count() >= 2
-    return "ddp" if processes > 1 else "split" if two_gpus and live_teacher(cfg) else "single"
+    return "ddp" if processes > 1 else "split" if two_gpus and cfg.live_teacher else "single"
 
 
 def failure_report(state: TrainState, row: dict, window: Window, newest: Path | None) -> dict:

@@ -81,7 +81,7 @@ def test_resume_never_sets_an_older_runs_checkpoints_aside(tmp_path):
 def test_non_finite_loss_with_finite_gradients_is_not_applied(tmp_path):
     """With closed-form gradients a non-finite loss can come with finite gradients: the update must be skipped
     before optimizer.step(), not applied and then counted as skipped."""
-    distiller = Distiller(_config(tmp_path, max_steps=3)).setup()
+    distiller = Distiller(_config(tmp_path, max_steps=3, warmup_steps=0)).setup()  # LR > 0 at step 0
     original = distiller.objective.total
     distiller.objective.total = lambda parts, fused=None: original(parts, fused) + torch.tensor(float("inf"))
     before = [p.detach().clone() for p in distiller.student.parameters()]

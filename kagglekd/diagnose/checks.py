@@ -141,9 +141,8 @@ def check_tokenizers(ctx: Context) -> None:
 
 
 def _live_teacher(config: DistillConfig) -> bool:
-    from kagglekd.memory import live_teacher
 
-    return live_teacher(config)
+    return config.live_teacher
 
 
 # ---- the kit's rules ------------------------------------------------------------------------------------

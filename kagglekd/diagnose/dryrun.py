@@ -11,9 +11,9 @@ from kagglekd.memory import TINY_PRESETS, flops_per_token
 
 
 def _is_moe(model_cfg) -> bool:
-    from kagglekd.memory import _moe_shape
+    from kagglekd.rules import moe_shape
 
-    return model_cfg is not None and _moe_shape(model_cfg)[0] > 0
+    return model_cfg is not None and moe_shape(model_cfg)[0] > 0
 
 
 def _local_or_tiny(name: str) -> bool:
