@@ -106,15 +106,15 @@ def load(accelerator, path: str | os.PathLike, planned_steps: int) -> tuple[dict
 
 def set_aside(directory: Path) -> Path | None:
     """A fresh run (``resume: never``) into a run dir holding an older run's checkpoints: move them to
-    ``checkpoints-previous-K`` so pruning cannot delete the new run's checkpoints in their favour and a later
-    ``resume: auto`` cannot pick the old run up. Nothing is deleted. Returns where they went."""
+    ``checkpoints-previous`` so pruning cannot delete the new run's checkpoints in their favour and a later
+    ``resume: auto`` cannot pick the old run up. One earlier run is kept there (the one before it is removed,
+    so repeated fresh runs do not fill Kaggle's 20 GB). Returns where they went."""
     if not complete_checkpoints(directory):
         return None
-    index = 1
-    while (target := directory.with_name(f"{directory.name}-previous-{index}")).exists():
-        index += 1
+    target = directory.with_name(f"{directory.name}-previous")
+    shutil.rmtree(target, ignore_errors=True)
     os.replace(directory, target)
-    log.warning("resume never: the earlier run's checkpoints were moved to %s (nothing deleted)", target)
+    log.warning("resume never: the earlier run's checkpoints were moved to %s", target)
     return target
 
 

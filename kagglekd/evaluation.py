@@ -53,10 +53,11 @@ class Evaluator:
         model.eval()
         totals = EvalTotals()
         with_teacher = with_teacher and self.teacher is not None and self.teacher.live
+        model_device = next(model.parameters()).device  # the teacher sits on its own GPU under split
         for batch in self._batches():
             input_ids, labels = data.next_token_batch(batch.to(self.device))
             with self.accelerator.autocast():
-                logits = model(input_ids=input_ids).logits
+                logits = model(input_ids=input_ids.to(model_device)).logits.to(self.device)
             logits = match_vocab(logits, self.student_vocab)
             ce_sum = float(losses.ce_loss(logits, labels, num_items=1, chunk_size=self.chunk_size))
             kd_sum, agree, compared = 0.0, 0, 0

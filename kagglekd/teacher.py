@@ -16,6 +16,7 @@ import torch
 
 from kagglekd import alignment, data, losses, models, moe
 from kagglekd.config import DistillConfig
+from kagglekd.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +87,11 @@ class TeacherSide:
         if not options or self.model is None:
             return None
         info = moe.require_moe(self.model, options[0], self.patterns)
+        for name in ("expert_top_k_start", "expert_top_k_end"):  # rules check this from the config, except for
+            value = getattr(cfg, name)  # families found through router_patterns: checked here on the modules
+            if value is not None and value > info.experts_per_layer:
+                raise ConfigError(f"{name} = {value}: the teacher has {info.experts_per_layer} experts per layer. "
+                                  f"Set {name} to at most {info.experts_per_layer}.", name)  # fmt: skip
         if cfg.ka_samples:
             self.ka_generator = torch.Generator(device=self.device).manual_seed(cfg.seed + 17)
         if cfg.all_experts or (cfg.sar and not cfg.ka_samples):

@@ -66,7 +66,7 @@ class TrainState:
     alignment: alignment.AlignmentStats = field(default_factory=alignment.AlignmentStats)
 
     def to_dict(self) -> dict:
-        return {**dataclasses.asdict(self), "alignment": dataclasses.asdict(self.alignment)}
+        return dataclasses.asdict(self)  # the alignment stats become a dict too
 
     def finish_step(self, step: int, skipped: bool) -> int:
         """Count ``step`` as done (skipped or not); returns the total of skipped steps."""
@@ -244,7 +244,7 @@ class Distiller:
     # ---- the step --------------------------------------------------------------------------------------
     def _train_step(self, window: Window, apply: bool = True) -> dict:
         """One optimizer step over one accumulation window. ``apply=False`` stops after backward (gradients left
-        in ``.grad``; nothing stepped, counted or logged) and returns the window's sums."""
+        in ``.grad``; no optimizer or scheduler step, no history row) and returns the window's sums."""
         started = time.perf_counter()
         lr = self.optimizer.optimizer.param_groups[0]["lr"]
         teacher_top_k = self.teacher_side.expert_schedule(window.step, self.plan.optimizer_steps)

@@ -71,7 +71,7 @@ def test_resume_never_sets_an_older_runs_checkpoints_aside(tmp_path):
     fresh = Distiller(_config(tmp_path, save_steps=2, max_steps=8, seed=1))
     fresh.train(max_steps=3)
     assert checkpoint.latest_checkpoint(fresh.checkpoint_dir).name == "step-2"
-    moved = tmp_path / "run" / "checkpoints-previous-1"
+    moved = tmp_path / "run" / "checkpoints-previous"
     assert sorted(p.name for p in checkpoint.complete_checkpoints(moved)) == old  # nothing deleted
     resumed = Distiller(_config(tmp_path, save_steps=2, max_steps=8, seed=1, resume="auto")).setup()
     resumed._maybe_resume()

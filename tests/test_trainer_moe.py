@@ -146,3 +146,11 @@ def test_sar_resume_restores_routers_and_projections(tmp_path):
     for column in ("loss", "kd", "feature", "router"):
         assert (a[column] - b[column]).abs().max() < 1e-6, column
     assert json.loads((tmp_path / "cut" / "teacher_routers" / "source.json").read_text())["routers"]
+
+
+def test_expert_top_k_beyond_the_experts_is_a_config_error_with_router_patterns(tmp_path):
+    """With router_patterns the rules cannot count experts from the config; setup counts them on the modules."""
+    config = tiny(tmp_path, router_patterns=[r"mlp\.gate$"], expert_top_k_start=9, expert_top_k_end=9)
+    with pytest.raises(ConfigError) as err:
+        Distiller(config).setup()
+    assert err.value.field == "expert_top_k_start" and "4 experts" in str(err.value)
