@@ -13,7 +13,6 @@ import math
 from collections.abc import Callable
 
 from kagglekd import rules
-from kagglekd.config import DistillConfig
 from kagglekd.diagnose.context import Context
 from kagglekd.diagnose.parsing import tokenizer_family
 from kagglekd.diagnose.plan import check_cadence, check_extras, check_schedule, check_time
@@ -128,7 +127,7 @@ def check_tokenizers(ctx: Context) -> None:
     if None in fams.values():
         return
     ctx.relation = "identical" if fams["teacher"] == fams["student"] else "different"
-    if ctx.relation == "different" and cfg.cross_tokenizer and _live_teacher(cfg):
+    if ctx.relation == "different" and cfg.cross_tokenizer and cfg.live_teacher:
         vocab = ""
         if ctx.teacher_cfg is not None and ctx.student_cfg is not None:
             vocab = f" (vocab {ctx.teacher_cfg.vocab_size:,} vs {ctx.student_cfg.vocab_size:,})"
@@ -138,11 +137,6 @@ def check_tokenizers(ctx: Context) -> None:
             "cross_tokenizer",
             f"different vocabularies{vocab}; cross_tokenizer is on, so KD runs on offset-aligned positions.",
         )
-
-
-def _live_teacher(config: DistillConfig) -> bool:
-
-    return config.live_teacher
 
 
 # ---- the kit's rules ------------------------------------------------------------------------------------
