@@ -137,3 +137,22 @@ class Evaluator:
         )  # fmt: skip
         write_json(path, {"setup": report})
         return report
+
+
+def load_finished_run(run_dir: str | Path):
+    """A finished run's ``Distiller``, set up for evaluation: its teacher (with the SAR-adapted routers when the
+    run trained them), tokenizer and held-out blocks. ``evaluate --run`` and ``report`` (03_evaluate) load runs
+    here, so every evaluation after training uses the same teacher; ``distiller.teacher_side.describe()`` says
+    which routers and routing that is."""
+    from kagglekd.config import DistillConfig
+    from kagglekd.errors import ConfigError
+    from kagglekd.rundir import CONFIG_FILE
+    from kagglekd.trainer import Distiller
+
+    run_dir = Path(run_dir)
+    if not (run_dir / CONFIG_FILE).exists():
+        raise ConfigError(f"{run_dir / CONFIG_FILE} not found: expected a run directory written by `train`.")
+    config = DistillConfig.from_json(run_dir / CONFIG_FILE)
+    distiller = Distiller(config, output_dir=run_dir, write_run_dir=False).setup()
+    distiller.teacher_side.use_adapted_routers(run_dir)
+    return distiller

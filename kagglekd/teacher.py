@@ -20,6 +20,8 @@ from kagglekd.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
+ROUTERS_FILE = "routers.safetensors"  # in the run dir's teacher_routers/
+
 
 @dataclass
 class TeacherOutputs:
@@ -72,6 +74,8 @@ class TeacherSide:
         self.ka_generator: torch.Generator | None = None
         self.hidden_wanted = False  # feature transfer reads the hidden states
         self.attention_layers: list[int] = []  # teacher layers whose attention maps are matched
+        self.own_top_k: int | None = None  # the teacher's own experts per token (before all-experts)
+        self.routers_source = "original"  # or the adapted routers' file, once loaded for evaluation
 
     @property
     def live(self) -> bool:
@@ -87,6 +91,10 @@ class TeacherSide:
         if not options or self.model is None:
             return None
         info = moe.require_moe(self.model, options[0], self.patterns)
+        # the routing the teacher was trained with: SAR's load balance is measured at this k (under all-experts
+        # every expert gets every token, so a balance term there would be constant)
+        self.own_top_k = info.experts_per_token or None
+        known = bool(moe.find_routers(self.model))  # a family in moe.MOE_FAMILIES, not only router_patterns
         for name in ("expert_top_k_start", "expert_top_k_end"):  # rules check this from the config, except for
             value = getattr(cfg, name)  # families found through router_patterns: checked here on the modules
             if value is not None and value > info.experts_per_layer:
@@ -94,9 +102,15 @@ class TeacherSide:
                                   f"Set {name} to at most {info.experts_per_layer}.", name)  # fmt: skip
         if cfg.ka_samples:
             self.ka_generator = torch.Generator(device=self.device).manual_seed(cfg.seed + 17)
-        if cfg.all_experts or (cfg.sar and not cfg.ka_samples):
-            # SAR runs every expert so the routers' weights over all of them carry the gradient.
+        if cfg.all_experts or (cfg.sar and not cfg.ka_samples and known):
+            # SAR runs every expert so the routers' weights over all of them carry the gradient. A family known
+            # only through router_patterns keeps its own routing (its top-k lives in a forward the kit cannot
+            # change); the gradient then reaches the routers through the chosen experts' weights.
             moe.set_experts_per_token(self.model, info.experts_per_layer)
+        if cfg.sar and cfg.sar_balance_weight > 0 and self.own_top_k is None:
+            raise ConfigError("sar_balance_weight > 0 needs the teacher's experts per token, and its config has no "
+                              "num_experts_per_tok. Set sar_balance_weight = 0 for this teacher.",
+                              "sar_balance_weight")  # fmt: skip
         if cfg.sar:
             self.router_params = moe.prepare_sar(self.model, self.patterns)
             for param in self.router_params:  # router updates need fp32 even when the teacher runs in fp16
@@ -171,7 +185,9 @@ class TeacherSide:
                 out.hidden = result.hidden_states if self.hidden_wanted else None
                 out.maps = [m.detach() for m in capture.maps()] if layers else None
             if cfg.sar:
-                regs = moe.router_regularisers(self.model, self.initial_routers, routed, patterns=self.patterns)
+                regs = moe.router_regularisers(
+                    self.model, self.initial_routers, routed, patterns=self.patterns, top_k=self.own_top_k
+                )
                 teacher_ce = losses.ce_loss(out.logits, labels, num_items=micro_tokens)
                 mean = (
                     cfg.sar_anchor_weight * regs["anchor"]
@@ -199,6 +215,40 @@ class TeacherSide:
         if self.ka_generator is not None and "ka_generator" in state:
             self.ka_generator.set_state(state["ka_generator"])
 
+    def use_adapted_routers(self, run_dir: str | Path) -> str:
+        """Load a finished SAR run's adapted routers (``run_dir/teacher_routers/``) into the teacher, for
+        evaluation; returns (and keeps in ``routers_source``) which routers the teacher now has."""
+        from safetensors.torch import load_file
+
+        from kagglekd.rundir import ROUTERS_DIR
+
+        path = Path(run_dir) / ROUTERS_DIR / ROUTERS_FILE
+        if self.model is None or not self.config.sar:
+            return self.routers_source
+        if not path.exists():
+            log.warning("%s is missing: the teacher is evaluated with its ORIGINAL routers, not the adapted ones "
+                        "this SAR run trained", path)  # fmt: skip
+            return self.routers_source
+        moe.load_router_state(self.model, load_file(str(path), device=str(self.device)))
+        self.routers_source = f"adapted by SAR ({path})"
+        log.info("teacher routers: %s", self.routers_source)
+        return self.routers_source
+
+    def describe(self) -> dict:
+        """Which routers and which routing the teacher's evaluation uses (stated in eval.json and the card)."""
+        if self.model is None:
+            return {}
+        info = moe.moe_info(self.model, self.patterns)
+        if not info.is_moe:
+            return {"teacher_routers": "dense teacher (no routers)", "teacher_routing": "dense"}
+        k = info.experts_per_token
+        routing = (f"all {info.experts_per_layer} experts per token" if k == info.experts_per_layer
+                   else f"top-{k} of {info.experts_per_layer} experts per token" if k
+                   else "the model's own top-k")  # fmt: skip
+        if self.config.ka_samples:
+            routing += " (deterministic: KA's sampled routings make the training targets only)"
+        return {"teacher_routers": self.routers_source, "teacher_routing": routing}
+
     def save_routers(self, path: str | Path) -> Path:
         """The SAR-adapted router weights, in the run dir beside (never inside) student/."""
         from safetensors.torch import save_file
@@ -208,7 +258,7 @@ class TeacherSide:
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         state = {name: t.contiguous() for name, t in moe.router_state_dict(self.model, self.patterns).items()}
-        save_file(state, str(path / "routers.safetensors"))
+        save_file(state, str(path / ROUTERS_FILE))
         write_json(path / "source.json", {"teacher_model": self.config.teacher_model, "routers": sorted(state)})
         return path
 
