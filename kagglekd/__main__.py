@@ -36,6 +36,40 @@ def _add_config_args(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_bundle_parser(sub) -> None:
+    """The ``bundle`` subcommand and its flags."""
+    from kagglekd.gpus import BUNDLE_ACCELERATORS  # the shapes the kit has a planner profile for (no torch import)
+
+    bundle = sub.add_parser("bundle", help="write a push-ready Kaggle kernel folder (kernel-metadata.json + notebook)")
+    bundle.add_argument("--owner", required=True, help="your Kaggle username")
+    bundle.add_argument("--slug", help="kernel slug (default: from the title, else kagglekd-<preset>)")
+    bundle.add_argument("--title", help="kernel title; slugify(title) must equal the slug")
+    bundle.add_argument("--config", default=None, help="preset name or JSON config path (default: the T4x2 preset)")
+    bundle.add_argument(
+        "--accelerator",
+        choices=BUNDLE_ACCELERATORS,
+        default=BUNDLE_ACCELERATORS[0],
+        help="kernel-metadata machine_shape; the notebook plans memory and time for its GPU profile "
+        "(default NvidiaTeslaT4 = T4 x2; some shapes are limited to competitions or admins)",
+    )
+    bundle.add_argument("--public", action="store_true", help="make the kernel public (default private)")
+    bundle.add_argument(
+        "--internet",
+        choices=("on", "off"),
+        default=None,
+        help="enable_internet (default: on when the config names hub models or datasets)",
+    )
+    bundle.add_argument("--dataset", action="append", default=[], metavar="OWNER/SLUG", help="attach a dataset")
+    bundle.add_argument(
+        "--kernel-source",
+        action="append",
+        default=[],
+        metavar="OWNER/SLUG",
+        help="attach another kernel's output, e.g. this kernel's previous version to resume",
+    )
+    bundle.add_argument("--out", required=True, help="folder to write (then: kaggle kernels push -p FOLDER)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="python -m kagglekd", description=__doc__.split("\n")[0])
     parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors in the log")
@@ -59,7 +93,18 @@ def build_parser() -> argparse.ArgumentParser:
     train = sub.add_parser("train", help="distil a student (resumes from the newest checkpoint by default)")
     _add_config_args(train)
     train.add_argument("--output-dir", help="run directory (default: the config's output_dir)")
-    train.add_argument("--max-steps", type=int, help="stop after this many optimizer steps in total")
+    train.add_argument(
+        "--max-steps",
+        type=int,
+        help="optimizer steps of the plan (config max_steps): the LR schedule, warmup, last eval and export follow it",
+    )
+    train.add_argument(
+        "--stop-after",
+        type=int,
+        metavar="N",
+        help="pause after N optimizer steps of the plan in total (config stop_after): checkpoint, no export; "
+        "train again to resume",
+    )
     train.add_argument("--resume", help="auto (newest checkpoint in the output dir), never, or a checkpoint path")
     train.add_argument("--help-config", action="store_true", help="list every config key with its default")
 
@@ -75,27 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
     doctor.add_argument("--json", action="store_true", help="print the report as JSON")
     doctor.add_argument("--check-internet", action="store_true", help="open one TCP connection to pypi.org")
 
-    bundle = sub.add_parser("bundle", help="write a push-ready Kaggle kernel folder (kernel-metadata.json + notebook)")
-    bundle.add_argument("--owner", required=True, help="your Kaggle username")
-    bundle.add_argument("--slug", help="kernel slug (default: from the title, else kagglekd-<preset>)")
-    bundle.add_argument("--title", help="kernel title; slugify(title) must equal the slug")
-    bundle.add_argument("--config", default=None, help="preset name or JSON config path (default: the T4x2 preset)")
-    bundle.add_argument("--public", action="store_true", help="make the kernel public (default private)")
-    bundle.add_argument(
-        "--internet",
-        choices=("on", "off"),
-        default=None,
-        help="enable_internet (default: on when the config names hub models or datasets)",
-    )
-    bundle.add_argument("--dataset", action="append", default=[], metavar="OWNER/SLUG", help="attach a dataset")
-    bundle.add_argument(
-        "--kernel-source",
-        action="append",
-        default=[],
-        metavar="OWNER/SLUG",
-        help="attach another kernel's output, e.g. this kernel's previous version to resume",
-    )
-    bundle.add_argument("--out", required=True, help="folder to write (then: kaggle kernels push -p FOLDER)")
+    _add_bundle_parser(sub)
 
     # diagnose parses its own flags (kagglekd.diagnose.main); listed here for the top-level --help.
     sub.add_parser("diagnose", help="findings, fixes, LR plan and memory plan before spending GPU time", add_help=False)
@@ -104,6 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _load_config(args):
     from kagglekd.config import DistillConfig
+    from kagglekd.env import local_config
 
     config = DistillConfig.load(args.config).with_overrides(args.overrides)
     changes = {}
@@ -111,7 +137,10 @@ def _load_config(args):
         changes["output_dir"] = args.output_dir
     if getattr(args, "resume", None):
         changes["resume"] = args.resume
-    return config.replace(**changes) if changes else config
+    for flag in ("max_steps", "stop_after"):  # train's flags: the config keys of the same name
+        if getattr(args, flag, None) is not None:
+            changes[flag] = getattr(args, flag)
+    return local_config(config.replace(**changes) if changes else config)  # off Kaggle: no /kaggle/working
 
 
 def cmd_train(args) -> int:
@@ -127,12 +156,14 @@ def cmd_train(args) -> int:
     config = _load_config(args)
     distiller = Distiller(config)
     try:
-        summary = distiller.train(max_steps=args.max_steps)
+        summary = distiller.train()
     except TrainingStopped as stop:
         print(f"stopped: {stop}", file=sys.stderr)
         return EXIT_STOPPED
     if distiller.is_main:  # under DDP every rank returns; one prints
         print(json.dumps(summary, indent=2, default=str))
+        if summary.get("paused"):
+            print(summary["resume"])
     leave_worker(distiller)  # under torchrun: all ranks meet, then leave without interpreter teardown
     return 0
 
@@ -179,6 +210,9 @@ def cmd_evaluate(args) -> int:
 
     rows = evaluate_run(Path(args.run))
     print(format_table(rows, ["model", "eval_ppl", "top1_agreement", "eval_tokens"]))
+    teacher = next((row for row in rows if "teacher_routers" in row), None)
+    if teacher is not None:
+        print(f"teacher routers: {teacher['teacher_routers']}; routing: {teacher['teacher_routing']}")
     print(f"written: {Path(args.run) / 'eval.json'}")
     return 0
 
@@ -205,29 +239,26 @@ def cmd_doctor(args) -> int:
 
 
 def cmd_bundle(args) -> int:
-    from kagglekd.bundle import DEFAULT_CONFIG, kaggle_cli_problems, write_bundle
+    from kagglekd.bundle import DEFAULT_CONFIG, kaggle_cli_unavailable, write_bundle
 
-    folder = write_bundle(
+    unavailable = kaggle_cli_unavailable()  # None, or why the CLI's push checks cannot run (and its fix)
+    folder = write_bundle(  # refuses (ConfigError, exit 2) before writing anything
         args.out,
         owner=args.owner,
         slug=args.slug,
         title=args.title,
         config=args.config or DEFAULT_CONFIG,
+        accelerator=args.accelerator,
         public=args.public,
         internet=None if args.internet is None else args.internet == "on",
         datasets=args.dataset,
         kernel_sources=args.kernel_source,
+        cli_checks=unavailable is None,
     )
-    try:
-        problems = kaggle_cli_problems(folder)
-        checked = "the kaggle CLI's own push checks passed"
-    except ImportError:
-        problems, checked = [], "kaggle package not installed: its push checks were not run"
-    for problem in problems:
-        print(f"kaggle CLI: {problem}", file=sys.stderr)
-    if problems:
-        return EXIT_USAGE
-    print(f"written: {folder} (kernel-metadata.json + notebook; validated; {checked})")
+    checked = "the kaggle CLI's own push checks passed" if unavailable is None else "kaggle CLI checks not run"
+    print(f"written: {folder} (kernel-metadata.json + notebook for {args.accelerator}; validated; {checked})")
+    if unavailable is not None:
+        print(f"note: {unavailable}", file=sys.stderr)
     print(f"push it: kaggle kernels push -p {folder}")
     return 0
 

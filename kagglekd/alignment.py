@@ -503,6 +503,11 @@ class AlignmentStats:
         }
 
 
+def _attached(teacher_logits: Tensor) -> bool:
+    """Whether the teacher's gradient is wanted (SAR): the loss then keeps the teacher's logits attached."""
+    return torch.is_grad_enabled() and teacher_logits.requires_grad
+
+
 def _aligned_positions(aligned: AlignedBatch, labels: Tensor, teacher_logits: Tensor) -> tuple[Tensor, Tensor, int]:
     """Flat student positions that are valid and aligned, the rows of ``teacher_logits.flatten(0, 1)`` aligned
     to them, and the batch's valid count."""
@@ -510,6 +515,48 @@ def _aligned_positions(aligned: AlignedBatch, labels: Tensor, teacher_logits: Te
     flat = (aligned.aligned.to(labels.device) & valid).reshape(-1).nonzero().squeeze(-1)
     target = aligned.target.to(labels.device).reshape(-1)[flat]
     return flat, flat // labels.shape[-1] * teacher_logits.shape[1] + target, int(valid.sum())
+
+
+class _MappedRows(torch.autograd.Function):
+    """``mapped_targets`` of ``teacher_rows[sources]`` chunk by chunk, differentiable w.r.t. ``teacher_rows``.
+
+    ``teacher_rows`` ``[M, V_t]``, ``sources`` ``[N]`` rows to map, ``settings`` ``(vocab_map, temperature, top_k,
+    chunk_size)`` -> ``indices`` ``[N, k]``, ``logprobs`` ``[N, k]``, ``tail`` ``[N]``, ``mapped_mass`` ``[N]``
+    (indices and mass non-differentiable). The forward keeps no graph; the backward maps one chunk again with
+    grad (a checkpoint per chunk) and adds its rows' gradient into one ``[M, V_t]`` buffer in the teacher's
+    dtype, where per-chunk autograd of ``teacher_rows[chunk]`` would allocate a full-size buffer per chunk.
+    """
+
+    @staticmethod
+    def forward(ctx, teacher_rows, sources, settings):
+        vocab_map, temperature, top_k, chunk_size = settings
+        pieces = [mapped_targets(teacher_rows[c], vocab_map, temperature, top_k) for c in sources.split(chunk_size)]
+        indices, logprobs, tail = (torch.cat(field) for field in zip(*(targets for targets, _ in pieces)))
+        mass = torch.cat([chunk_mass for _, chunk_mass in pieces])
+        ctx.save_for_backward(teacher_rows, sources)
+        ctx.settings = settings
+        ctx.mark_non_differentiable(indices, mass)
+        return indices, logprobs, tail, mass
+
+    @staticmethod
+    def backward(ctx, _grad_indices, grad_logprobs, grad_tail, _grad_mass):
+        teacher_rows, sources = ctx.saved_tensors
+        vocab_map, temperature, top_k, chunk_size = ctx.settings
+        grad = torch.zeros_like(teacher_rows)
+        start = 0
+        for chunk in sources.split(chunk_size):
+            end = start + chunk.numel()
+            with torch.enable_grad():
+                rows = teacher_rows[chunk].detach().requires_grad_()
+                targets, _ = mapped_targets(rows, vocab_map, temperature, top_k)
+                pairs = ((targets.logprobs, grad_logprobs), (targets.tail, grad_tail))
+                wanted = [(out, g[start:end]) for out, g in pairs if g is not None]
+                if wanted:
+                    outputs, grad_outputs = zip(*wanted)
+                    (rows_grad,) = torch.autograd.grad(outputs, rows, grad_outputs)
+                    grad.index_add_(0, chunk, rows_grad)  # index_add: a teacher row may serve several positions
+            start = end
+        return grad, None, None
 
 
 def cross_targets(
@@ -527,7 +574,12 @@ def cross_targets(
     ``[B, T]`` (zeros at unaligned positions), ``kd_labels`` ``[B, T]`` (``labels`` with unaligned positions set
     to -100), ``AlignmentStats)``. ``options.temperature`` and ``options.top_k`` shape the targets (the other
     fields are not used). Feed both to ``kd_loss`` or ``fused_lm_head_kd`` with ``options.replace(top_k=None)``
-    (the targets are already top-k).
+    (the targets are already top-k). The teacher rows are mapped ``chunk_size`` at a time, so one chunk's float32
+    ``[chunk, V_teacher]`` copies are alive at a time. When ``teacher_logits`` requires grad (SAR trains the
+    teacher's routers through KD) the targets stay attached to it: ``logprobs`` and ``tail`` are differentiable
+    (the mapped indices and the top-k selection are constants), and the backward pass re-runs one chunk at a
+    time (a checkpoint per chunk) into one gradient buffer the size of ``teacher_logits``. Otherwise the
+    teacher is detached.
     """
     flat, sources, batch_valid = _aligned_positions(aligned, labels, teacher_logits)
     shape = labels.shape
@@ -538,13 +590,10 @@ def cross_targets(
             torch.zeros(shape, device=labels.device),
         )
         return empty, torch.full_like(labels, IGNORE_INDEX), AlignmentStats(batch_valid, 0, 0.0)
-    teacher_rows = teacher_logits.detach().flatten(0, 1)
-    pieces, mass_sum = [], 0.0
-    for chunk in sources.split(chunk_size):  # one chunk's float32 [chunk, V_teacher] copies alive at a time
-        targets, mass = mapped_targets(teacher_rows[chunk], vocab_map, options.temperature, options.top_k)
-        pieces.append(targets)
-        mass_sum += float(mass.sum())
-    indices, logprobs, tail = (torch.cat(parts) for parts in zip(*pieces))
+    teacher_rows = teacher_logits.flatten(0, 1) if _attached(teacher_logits) else teacher_logits.detach().flatten(0, 1)
+    settings = (vocab_map, options.temperature, options.top_k, chunk_size)
+    indices, logprobs, tail, mass = _MappedRows.apply(teacher_rows, sources, settings)
+    mass_sum = float(mass.sum())
     count, k = shape.numel(), indices.shape[-1]
     full = TeacherTopK(
         indices.new_zeros((count, k)).index_copy(0, flat, indices).reshape(*shape, k),
@@ -575,7 +624,8 @@ def cross_kd_loss(
     aligned valid positions divided by ``num_items`` (the window's valid-target count, like every loss;
     ``None`` = this batch's valid count), so unaligned positions contribute 0. ``mode="exact"``: ``kd_loss``
     against ``cross_targets`` (``options``' divergence, top-k and T² scaling as there). ``mode="uld"``:
-    ``uld_per_position`` at ``options.temperature``, scaled by T² when ``options.scale_t2``.
+    ``uld_per_position`` at ``options.temperature``, scaled by T² when ``options.scale_t2``. Both modes
+    differentiate the teacher too when ``teacher_logits`` requires grad (SAR), and detach it otherwise.
     """
     if mode == "exact":
         targets, kd_labels, stats = cross_targets(
@@ -589,23 +639,23 @@ def cross_kd_loss(
     if mode != "uld":
         raise ValueError(f"mode must be 'exact' or 'uld', got {mode!r}")
     flat, sources, batch_valid = _aligned_positions(aligned, labels, teacher_logits)
-    teacher_rows = teacher_logits.detach().flatten(0, 1)
+    attached = _attached(teacher_logits)
+    teacher_rows = teacher_logits.flatten(0, 1) if attached else teacher_logits.detach().flatten(0, 1)
     student_rows = student_logits.reshape(-1, student_logits.shape[-1])
     total = student_rows[:0].float().sum()  # 0, attached to the graph even with nothing aligned
     mass = 0.0
     for chunk, source in zip(flat.split(chunk_size), sources.split(chunk_size)):
-        teacher_chunk = teacher_rows[source]
+        # checkpointed: only one chunk's rows and sorted probability vectors are alive at a time (the rows are
+        # gathered inside, so no chunk's [chunk, V_teacher] copy waits for the backward pass)
+        def part(s: Tensor, t: Tensor, c: Tensor = chunk, src: Tensor = source) -> Tensor:
+            return uld_per_position(s[c], t[src], options.temperature).sum()
 
-        # checkpointed: only one chunk's sorted probability vectors are alive at a time
-        def part(s: Tensor, t: Tensor, c: Tensor = chunk) -> Tensor:
-            return uld_per_position(s[c], t, options.temperature).sum()
-
-        if torch.is_grad_enabled() and student_rows.requires_grad:
-            total = total + checkpoint(part, student_rows, teacher_chunk, use_reentrant=False)
+        if torch.is_grad_enabled() and (student_rows.requires_grad or attached):
+            total = total + checkpoint(part, student_rows, teacher_rows, use_reentrant=False)
         else:
-            total = total + part(student_rows, teacher_chunk)
+            total = total + part(student_rows, teacher_rows)
         with torch.no_grad():
-            mass += float(mapped_targets(teacher_chunk, vocab_map, options.temperature)[1].sum())
+            mass += float(mapped_targets(teacher_rows[source], vocab_map, options.temperature)[1].sum())
     if options.scale_t2:
         total = total * options.temperature**2
     stats = AlignmentStats(batch_valid, int(flat.numel()), mass)

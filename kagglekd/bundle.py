@@ -1,16 +1,19 @@
 """The Kaggle kernel bundle: ``kernel-metadata.json`` + one self-contained notebook, ready for
 ``kaggle kernels push -p DIR``.
 
-The notebook's first cell carries the kit as a base64 wheel built here deterministically (sorted entries,
-fixed timestamps and permissions: regenerating gives identical bytes) and installs it with
-``pip install --no-deps --no-index --target`` (internet off works; the runtime deps are in the Kaggle image),
-falling back to unzipping the wheel onto ``sys.path`` when pip is not usable. The cells after it are the
-staged notebooks ``notebooks/00..03`` in order (their install cells dropped, their ``parameters`` cells merged
-into one), so the bundle never drifts from them.
+The notebook opens with its introduction; the next cell, hidden (its input is collapsed in Kaggle's viewer and
+in Jupyter), carries the kit as a base64 wheel built here deterministically (sorted entries, fixed timestamps
+and permissions: regenerating gives identical bytes) and installs it with ``pip install --no-deps --no-index
+--target`` (internet off works; the runtime deps are in the Kaggle image), falling back to unzipping the wheel
+onto ``sys.path`` when pip is not usable. Then one ``parameters`` cell (the stages' merged) and the staged
+notebooks ``notebooks/00..03`` in order (their install cells and stage-to-stage "next" cells dropped), so the
+bundle never drifts from them; 03 ends with the "what next" cell.
 
 ``validate_metadata`` checks the rules ``kaggle kernels push`` applies before it contacts the server (see
-../shared/KAGGLE.md); ``kaggle_cli_problems`` runs the ``kaggle`` package's own ``kernels_push`` up to the
-point where it would connect, without importing ``kaggle/__init__.py`` (which tries to authenticate).
+../shared/KAGGLE.md) and the kit's stricter ones; ``kaggle_cli_problems`` runs the ``kaggle`` package's own
+``kernels_push`` up to the point where it would connect, without importing ``kaggle/__init__.py`` (which tries
+to authenticate). ``write_bundle`` builds and checks everything in a scratch folder first: a refused bundle
+writes nothing, and an existing folder keeps its contents.
 """
 
 from __future__ import annotations
@@ -19,18 +22,24 @@ import base64
 import contextlib
 import csv
 import hashlib
+import importlib.metadata
 import importlib.util
 import io
 import json
+import os
 import pprint
 import re
+import shutil
 import sys
+import tempfile
 import types
-import unicodedata
 import zipfile
 from pathlib import Path
 
+from slugify import slugify  # python-slugify: what `kaggle kernels push` derives a title's slug with
+
 import kagglekd
+from kagglekd import gpus
 from kagglekd.config import PRESETS_DIR, DistillConfig
 from kagglekd.errors import ConfigError
 
@@ -38,6 +47,7 @@ PACKAGE_DIR = Path(kagglekd.__file__).parent
 NOTEBOOKS_DIR = PACKAGE_DIR.parent / "notebooks"
 STAGES = ("00_setup", "01_diagnostics", "02_train", "03_evaluate")
 DEFAULT_CONFIG = "smollm2-360m-to-135m-t4x2"  # same tokenizer on both sides: the pair that trains today on T4 x2
+DEFAULT_ACCELERATOR = "NvidiaTeslaT4"  # T4 x2; enable_gpu alone has landed on P100s, which this torch cannot use
 METADATA_FILE = "kernel-metadata.json"
 ZIP_TIME = (1980, 1, 1, 0, 0, 0)  # the earliest time a zip entry can hold; fixed so builds are byte-identical
 B64_LINE = 100
@@ -66,19 +76,9 @@ BOOLEAN_KEYS = ("is_private", "enable_gpu", "enable_tpu", "enable_internet")
 LANGUAGES = ("python", "r", "rmarkdown")
 KERNEL_TYPES = ("script", "notebook")
 PINNING_TYPES = ("original", "latest")
-RETIRED_SHAPES = {"nvidiateslap100": "P100 (sm_60): the current Kaggle PyTorch has no kernels for it"}
 SLUG = re.compile(r"^[a-z0-9]+(?:-[a-z0-9]+)*$")
-
-
-# ---- slugs -----------------------------------------------------------------------------------------------
-def slugify(text: str) -> str:
-    """What Kaggle (python-slugify with defaults) makes of a title: ASCII, lowercase, runs of anything else
-    turned into one hyphen, thousands separators between digits dropped."""
-    text = re.sub(r"[']+", "-", str(text))
-    text = unicodedata.normalize("NFKD", text).encode("ascii", "ignore").decode("ascii").lower()
-    text = re.sub(r"(?<=\d),(?=\d)", "", text)
-    text = re.sub(r"[^-a-z0-9]+", "-", text)
-    return re.sub(r"-{2,}", "-", text).strip("-")
+STAGED_ONLY = "staged-only"  # tag of cells that make sense only in the four separate notebooks ("Next: 01_...")
+HIDDEN_INPUT = {"_kg_hide-input": True, "jupyter": {"source_hidden": True}}  # Kaggle's viewer; JupyterLab
 
 
 # ---- metadata rules --------------------------------------------------------------------------------------
@@ -94,7 +94,8 @@ def _parts_ok(text, min_slashes: int, max_slashes: int) -> bool:
 
 def validate_metadata(meta: dict, folder: str | Path) -> list[str]:
     """Every problem ``kaggle kernels push -p folder`` would raise before contacting the server, plus the
-    kit's stricter rules (explicit booleans, title matching the slug, a T4 machine shape). [] = valid."""
+    kit's stricter rules (explicit booleans, title matching the slug, a documented current GPU machine shape).
+    [] = valid."""
     if not isinstance(meta, dict):
         return [f"{METADATA_FILE} must hold a JSON object, not {type(meta).__name__}"]
     problems = [
@@ -168,13 +169,35 @@ def _machine_problems(meta: dict) -> list[str]:
         problems.append("enable_gpu and enable_tpu cannot both be true")
 
     shape = meta.get("machine_shape")
-    if shape is not None and (not isinstance(shape, str) or not shape):
-        problems.append(f"machine_shape {shape!r} must be a non-empty string such as NvidiaTeslaT4")
-    elif isinstance(shape, str) and shape.lower() in RETIRED_SHAPES:
-        problems.append(f"machine_shape {shape!r} is retired ({RETIRED_SHAPES[shape.lower()]}); use NvidiaTeslaT4")
+    if shape is not None:
+        problems += shape_problems(shape)
     if str(meta.get("enable_gpu")).lower() == "true" and not shape:
         problems.append("enable_gpu without machine_shape has landed on P100s; set machine_shape NvidiaTeslaT4 (T4 x2)")
     return problems
+
+
+def shape_problems(shape) -> list[str]:
+    """Is ``shape`` an accelerator the Kaggle CLI documents (``gpus.KAGGLE_ACCELERATORS``, spelled exactly), not
+    retired, and a GPU the kit can plan? The CLI itself passes any string to the server (a typo such as
+    ``NvidiaTeslaT4x2`` is pushed and fails there, or runs elsewhere), so the kit checks it here. [] = usable."""
+    offered = ", ".join(gpus.BUNDLE_ACCELERATORS)
+    if not isinstance(shape, str) or not shape:
+        return [f"machine_shape {shape!r} must be one of {offered}"]
+    retired = {name.lower(): (name, why) for name, why in gpus.RETIRED_ACCELERATORS.items()}
+    if shape.lower() in retired:
+        return [f"machine_shape {shape!r} is retired ({retired[shape.lower()][1]}); use one of {offered}"]
+    documented = {name.lower(): name for name in gpus.KAGGLE_ACCELERATORS}
+    if shape not in gpus.KAGGLE_ACCELERATORS:
+        spelled = documented.get(shape.lower())
+        hint = f"did you mean {spelled!r}? " if spelled else ""
+        return [
+            f"machine_shape {shape!r} is not an accelerator the Kaggle CLI documents ({hint}documented: "
+            f"{', '.join(gpus.KAGGLE_ACCELERATORS)}); for this kit use one of {offered}"
+        ]
+    if shape not in gpus.BUNDLE_ACCELERATORS:
+        why = "a TPU: the kit trains on GPUs" if shape.startswith("Tpu") else "admin-only on Kaggle"
+        return [f"machine_shape {shape!r} is {why}; use one of {offered}"]
+    return []
 
 
 def _source_problems(meta: dict) -> list[str]:
@@ -223,23 +246,62 @@ def _notebook_problems(path: Path) -> list[str]:
     return []
 
 
+KAGGLE_CLI_FIX = (
+    "pip install kaggle six"  # kaggle 2.2.x imports six without declaring it (python-dateutil 4 dropped it)
+)
+
+
+def _kaggle_api_class():
+    """``kaggle.api.kaggle_api_extended.KaggleApi``, imported without running ``kaggle/__init__.py``.
+
+    Raises ImportError whose message says which of two things is wrong: the package is not installed, or it is
+    installed but its own import fails (naming the missing module, e.g. ``six``), each with the fix.
+    """
+    spec = importlib.util.find_spec("kaggle")
+    if spec is None or spec.submodule_search_locations is None:
+        raise ImportError(f"the kaggle package is not installed ({KAGGLE_CLI_FIX})")
+    stand_in = None
+    if "kaggle.api.kaggle_api_extended" not in sys.modules and "kaggle" not in sys.modules:
+        stand_in = types.ModuleType("kaggle")
+        stand_in.__path__ = list(spec.submodule_search_locations)
+        stand_in.__spec__ = spec
+        sys.modules["kaggle"] = stand_in
+    try:
+        from kaggle.api.kaggle_api_extended import KaggleApi
+    except ImportError as err:
+        if stand_in is not None and sys.modules.get("kaggle") is stand_in:
+            del sys.modules["kaggle"]
+        try:
+            version = importlib.metadata.version("kaggle")
+        except importlib.metadata.PackageNotFoundError:
+            version = "?"
+        missing = f"module {err.name!r} is missing" if err.name else str(err)
+        extra = "" if err.name in (None, "six") else f" and the package that provides {err.name!r}"
+        raise ImportError(
+            f"the kaggle package ({version}) is installed but its import fails: {missing} ({err}). "
+            f"The kaggle CLI fails the same way. Fix: {KAGGLE_CLI_FIX}{extra}"
+        ) from err
+    return KaggleApi
+
+
+def kaggle_cli_unavailable() -> str | None:
+    """None when the kaggle CLI's push checks can run here; else why not, with the fix (one sentence)."""
+    try:
+        _kaggle_api_class()
+    except ImportError as err:
+        return str(err)
+    return None
+
+
 def kaggle_cli_problems(folder: str | Path) -> list[str]:
     """Run the ``kaggle`` package's own ``KaggleApi.kernels_push`` on ``folder`` up to the point where it would
-    open a connection. Returns its errors and warnings ([] = it would push). ImportError without ``kaggle``.
+    open a connection. Returns its errors and warnings ([] = it would push). Raises ImportError (with the reason
+    and the fix) when the ``kaggle`` package is missing or does not import.
 
     ``kaggle/__init__.py`` authenticates on import; a stand-in parent package keeps it from running, so no
     credentials are read and nothing touches the network.
     """
-    spec = importlib.util.find_spec("kaggle")
-    if spec is None or spec.submodule_search_locations is None:
-        raise ImportError("the kaggle package is not installed (pip install kaggle)")
-    if "kaggle.api.kaggle_api_extended" not in sys.modules:
-        if "kaggle" not in sys.modules:
-            stand_in = types.ModuleType("kaggle")
-            stand_in.__path__ = list(spec.submodule_search_locations)
-            stand_in.__spec__ = spec
-            sys.modules["kaggle"] = stand_in
-    from kaggle.api.kaggle_api_extended import KaggleApi
+    KaggleApi = _kaggle_api_class()
 
     class _WouldConnect(Exception):
         pass
@@ -361,21 +423,26 @@ import kagglekd  # noqa: E402
 
 print(f"kagglekd {{kagglekd.__version__}} from {{Path(kagglekd.__file__).parent}}")'''
 
-INTRO = """# kagglekd: {title}
+INTRO = """# {heading}
 
-Knowledge distillation of **{teacher}** into **{student}** on a Kaggle GPU session, in four stages:
+Knowledge distillation of **{teacher}** into **{student}** on a Kaggle **{accelerator}** session ({gpu}),
+in four stages, then what to do next:
 setup (environment doctor) → diagnostics (findings, LR plan, memory plan, dry run) → training (live chart,
 auto-resume) → evaluation (perplexity, agreement, generations, size/speed, model card in `student/`).
 
-* The kit is embedded in the next cell and installs with internet off.
+* The kit is embedded in the next cell (hidden: its input is a base64 wheel) and installs with internet off.
 * Change `PRESET` in the parameters cell to switch configs (presets: {presets}; or paste a config dict).
   `SMOKE = True` runs tiny random models for a few steps (a check that everything works, in minutes).
-* The models and dataset of this preset come from the Hugging Face hub: keep internet on, or attach them
-  as inputs and point the config's `teacher_model` / `student_model` / `dataset` at their `/kaggle/input` folders.
-* To continue a run that hit the 12 h limit: attach this notebook's previous version as an input
-  (kernel source); 02 resumes from its newest checkpoint.
+* `GPU` there is the profile the diagnostics plan memory and time for: {profile}, the accelerator this notebook
+  was bundled for (`machine_shape` {accelerator}). Changed the accelerator in the notebook's settings? Set it to
+  `None` (this session's GPU).
+{hub}* To continue a run that hit the 12 h limit: attach this notebook's previous version as an input
+  (kernel source); the training section resumes from its newest checkpoint.
 
 Generated by `python -m kagglekd bundle`; regenerate rather than edit."""
+HUB_NOTE = """* The models and dataset of this preset come from the Hugging Face hub: keep internet on, or attach them
+  as inputs and point the config's `teacher_model` / `student_model` / `dataset` at their `/kaggle/input` folders.
+"""
 
 
 def _read_stage(name: str) -> dict:
@@ -393,8 +460,9 @@ def _tags(cell: dict) -> list[str]:
     return cell.get("metadata", {}).get("tags", [])
 
 
-def _merge_parameters(cells: list[str], preset_literal: str) -> str:
-    """One parameters cell: every ``NAME = value  # comment`` line of the stages, first occurrence wins."""
+def _merge_parameters(cells: list[str], preset_literal: str, accelerator: str) -> str:
+    """One parameters cell: every ``NAME = value  # comment`` line of the stages, first occurrence wins; ``PRESET``
+    is the bundled config and ``GPU`` the profile of ``accelerator``."""
     seen, lines = set(), []
     for source in cells:
         for line in source.splitlines():
@@ -405,24 +473,39 @@ def _merge_parameters(cells: list[str], preset_literal: str) -> str:
             if name == "PRESET":
                 comment = '  # preset name or JSON config path (a dict literal works too); "tiny-cpu": offline demo'
                 line = f"PRESET = {preset_literal}{comment if chr(10) not in preset_literal else ''}"
+            elif name == "GPU":
+                profile = accelerator_profile(accelerator).name
+                comment = f"machine_shape {accelerator}; None: this session's GPU (not under SMOKE)"
+                line = f"GPU = {json.dumps(profile)}  # {comment}"
             lines.append(line)
     return "\n".join(lines)
 
 
-def _cell(cell_type: str, source: str, index: int, tags: list[str] | None = None) -> dict:
-    cell = {
-        "cell_type": cell_type,
-        "id": f"cell-{index:03d}",
-        "metadata": {"tags": tags} if tags else {},
-        "source": source,
-    }
+def _cell(cell_type: str, source: str, index: int, tags: list[str] | None = None, hidden: bool = False) -> dict:
+    metadata = {"tags": tags} if tags else {}
+    if hidden:
+        metadata.update(json.loads(json.dumps(HIDDEN_INPUT)))
+    cell = {"cell_type": cell_type, "id": f"cell-{index:03d}", "metadata": metadata, "source": source}
     if cell_type == "code":
         cell.update(execution_count=None, outputs=[])
     return cell
 
 
-def build_notebook(config: str | Path, title: str, wheel: bytes) -> dict:
-    """The self-contained notebook: install cell, intro, parameters, then the stages' cells in order."""
+def _demote_headings(markdown: str) -> str:
+    """One level deeper for every heading: the stages' ``# 00 · Setup`` become ``##`` sections under the bundle's
+    title, and their sections ``###``."""
+    return re.sub(r"^(#{1,5}) ", r"#\1 ", markdown, flags=re.M)
+
+
+# Why the kit rides in a hidden cell after the introduction, not in a Kaggle dataset the bundle attaches: one
+# folder, one `kaggle kernels push`, and the kernel runs with internet off; the notebook and the kit it runs can
+# never be out of step (a dataset is a second artefact with its own versions, to create with credentials before
+# the first push and to re-upload after every change, and an old attached version would silently run old code).
+# The cost was 2,288 lines of base64 before the introduction; Kaggle's viewer hides the input of a cell marked
+# `_kg_hide-input` and JupyterLab collapses one marked `jupyter.source_hidden`, and the introduction comes first.
+def build_notebook(config: str | Path, title: str, wheel: bytes, accelerator: str = DEFAULT_ACCELERATOR) -> dict:
+    """The self-contained notebook: introduction, the hidden install cell, parameters, then the stages' cells in
+    order (their install, parameters and staged-only cells dropped); 03 ends with "what next"."""
     loaded = DistillConfig.load(config)
     preset = _preset_name(config)
     literal = json.dumps(preset) if preset else pprint.pformat(json.loads(Path(config).read_text()), width=100)
@@ -430,24 +513,34 @@ def build_notebook(config: str | Path, title: str, wheel: bytes) -> dict:
     payload = "\n".join(encoded[i : i + B64_LINE] for i in range(0, len(encoded), B64_LINE))
     install = INSTALL_CELL.format(wheel_name=wheel_name(), sha256=hashlib.sha256(wheel).hexdigest(), payload=payload)
     presets = ", ".join(f"`{p.stem}`" for p in sorted(PRESETS_DIR.glob("*.json")) if not p.stem.startswith("card-"))
-    intro = INTRO.format(title=title, teacher=loaded.teacher_model, student=loaded.student_model, presets=presets)
+    profile = accelerator_profile(accelerator)
+    intro = INTRO.format(
+        heading=title if title.lower().startswith("kagglekd") else f"kagglekd: {title}",
+        teacher=loaded.teacher_model,
+        student=loaded.student_model,
+        accelerator=accelerator,
+        gpu=f"planned as `{profile.name}`: {profile.devices} GPU(s) of {profile.capacity_bytes / gpus.GiB:.1f} GiB",
+        profile=f"`{profile.name}`",
+        presets=presets,
+        hub=HUB_NOTE if _needs_hub(loaded) else "",
+    )
     stages = [_read_stage(name) for name in STAGES]
     parameter_cells = [_source(c) for nb in stages for c in nb["cells"] if "parameters" in _tags(c)]
-    body: list[tuple[str, str, list[str] | None]] = [
-        ("code", install, ["install-kit"]),
-        ("markdown", intro, None),
-        ("code", _merge_parameters(parameter_cells, literal), ["parameters"]),
+    body: list[tuple[str, str, list[str] | None, bool]] = [
+        ("markdown", intro, None, False),
+        ("code", install, ["install-kit"], True),
+        ("code", _merge_parameters(parameter_cells, literal, accelerator), ["parameters"], False),
     ]
     for notebook in stages:
         for cell in notebook["cells"]:
-            if {"parameters", "install-kit"} & set(_tags(cell)):
+            if {"parameters", "install-kit", STAGED_ONLY} & set(_tags(cell)):
                 continue
             source = _source(cell)
-            if cell["cell_type"] == "markdown" and source.startswith("# "):
-                source = "#" + source  # stage titles become sections of the one notebook
-            body.append((cell["cell_type"], source, None))
+            if cell["cell_type"] == "markdown":
+                source = _demote_headings(source)
+            body.append((cell["cell_type"], source, None, False))
     return {
-        "cells": [_cell(kind, source, i, tags) for i, (kind, source, tags) in enumerate(body)],
+        "cells": [_cell(kind, source, i, tags, hidden) for i, (kind, source, tags, hidden) in enumerate(body)],
         "metadata": {
             "kernelspec": {"display_name": "Python 3", "language": "python", "name": "python3"},
             "language_info": {"name": "python"},
@@ -475,8 +568,26 @@ def _needs_hub(config: DistillConfig) -> bool:
     ) or not (config.dataset == "stdlib-docs" or config.dataset.startswith(("/", ".", "~")))
 
 
+def accelerator_profile(accelerator: str) -> gpus.GpuProfile:
+    """The planner profile of a ``bundle --accelerator`` choice (``gpus.BUNDLE_ACCELERATORS``); ConfigError
+    naming the field, what is wrong and the choices otherwise (a typo such as ``NvidiaTeslaT4x2`` included)."""
+    problems = shape_problems(accelerator)
+    if problems:
+        raise ConfigError(problems[0].replace("machine_shape", "accelerator", 1), field="accelerator")
+    return gpus.resolve(accelerator, strict=True)
+
+
 def build_metadata(
-    owner: str, slug: str, title: str, code_file: str, *, public: bool, internet: bool, datasets=(), kernel_sources=()
+    owner: str,
+    slug: str,
+    title: str,
+    code_file: str,
+    *,
+    public: bool,
+    internet: bool,
+    datasets=(),
+    kernel_sources=(),
+    accelerator: str = DEFAULT_ACCELERATOR,
 ) -> dict:
     return {
         "id": f"{owner}/{slug}",
@@ -488,7 +599,7 @@ def build_metadata(
         "enable_gpu": True,
         "enable_tpu": False,
         "enable_internet": internet,
-        "machine_shape": "NvidiaTeslaT4",  # T4 x2; enable_gpu alone has landed on P100s, which this torch cannot use
+        "machine_shape": accelerator,  # always explicit: enable_gpu alone has landed on P100s
         "dataset_sources": list(datasets),
         "competition_sources": [],
         "kernel_sources": list(kernel_sources),
@@ -503,23 +614,30 @@ def write_bundle(
     slug: str | None = None,
     title: str | None = None,
     config: str | Path = DEFAULT_CONFIG,
+    accelerator: str = DEFAULT_ACCELERATOR,
     public: bool = False,
     internet: bool | None = None,
     datasets=(),
     kernel_sources=(),
+    cli_checks: bool = False,
 ) -> Path:
-    """Write ``out/kernel-metadata.json`` and ``out/<slug>.ipynb``; raise ConfigError listing every rule broken."""
+    """Write ``out/kernel-metadata.json`` and ``out/<slug>.ipynb`` for ``machine_shape`` ``accelerator``.
+
+    Everything is built and checked in a scratch folder first (``validate_metadata``, and with ``cli_checks`` the
+    kaggle CLI's own push checks too): a refusal raises ConfigError listing every rule broken and writes nothing,
+    so an existing ``out`` keeps its contents. Then the two files are moved in, each by an atomic rename; the
+    notebook an older metadata file named (a renamed kernel) is removed, anything else in ``out`` is kept.
+    """
     loaded = DistillConfig.load(config)  # a bad config fails here, naming the field
+    accelerator_profile(accelerator)  # a typo or a shape without a profile fails here, naming the choices
     name = _preset_name(config) or Path(config).stem
     if slug is None:
         slug = slugify(title) if title else slugify(f"kagglekd {name}")
     if title is None:
         title = slug.replace("-", " ")
     internet = _needs_hub(loaded) if internet is None else internet
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     code_file = f"{slug}.ipynb"
-    notebook = build_notebook(config, title, build_wheel())
+    notebook = build_notebook(config, title, build_wheel(), accelerator=accelerator)
     meta = build_metadata(
         owner,
         slug,
@@ -529,17 +647,34 @@ def write_bundle(
         internet=internet,
         datasets=datasets,
         kernel_sources=kernel_sources,
+        accelerator=accelerator,
     )
-    (out / code_file).write_text(json.dumps(notebook, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
-    problems = validate_metadata(meta, out)
-    if problems:
-        (out / code_file).unlink()
-        raise ConfigError("kernel-metadata.json would not push:\n  - " + "\n  - ".join(problems))
-    previous = out / METADATA_FILE
-    if previous.is_file():  # a renamed kernel: drop the notebook the old metadata pointed at
-        with contextlib.suppress(OSError, ValueError, AttributeError):
-            old_code = json.loads(previous.read_text()).get("code_file")
-            if old_code and old_code != code_file and Path(old_code).name == old_code:
-                (out / old_code).unlink(missing_ok=True)
-    (out / METADATA_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+    out = Path(out)
+    with tempfile.TemporaryDirectory(prefix="kagglekd-bundle-") as scratch:
+        staged = Path(scratch)
+        if Path(code_file).name == code_file:  # a slug with a path separator is refused below, never written
+            (staged / code_file).write_text(json.dumps(notebook, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+        (staged / METADATA_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+        problems = validate_metadata(meta, staged)
+        if cli_checks and not problems:
+            problems = [f"kaggle CLI: {problem}" for problem in kaggle_cli_problems(staged)]
+        if problems:
+            raise ConfigError("kernel-metadata.json would not push:\n  - " + "\n  - ".join(problems))
+        out.mkdir(parents=True, exist_ok=True)
+        old_code = _previous_code_file(out / METADATA_FILE)
+        for file_name in (code_file, METADATA_FILE):
+            partial = out / f".{file_name}.partial"
+            shutil.copyfile(staged / file_name, partial)
+            os.replace(partial, out / file_name)
+    if old_code and old_code != code_file:  # a renamed kernel: drop the notebook the old metadata pointed at
+        (out / old_code).unlink(missing_ok=True)
     return out
+
+
+def _previous_code_file(metadata: Path) -> str | None:
+    """The plain file name an existing ``kernel-metadata.json`` gives as ``code_file``, else None."""
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        old_code = json.loads(metadata.read_text()).get("code_file")
+        if isinstance(old_code, str) and old_code and Path(old_code).name == old_code:
+            return old_code
+    return None

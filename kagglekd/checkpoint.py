@@ -53,7 +53,11 @@ def save(accelerator, directory: Path, step: int, state: dict, extra: dict, keep
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
     try:
-        accelerator.save_state(str(tmp))
+        handle = accelerator.register_save_state_pre_hook(drop_tied_aliases)
+        try:
+            accelerator.save_state(str(tmp))
+        finally:
+            handle.remove()
         if accelerator.is_main_process:
             torch.save(extra, tmp / EXTRA_FILE)
             from kagglekd.rundir import write_json
@@ -75,6 +79,29 @@ def save(accelerator, directory: Path, step: int, state: dict, extra: dict, keep
     accelerator.wait_for_everyone()
     log.info("checkpoint %s", final)
     return final
+
+
+def drop_tied_aliases(models: list, weights: list[dict], output_dir) -> None:
+    """``accelerator.save_state`` pre-hook: drop from each state dict the names that alias an earlier entry
+    (same storage, offset, shape, stride and dtype: a tied ``lm_head.weight`` is the embedding matrix itself).
+
+    Why: safetensors cannot store two names for one tensor, so accelerate's writer drops such names itself and
+    logs "Removed shared tensor {'lm_head.weight'} while saving" for every checkpoint of a student with tied
+    embeddings. Dropping exact aliases here is lossless: ``load_state`` (``safetensors.torch.load_model``)
+    treats the names that alias in the live model as one, and loading the kept name fills the shared tensor
+    (``tests/test_checkpoint.py`` reloads bit for bit, without the warning). Tensors that only share part of a
+    storage are left alone, so accelerate still warns about those."""
+    for state in weights:
+        kept: set[tuple] = set()
+        for name in list(state):
+            tensor = state[name]
+            if not isinstance(tensor, torch.Tensor) or tensor.numel() == 0 or tensor.device.type == "meta":
+                continue
+            view = (tensor.device, tensor.data_ptr(), tensor.dtype, tuple(tensor.shape), tensor.stride())
+            if view in kept:
+                del state[name]
+            else:
+                kept.add(view)
 
 
 def prune(directory: Path, keep: int, protect: Path | None = None) -> None:

@@ -168,6 +168,12 @@ class DistillConfig:
     adam_beta2: float = _f(0.95, "AdamW beta2.", min=0.0, lt=1.0)
     num_epochs: float = _f(1.0, "Epochs over the training blocks (fractional allowed).", gt=0.0)
     max_steps: int | None = _f(None, "Optimizer steps; overrides num_epochs when set.", min=1)
+    stop_after: int | None = _f(
+        None,
+        "Pause this session after this many optimizer steps in total (None = run the whole plan): a checkpoint is "
+        "saved and nothing exported; training the same config again resumes and finishes the plan.",
+        min=1,
+    )
     warmup_steps: int | None = _f(None, "Warmup in optimizer steps (wins over warmup_ratio).", min=0)
     warmup_ratio: float = _f(0.05, "Warmup as a fraction of the optimizer steps.", min=0.0, lt=1.0)
     scheduler_type: str = _f("cosine", "LR schedule, a transformers.get_scheduler name.", choices=SCHEDULERS)

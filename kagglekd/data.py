@@ -21,6 +21,7 @@ import logging
 import os
 import re
 import sys
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -45,6 +46,30 @@ _FINGERPRINT_VERSION = 1
 
 # Local file types ``load_texts`` reads, mapped to the ``datasets`` builder that reads them.
 _BUILDERS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
+
+# ``datasets.config`` values of offline mode (HF_DATASETS_OFFLINE=1), each set where this version has it.
+_OFFLINE = {"HF_HUB_OFFLINE": True, "HF_DATASETS_OFFLINE": True, "HF_UPDATE_DOWNLOAD_COUNTS": False}
+
+
+@contextmanager
+def local_only():
+    """``datasets`` in offline mode for a load of local files only, then as it was.
+
+    A packaged builder (json, text, csv, parquet) reading local files needs no network, yet outside offline mode
+    ``load_dataset`` first counts the load on the hub (``datasets.load.increase_load_count``, an HTTP request with
+    a 3 s timeout); in a Kaggle kernel with internet off every local load then waits on connections that cannot
+    succeed. ``HF_DATASETS_OFFLINE=1`` is read once, when ``datasets`` is imported (before the kit can set it),
+    so offline mode is switched on ``datasets.config`` for the load. Hub loads (``_load_hub``) are left alone.
+    """
+    saved = {name: getattr(datasets.config, name) for name in _OFFLINE if hasattr(datasets.config, name)}
+    try:
+        for name in saved:
+            setattr(datasets.config, name, _OFFLINE[name])
+        yield
+    finally:
+        for name, value in saved.items():
+            setattr(datasets.config, name, value)
+
 
 # ----------------------------------------------------------------------------- loading texts
 
@@ -96,9 +121,10 @@ def _load_file(path: Path) -> datasets.Dataset:
         _check_utf8(path)
     options = {"sample_by": "paragraph"} if builder == "text" else {}
     try:
-        loaded = datasets.load_dataset(
-            builder, data_files=str(path), split="train", cache_dir=str(cache_root() / "datasets"), **options
-        )
+        with local_only():
+            loaded = datasets.load_dataset(
+                builder, data_files=str(path), split="train", cache_dir=str(cache_root() / "datasets"), **options
+            )
     except Exception as err:  # a parser error of any kind: report the file and the parser's words
         raise DataError(f"Could not read {path} as {builder}: {type(err).__name__}: {err}", path=str(path)) from err
     return loaded
@@ -107,7 +133,8 @@ def _load_file(path: Path) -> datasets.Dataset:
 def _load_directory(path: Path, split: str, text_column: str) -> datasets.Dataset:
     """A ``save_to_disk`` directory (Dataset or DatasetDict), or a folder of data files concatenated."""
     if (path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists():
-        loaded = datasets.load_from_disk(str(path))
+        with local_only():
+            loaded = datasets.load_from_disk(str(path))
         if isinstance(loaded, datasets.DatasetDict):
             if split not in loaded:
                 raise DataError(
@@ -196,9 +223,10 @@ def load_texts(
     path = Path(reference).expanduser()
     if reference == STDLIB_DATASET:
         corpus = stdlib_corpus()
-        loaded = datasets.load_dataset(
-            "json", data_files=str(corpus), split="train", cache_dir=str(cache_root() / "datasets")
-        )
+        with local_only():
+            loaded = datasets.load_dataset(
+                "json", data_files=str(corpus), split="train", cache_dir=str(cache_root() / "datasets")
+            )
     elif path.is_file():
         loaded = _load_file(path)
     elif path.is_dir():

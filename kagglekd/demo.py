@@ -221,13 +221,13 @@ def evaluate_run(run_dir: Path) -> list[dict]:
     from transformers import AutoModelForCausalLM
 
     from kagglekd.errors import ConfigError
-    from kagglekd.trainer import Distiller
+    from kagglekd.evaluation import load_finished_run
 
     run_dir = Path(run_dir)
     if not (run_dir / CONFIG_FILE).exists() or not (run_dir / STUDENT_DIR / "config.json").exists():
         raise ConfigError(f"--run {run_dir}: expected a finished run directory with config.json and student/.")
-    config = DistillConfig.from_json(run_dir / CONFIG_FILE)
-    distiller = Distiller(config, output_dir=run_dir, write_run_dir=False).setup()
+    distiller = load_finished_run(run_dir)  # a SAR run's teacher gets its adapted routers here
+    teacher_state = distiller.teacher_side.describe() if distiller.teacher is not None else {}
     student = AutoModelForCausalLM.from_pretrained(run_dir / STUDENT_DIR).to(distiller.device)
     metrics = distiller.evaluate(model=student, with_ema=False)
     rows = [
@@ -247,6 +247,7 @@ def evaluate_run(run_dir: Path) -> list[dict]:
                 "eval_ppl": distiller.teacher_perplexity(),
                 "top1_agreement": 1.0,
                 "eval_tokens": metrics["tokens"],
+                **teacher_state,  # which routers (original or SAR-adapted) and routing were evaluated
             },
         )
     (run_dir / "eval.json").write_text(json.dumps(rows, indent=2, default=str) + "\n")

@@ -10,6 +10,14 @@ Two facts carry the checks (see ../shared/KAGGLE.md):
   the device's sm_XY with ``torch.cuda.get_arch_list()`` instead of trusting ``is_available``.
 * ``torch.cuda.is_bf16_supported()`` is True on a T4 (emulation). Real bf16 means compute capability >= 8.0.
 
+Where the session runs is read from the variables the Kaggle kernel image sets, never from folders: any directory
+named /kaggle/working may exist on another machine (a preset's output_dir creates it). Off Kaggle, a preset's
+/kaggle/working output dir maps to a local folder (``local_path``), so nothing is written under /kaggle.
+
+In a commit run ("Save & Run All", run type Batch) every refresh of a progress bar is saved as its own line of
+output; the kit's bars (``progress_bar``) and the relay of a training child's output (``ProgressRelay``) write a
+line per tenth of the bar or per minute, whichever is rarer, plus the final line.
+
 Checkpoints of an attached previous kernel version are found by ``kagglekd.checkpoint.prepare_resume``.
 """
 
@@ -17,19 +25,35 @@ from __future__ import annotations
 
 import importlib.metadata
 import json
+import logging
 import os
 import platform
 import re
 import socket
+import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tqdm.std import tqdm as _TextBar
+
 from kagglekd import gpus as profiles
+
+log = logging.getLogger(__name__)
 
 KAGGLE_INPUT = Path("/kaggle/input")
 KAGGLE_WORKING = Path("/kaggle/working")
 KAGGLE_TEMP = Path("/kaggle/temp")
+# Variables the Kaggle kernel image sets in every session, interactive or commit: KAGGLE_KERNEL_RUN_TYPE (what
+# Kaggle's own kagglehub checks, src/kagglehub/env.py is_in_kaggle_notebook), KAGGLE_URL_BASE and
+# KAGGLE_USER_SECRETS_TOKEN (read by Kaggle/docker-python patches/kaggle_web_client.py), KAGGLE_DATA_PROXY_TOKEN
+# (patches/sitecustomize.py). docker-python's tests set these same variables to simulate a kernel. The Kaggle CLI's
+# credentials (KAGGLE_USERNAME, KAGGLE_KEY) are set on laptops too and are not markers.
+KAGGLE_MARKERS = ("KAGGLE_KERNEL_RUN_TYPE", "KAGGLE_URL_BASE", "KAGGLE_DATA_PROXY_TOKEN", "KAGGLE_USER_SECRETS_TOKEN")
+LOCAL_WORKING_VAR = "KAGGLEKD_WORKING"  # off Kaggle: the folder /kaggle/working maps to (default: the cwd)
+# A commit run's bars write a line when both a tenth of the bar and a minute have passed since their last line.
+COMMIT_BAR_FRACTION = 0.1
+COMMIT_BAR_INTERVAL_S = 60.0
 LIBRARIES = ("torch", "transformers", "accelerate", "datasets", "tokenizers", "pandas", "matplotlib")
 T4X2_FIX = "choose 'GPU T4 x2' (notebook Settings > Accelerator; kernel-metadata.json machine_shape NvidiaTeslaT4)"
 
@@ -222,15 +246,115 @@ def run_type() -> str | None:
     return os.environ.get("KAGGLE_KERNEL_RUN_TYPE") or None
 
 
+def commit_run() -> bool:
+    """A Kaggle commit run ("Save & Run All"): run type Batch."""
+    return run_type() == "Batch"
+
+
+def progress_line_due(done: float, total: float | None, last_done: float, seconds_since: float) -> bool:
+    """Whether a bar in a commit run writes a line now, ``seconds_since`` its last line at ``last_done`` of
+    ``total``: when a tenth of the bar (``COMMIT_BAR_FRACTION``) AND a minute (``COMMIT_BAR_INTERVAL_S``) have both
+    passed, i.e. every 10 % or every minute, whichever is rarer. So a bar writes at most 12 lines (its first, ten,
+    its final) however long it runs, and a minute-long bar no more than one a minute. Without a total: every minute.
+    """
+    if seconds_since < COMMIT_BAR_INTERVAL_S:
+        return False
+    return not total or done - last_done >= COMMIT_BAR_FRACTION * total
+
+
+class CommitProgressBar(_TextBar):
+    """The kit's text bar in a commit run. Saved, every refresh of a bar there becomes its own output line (a
+    step's ``set_postfix`` refreshes too), so this bar writes its first line, then a line only when
+    ``progress_line_due`` says so, then its final line on ``close``. Each line ends with a newline: no carriage
+    returns or cursor moves, which a saved log cannot replay."""
+
+    _last_line: tuple[float, float] | None = None  # (n, time) of the last line written; None before the first
+
+    def display(self, msg=None, pos=None):
+        if msg is not None:  # tqdm clears a bar with msg='': a log line, once written, stays
+            return False
+        now, last = self._time(), self._last_line
+        if last is not None and not progress_line_due(self.n, self.total, last[0], now - last[1]):
+            return False
+        return self._write_line(now)
+
+    def clear(self, nolock=False):  # tqdm.write clears bars first: a log line, once written, stays
+        pass
+
+    def close(self):
+        if getattr(self, "disable", True):
+            return
+        self.disable = True  # as tqdm's close: no refresh after this
+        self._decr_instances(self)
+        if self._last_line is None or self._last_line[0] != self.n:  # the final state, unless just written
+            self._write_line(self._time())
+
+    def _write_line(self, now: float) -> bool:
+        self.fp.write(self.__str__() + "\n")
+        self.fp.flush()
+        self._last_line = (self.n, now)
+        return True
+
+
 def progress_bar():
     """The tqdm class for the kit's own bars. tqdm.auto draws an ipywidget in notebooks, whose state a Kaggle
     commit run ("Save & Run All", run type Batch) does not keep (it shows "Loading widget..." later); there a text
-    bar is what survives in the saved notebook."""
-    if run_type() == "Batch":
-        from tqdm.std import tqdm
-    else:
-        from tqdm.auto import tqdm
+    bar that writes a few lines per bar (``CommitProgressBar``) is what the saved notebook keeps. Elsewhere
+    tqdm.auto, unchanged."""
+    if commit_run():
+        return CommitProgressBar
+    from tqdm.auto import tqdm
+
     return tqdm
+
+
+# A tqdm line: "<desc>: <pct>%|<bar>| <n>/<total> [<elapsed><<remaining>, ...]", elapsed as M:SS or H:MM:SS.
+_BAR_LINE = re.compile(r"^(?P<desc>.*?):?\s*(?P<pct>\d{1,3})%\|[^|]*\|\s*\S+\s*\[(?P<elapsed>(?:\d+:)?\d+:\d{2})\b")
+
+
+class ProgressRelay:
+    """Thins the progress-bar lines of a training child's output relayed into a commit run's notebook.
+
+    Each tqdm line is told apart by its bar's description; a bar's line is passed on when it is the bar's first,
+    its first at 100 %, or ``progress_line_due`` by the bar's own percentage and elapsed time (read from the line,
+    so pipe delays do not matter); the others are held back, and ``finish`` returns each bar's last held-back
+    line (its final state). Every other line passes unchanged."""
+
+    def __init__(self):
+        self.bars: dict[str, dict] = {}  # description -> {"pct", "elapsed" of the last passed line, "held"}
+
+    def lines(self, line: str) -> list[str]:
+        """The lines to show for one line of the child's output (none, this one, or a new bar's predecessor too)."""
+        match = _BAR_LINE.match(line)
+        if match is None:
+            return [line]
+        pct, elapsed = int(match["pct"]), _seconds(match["elapsed"])
+        bar, out = self.bars.get(match["desc"]), []
+        if bar is not None and pct < bar["pct"]:  # the same description again: a new bar; the old one's last line
+            out, bar = [bar["held"]] if bar["held"] else [], None
+        if (
+            bar is None
+            or (pct >= 100 > bar["pct"])
+            or progress_line_due(pct, 100, bar["pct"], elapsed - bar["elapsed"])
+        ):
+            self.bars[match["desc"]] = {"pct": pct, "elapsed": elapsed, "held": None}
+            return [*out, line]
+        bar["held"] = line
+        return out
+
+    def finish(self) -> list[str]:
+        """Each bar's last held-back line, once the child's output has ended."""
+        held = [bar["held"] for bar in self.bars.values() if bar["held"]]
+        self.bars.clear()
+        return held
+
+
+def _seconds(clock: str) -> int:
+    """tqdm's elapsed "M:SS" or "H:MM:SS" in seconds."""
+    seconds = 0
+    for part in clock.split(":"):
+        seconds = seconds * 60 + int(part)
+    return seconds
 
 
 def quiet_library_bars() -> bool:
@@ -250,7 +374,50 @@ def quiet_library_bars() -> bool:
 
 
 def on_kaggle() -> bool:
-    return run_type() is not None or KAGGLE_WORKING.is_dir()
+    """Whether this process runs in a Kaggle session: one of ``KAGGLE_MARKERS`` is set (never: a folder exists)."""
+    return any(os.environ.get(name) for name in KAGGLE_MARKERS)
+
+
+def local_working() -> Path:
+    """Off Kaggle, the folder that stands in for /kaggle/working: ``$KAGGLEKD_WORKING``, else the current
+    directory (a Kaggle notebook's cwd is /kaggle/working, so paths relative to it land alike)."""
+    chosen = os.environ.get(LOCAL_WORKING_VAR)
+    return Path(chosen).expanduser() if chosen else Path.cwd()
+
+
+_MAPPED: set[tuple[str, str]] = set()  # (path, local path) pairs already logged
+
+
+def local_path(path: str | os.PathLike) -> str:
+    """``path`` as this machine uses it. On Kaggle, unchanged. Off Kaggle, a path under /kaggle/working maps to
+    the same relative path under ``local_working()`` and one under /kaggle/temp to ``<tmp>/kaggle-temp``, so
+    nothing is created under /kaggle; the mapping is logged once. Other paths are unchanged."""
+    text = os.fspath(path)
+    if on_kaggle():
+        return text
+    for kaggle_dir, local in ((KAGGLE_WORKING, local_working), (KAGGLE_TEMP, _local_temp)):
+        pure = Path(text)
+        if pure == kaggle_dir or kaggle_dir in pure.parents:
+            mapped = str(local() / pure.relative_to(kaggle_dir))
+            if (text, mapped) not in _MAPPED:
+                _MAPPED.add((text, mapped))
+                log.warning(
+                    "not a Kaggle session (none of %s is set): %s is written to %s instead (%s chooses the folder "
+                    "for /kaggle/working; default the current directory)",
+                    ", ".join(KAGGLE_MARKERS), text, mapped, LOCAL_WORKING_VAR,
+                )  # fmt: skip
+            return mapped
+    return text
+
+
+def _local_temp() -> Path:
+    return Path(tempfile.gettempdir()) / "kaggle-temp"
+
+
+def local_config(config):
+    """``config`` with its ``output_dir`` through ``local_path`` (the same object when nothing changes)."""
+    output_dir = local_path(config.output_dir)
+    return config if output_dir == config.output_dir else config.replace(output_dir=output_dir)
 
 
 def _path_info(path: Path) -> dict:
@@ -259,14 +426,14 @@ def _path_info(path: Path) -> dict:
 
 
 def kaggle_paths() -> dict[str, dict]:
-    """input (read-only mounts), working (saved output, 20 GB), temp (scratch); off Kaggle: the cwd."""
+    """input (read-only mounts), working (saved output, 20 GB), temp (scratch); off Kaggle: ``local_working()``."""
     if on_kaggle():
         return {
             "input": _path_info(KAGGLE_INPUT),
             "working": _path_info(KAGGLE_WORKING),
             "temp": _path_info(KAGGLE_TEMP),
         }
-    return {"working": _path_info(Path.cwd())}
+    return {"working": _path_info(local_working())}
 
 
 def internet_reachable(host: str = "pypi.org", port: int = 443, timeout_s: float = 3.0) -> bool:
@@ -395,15 +562,27 @@ def _checks(report: EnvReport) -> list[Check]:
 
 
 # ---- notebooks: the config, and resuming across kernel versions ------------------------------------------
+def smoke_run_dir(run_dir: str | os.PathLike) -> str:
+    """The run dir of a SMOKE run of ``run_dir``: its sibling ``<run dir>-smoke``."""
+    path = Path(run_dir)
+    return str(path.with_name(f"{path.name}-smoke"))
+
+
 def notebook_config(preset: str | dict, run_dir: str | os.PathLike | None = None, smoke: bool = False):
     """The config a notebook runs: ``preset`` (name, JSON path or dict), in ``run_dir`` (None = the preset's
-    ``output_dir``), with ``SMOKE_OVERRIDES`` under ``smoke``."""
+    ``output_dir``), with ``SMOKE_OVERRIDES`` under ``smoke``.
+
+    A SMOKE run writes to ``smoke_run_dir(run dir)``, never to the run dir itself: its checkpoints belong to a
+    4-step plan, and a real run of the same preset in that dir would resume them (and refuse: 4 vs N planned
+    steps). Off Kaggle a /kaggle/working run dir maps to a local folder (``local_path``)."""
     from kagglekd.config import DistillConfig
 
     config = DistillConfig.from_dict(dict(preset)) if isinstance(preset, dict) else DistillConfig.load(preset)
     changes: dict[str, Any] = dict(SMOKE_OVERRIDES) if smoke else {}
-    if run_dir is not None:
-        changes["output_dir"] = str(run_dir)
+    output_dir = str(run_dir) if run_dir is not None else config.output_dir
+    output_dir = local_path(smoke_run_dir(output_dir) if smoke else output_dir)
+    if output_dir != config.output_dir:
+        changes["output_dir"] = output_dir
     return config.replace(**changes) if changes else config
 
 

@@ -33,10 +33,13 @@ from kagglekd.losses import (
 __all__ = ["fused_lm_head_kd"]
 
 
-def _fused_chunk(logits, teacher_rows, targets, need_grad, settings, kd_mask=None):
+def _fused_chunk(logits, teacher_rows, targets, need_grad, settings, kd_mask=None, store_teacher=None):
     """The chunk's KD sum, CE sum and d(weighted loss)/d logits ``[c, V]`` (None without grad).
 
     ``kd_mask`` ``[c]`` bool (None = all): rows whose KD term counts; the others contribute CE only.
+    ``store_teacher`` (None = the teacher needs no gradient): called as ``store_teacher(start, end, grad)``
+    with d(weighted loss) / d teacher of rows ``start:end`` of the chunk: ``[rows, V]`` for dense logits,
+    ``[rows, k + 1]`` (logprobs, then tail) for ``TeacherTopK`` targets.
 
     The closed forms of ``_kd_rows`` and ``_ce_rows`` (d CE / dz = softmax(z) - onehot(label)), in cache-sized
     row blocks. The gradient overwrites ``logits`` block by block (the chunk's logits are not needed again).
@@ -44,22 +47,28 @@ def _fused_chunk(logits, teacher_rows, targets, need_grad, settings, kd_mask=Non
     options: KDOptions = settings["kd"]
     alpha_kd, alpha_ce, kd_scale = settings["alpha_kd"], settings["alpha_ce"], settings["kd_scale"]
     kd_weight = alpha_kd * kd_scale / options.temperature
+    sparse = isinstance(teacher_rows, TeacherTopK)
+    teacher_weight = alpha_kd * kd_scale if sparse else kd_weight  # TeacherTopK log-probs hold the temperature
     kd_sums, ce_sums = [], []
-    light = alpha_kd == 0 or isinstance(teacher_rows, TeacherTopK)
+    light = alpha_kd == 0 or sparse
     block_rows = rows_per_block(logits.shape[-1], logits.shape[0], logits.device, light)
     for start in range(0, logits.shape[0], block_rows):
         end = start + block_rows
         block, grad = logits[start:end], None
         if alpha_kd != 0:
-            values, grad = _kd_rows(block, _select_rows(teacher_rows, slice(start, end)), options, need_grad)
+            teacher_block = _select_rows(teacher_rows, slice(start, end))
+            values, grad, teacher_grad = _kd_rows(block, teacher_block, options, need_grad, store_teacher is not None)
             if kd_mask is not None:  # where, not a product: a masked row's placeholder targets may give inf
-                keep = kd_mask[start:end]
-                values = values.masked_fill(~keep, 0.0)
-                if need_grad:
-                    grad.masked_fill_(~keep.unsqueeze(-1), 0.0)
+                drop = ~kd_mask[start:end]
+                values = values.masked_fill(drop, 0.0)
+                for tensor in (grad, teacher_grad):
+                    if tensor is not None:
+                        tensor.masked_fill_(drop.unsqueeze(-1), 0.0)
             kd_sums.append(values.sum())
             if need_grad:
                 grad.mul_(kd_weight)
+            if teacher_grad is not None:
+                store_teacher(start, end, teacher_grad.mul_(teacher_weight))
         if alpha_ce != 0:
             values, ce_grad = _ce_rows(block, targets[start:end], need_grad)
             ce_sums.append(values.sum())
@@ -72,6 +81,36 @@ def _fused_chunk(logits, teacher_rows, targets, need_grad, settings, kd_mask=Non
     return kd_sum, ce_sum, logits if need_grad else None
 
 
+class _TeacherGrads:
+    """d(weighted loss) / d teacher input, filled chunk by chunk in the forward pass: a buffer the size and dtype
+    of the teacher input (dense ``[M, V]``, or ``[M, k]`` and ``[M]`` for ``TeacherTopK`` fields), zero at rows
+    no KD term reaches. The only full-size buffer SAR adds to the fused path."""
+
+    def __init__(self, dense: Tensor | None, logprobs: Tensor | None, tail: Tensor | None):
+        self.dense = torch.zeros_like(dense) if dense is not None else None
+        self.logprobs = torch.zeros_like(logprobs) if dense is None else None
+        self.tail = torch.zeros_like(tail) if dense is None else None
+
+    def storer(self, chunk: Tensor):
+        """``store(start, end, grad)`` for rows ``chunk[start:end]`` of the flattened positions."""
+
+        def store(start: int, end: int, grad: Tensor) -> None:
+            rows = chunk[start:end]
+            if self.dense is not None:
+                self.dense[rows] = grad.to(self.dense.dtype)
+            else:
+                self.logprobs[rows] = grad[:, :-1].to(self.logprobs.dtype)
+                self.tail[rows] = grad[:, -1].to(self.tail.dtype)
+
+        return store
+
+    def scaled(self, factor: Tensor, needed: tuple[bool, bool, bool]) -> tuple[Tensor | None, ...]:
+        """The gradients for (dense, logprobs, tail) times ``factor``, in place (so once only), None where not
+        ``needed``."""
+        return tuple(g.mul_(factor) if g is not None and need else None
+                     for g, need in zip((self.dense, self.logprobs, self.tail), needed))  # fmt: skip
+
+
 class _FusedLMHeadKD(torch.autograd.Function):
     """Sums over valid positions of the weighted KD + CE, with gradients computed chunkwise in forward.
 
@@ -79,7 +118,8 @@ class _FusedLMHeadKD(torch.autograd.Function):
     ``positions`` ``[N]`` (valid rows of ``hidden``), ``targets`` ``[M]``, the teacher as dense ``[M, V]``
     or TeacherTopK fields ``[M, k]``, ``[M, k]``, ``[M]``, and a dict of settings. Outputs three scalars in
     the compute dtype: the weighted sum ``alpha_kd * kd_scale * kd_sum + alpha_ce * ce_sum`` (differentiable
-    w.r.t. hidden, weight and bias) and the unweighted ``kd_sum`` and ``ce_sum`` (non-differentiable).
+    w.r.t. hidden, weight, bias and the teacher's dense logits or log-probs) and the unweighted ``kd_sum``
+    and ``ce_sum`` (non-differentiable). A teacher that requires grad makes ``backward`` once-only.
     """
 
     @staticmethod
@@ -87,6 +127,8 @@ class _FusedLMHeadKD(torch.autograd.Function):
                 top_tail, settings):  # fmt: skip
         need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
         need_grad = need_hidden or need_weight or need_bias
+        ctx.teacher_needed = (ctx.needs_input_grad[5], *ctx.needs_input_grad[7:9])  # dense, logprobs, tail
+        teacher_grads = _TeacherGrads(teacher_dense, top_logprobs, top_tail) if any(ctx.teacher_needed) else None
         compute_dtype = torch.promote_types(torch.promote_types(hidden.dtype, weight.dtype), torch.float32)
         weight_c = weight.to(compute_dtype)
         bias_c = bias.to(compute_dtype) if bias is not None else None
@@ -108,8 +150,9 @@ class _FusedLMHeadKD(torch.autograd.Function):
                 else:
                     teacher_rows = TeacherTopK(top_indices[chunk], top_logprobs[chunk], top_tail[chunk])
             kd_mask = settings["kd_mask"][chunk] if settings["kd_mask"] is not None else None
+            store = teacher_grads.storer(chunk) if teacher_grads is not None else None
             kd_sum, ce_sum, grad_logits = _fused_chunk(
-                logits, teacher_rows, targets[chunk], need_grad, settings, kd_mask
+                logits, teacher_rows, targets[chunk], need_grad, settings, kd_mask, store
             )
             if need_grad:
                 if need_hidden:
@@ -125,6 +168,7 @@ class _FusedLMHeadKD(torch.autograd.Function):
 
         ctx.save_for_backward(*(g if g is not None else torch.empty(0) for g in (grad_hidden, grad_weight, grad_bias)))
         ctx.input_dtypes = (hidden.dtype, weight.dtype, bias.dtype if bias is not None else None)
+        ctx.teacher_grads = teacher_grads
         weighted = alpha_kd * kd_scale * kd_total + alpha_ce * ce_total
         ctx.mark_non_differentiable(kd_total, ce_total)
         return weighted, kd_total, ce_total
@@ -134,14 +178,21 @@ class _FusedLMHeadKD(torch.autograd.Function):
         grads = []
         for needed, saved, dtype in zip(ctx.needs_input_grad[:3], ctx.saved_tensors, ctx.input_dtypes):
             grads.append((saved * grad_weighted).to(dtype) if needed else None)
-        return (*grads, None, None, None, None, None, None, None)
+        dense = logprobs = tail = None
+        if any(ctx.teacher_needed):
+            teacher_grads, ctx.teacher_grads = ctx.teacher_grads, None
+            if teacher_grads is None:
+                raise RuntimeError("the teacher's gradient was already handed out: call backward once per loss call")
+            dense, logprobs, tail = teacher_grads.scaled(grad_weighted, ctx.teacher_needed)
+        return (*grads, None, None, dense, None, logprobs, tail, None)
 
 
 def _teacher_fields(
     teacher: Teacher | None, labels: Tensor, vocab: int, options: KDOptions, alpha_kd: float
 ) -> tuple[Tensor | None, Tensor | None, Tensor | None, Tensor | None]:
-    """The teacher as detached flat rows: ``(dense [M, V], indices [M, k], logprobs [M, k], tail [M])``, the
-    unused side None (all None when ``alpha_kd == 0``). Checks shapes against the labels and the vocabulary."""
+    """The teacher as flat rows: ``(dense [M, V], indices [M, k], logprobs [M, k], tail [M])``, the unused side
+    None (all None when ``alpha_kd == 0``); still attached to the teacher's graph when it requires grad. Checks
+    shapes against the labels and the vocabulary."""
     if alpha_kd == 0:
         return None, None, None, None
     if teacher is None:
@@ -149,13 +200,13 @@ def _teacher_fields(
     if isinstance(teacher, TeacherTopK):
         _check_labels(teacher.logprobs, labels, "TeacherTopK.logprobs")
         _check_topk_k(teacher, options.top_k, vocab)
-        return (None, *(field.detach() for field in _flat_rows(teacher, vocab)))
+        return (None, *_flat_rows(teacher, vocab))
     if teacher.shape != (*labels.shape, vocab):
         raise ValueError(
             f"teacher logits shape {tuple(teacher.shape)} != student logits shape {(*labels.shape, vocab)}; "
             "different vocabularies need kagglekd.alignment, never truncation"
         )
-    return teacher.detach().reshape(-1, vocab), None, None, None
+    return teacher.reshape(-1, vocab), None, None, None
 
 
 def fused_lm_head_kd(
@@ -191,8 +242,13 @@ def fused_lm_head_kd(
     logits and their intermediates are alive at once. The gradients for ``hidden``, the weight and the bias
     are computed during the forward pass and held until ``backward`` (a float32 ``[V, H]`` buffer the size of
     the weight's own gradient, and ``[B, T, H]``), so the backward pass costs two multiplications by the
-    incoming scalar gradient. The teacher receives no gradient. Call ``backward`` once per call (like
-    every loss), and compute the loss outside autocast or let it be: the math here is float32 regardless.
+    incoming scalar gradient. A teacher that requires grad (SAR trains the teacher's routers through this loss)
+    receives its gradient the same way: dense logits get d total / d logits, ``TeacherTopK`` targets d total /
+    d ``logprobs`` and d total / d ``tail`` (their ``indices`` are constants; with ``options.top_k`` on dense
+    logits the top-k selection is piecewise constant), computed in closed form per chunk and held in one buffer
+    the size and dtype of the teacher input; the teacher is not detached, so run its forward under
+    ``torch.no_grad()`` unless gradients are meant to reach it. Call ``backward`` once per call (like every
+    loss), and compute the loss outside autocast or let it be: the math here is float32 regardless.
     """
     _check_options(options)
     if alpha_kd < 0 or alpha_ce < 0 or alpha_kd + alpha_ce == 0:

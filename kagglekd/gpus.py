@@ -75,22 +75,65 @@ PROFILES: dict[str, GpuProfile] = {
     ),
     "A100": GpuProfile("A100", 40 * GiB, 1, (8, 0), True, True, 312e12, "NVIDIA A100 40 GB (sm_80, bf16)"),
     "L4": GpuProfile("L4", int(22.5 * GiB), 1, (8, 9), True, True, 121e12, "NVIDIA L4 (sm_89, bf16)"),
+    # H100 80GB HBM3 (SXM5, what Google Cloud's a3 machines carry): nvidia-smi reports 81,559 MiB; 989 TFLOPS dense
+    # BF16/FP16 tensor (NVIDIA H100 datasheet; the PCIe card is 756). Kaggle's machine_shape NvidiaH100.
+    "H100": GpuProfile("H100", 81559 * 1024**2, 1, (9, 0), True, True, 989e12, "NVIDIA H100 80GB (sm_90, bf16)"),
+    # RTX PRO 6000 Blackwell (Server Edition on Kaggle): 96 GB GDDR7, nvidia-smi reports 97,887 MiB; sm_120;
+    # 188 SMs at ~2.6 GHz, 4000 AI TOPS = FP4 with 2:4 sparsity, so ~500 TFLOPS dense FP16/BF16 tensor (NVIDIA RTX
+    # PRO 6000 Blackwell datasheet / GTC 2025 announcement). Kaggle's machine_shape NvidiaRtxPro6000.
+    "RTXPRO6000": GpuProfile(
+        "RTXPRO6000", 97887 * 1024**2, 1, (12, 0), True, True, 500e12, "NVIDIA RTX PRO 6000 Blackwell (sm_120, bf16)"
+    ),
     "cpu": GpuProfile("cpu", _cpu_ram_bytes(), 1, None, False, True, 1e11, "CPU only (system RAM)"),
+}
+
+# The accelerators ``kaggle kernels push`` documents for kernel-metadata ``machine_shape`` / ``--accelerator``,
+# spelled as the server expects them: Kaggle/kaggle-api docs/kernels.md, section `kaggle kernels push`,
+# "Accelerators available as of Feb 2026" (commit 1744cda, 2026-01-30). "Some of these are only available to
+# participants of specific competitions, and some are only available to Kaggle admins."
+KAGGLE_ACCELERATORS = (
+    "NvidiaTeslaP100",
+    "TpuV38",
+    "NvidiaTeslaT4",
+    "NvidiaTeslaT4Highmem",
+    "Tpu1VmV38",
+    "NvidiaTeslaA100",
+    "NvidiaL4",
+    "TpuV5E8",
+    "NvidiaL4X1",
+    "TpuV6E8",
+    "NvidiaH100",
+    "NvidiaRtxPro6000",
+)
+# Shapes the CLI warns are retired and silently replaced (kaggle 2.2.5, kaggle_api_extended._RETIRED_ACCELERATORS).
+RETIRED_ACCELERATORS = {
+    "NvidiaTeslaP100": "Kaggle runs it on the default GPU (NvidiaTeslaT4); this PyTorch has no sm_60 kernels anyway",
+    "TpuV38": "Kaggle runs it on the default TPU (TpuV5E8)",
+    "Tpu1VmV38": "Kaggle runs it on the default TPU (TpuV5E8)",
+    "TpuV232": "Kaggle runs it on CPU, with no accelerator at all",
+    "TpuV2256": "Kaggle runs it on CPU, with no accelerator at all",
 }
 
 # Kaggle kernel-metadata ``machine_shape`` values (lower case) -> profile name (../shared/KAGGLE.md).
 MACHINE_SHAPES = {
     "nvidiateslat4": "T4x2",  # the only T4 shape: two of them
-    "nvidiateslat4highmem": "T4x2",
+    "nvidiateslat4highmem": "T4x2",  # admin-only (../shared/KAGGLE.md)
     "nvidiateslap100": "P100",  # retired: Kaggle now runs these requests on T4
     "nvidiateslaa100": "A100",
     "nvidial4": "L4x4",  # Kaggle's "GPU L4 x4" (NvidiaL4X1 is the one-GPU shape)
     "nvidial4x1": "L4",
+    "nvidiah100": "H100",
+    "nvidiartxpro6000": "RTXPRO6000",
 }
+
+# What ``bundle --accelerator`` offers: the current GPU shapes (the kit trains on GPUs, not TPUs), each planned with
+# its profile. NvidiaTeslaT4Highmem is left out: admin-only, and the same T4 x2 as NvidiaTeslaT4.
+BUNDLE_ACCELERATORS = ("NvidiaTeslaT4", "NvidiaL4X1", "NvidiaL4", "NvidiaTeslaA100", "NvidiaH100", "NvidiaRtxPro6000")
 
 # A profile's GPU model inside a device name ("Tesla T4", "Tesla P100-PCIE-16GB", "NVIDIA A100-SXM4-40GB",
 # "NVIDIA L4"), as a whole token: "L4" must not match an L40S, nor "T4" a T40.
-_MODEL_IN_NAME = {key: re.compile(rf"(?<![A-Z0-9]){key}(?![0-9])") for key in ("T4", "P100", "A100", "L4")}
+_MODEL_IN_NAME = {key: re.compile(rf"(?<![A-Z0-9]){key}(?![0-9])") for key in ("T4", "P100", "A100", "L4", "H100")}
+_MODEL_IN_NAME["RTXPRO6000"] = re.compile(r"RTX\s*PRO\s*6000(?![0-9])")  # "NVIDIA RTX PRO 6000 Blackwell ..."
 
 
 def names() -> list[str]:

@@ -52,6 +52,7 @@ from pathlib import Path
 
 from kagglekd import gpus, rundir
 from kagglekd.config import DistillConfig
+from kagglekd.env import ProgressRelay, commit_run
 from kagglekd.errors import ConfigError, KaggleKDError
 from kagglekd.gpus import GpuProfile
 from kagglekd.memory import TIGHT_FRACTION, GiB, MemoryPlan, StrategyChoice, choose_strategy
@@ -293,31 +294,36 @@ def train(
     *,
     config: DistillConfig | None = None,
     max_steps: int | None = None,
+    stop_after: int | None = None,
     chart_every_s: float = 30.0,
     chart: bool = True,
 ) -> dict:
-    """Run ``plan`` (or ``config`` the same way, e.g. a CE-only twin) and return rank 0's summary."""
+    """Run ``plan`` (or ``config`` the same way, e.g. a CE-only twin) and return rank 0's summary; ``max_steps``
+    and ``stop_after`` as in ``run_config``."""
     if config is None:
         config = plan.config
     else:  # a split needs a live teacher; a CE-only twin has none
         split_without_teacher = plan.strategy == "split" and not config.live_teacher
         config = config.replace(strategy="single" if split_without_teacher else plan.strategy)
+    config = run_config(config, max_steps, stop_after)
     if plan.mode == "notebook_launcher":
-        return notebook_launch(
-            config, num_processes=plan.processes, max_steps=max_steps, chart_every_s=chart_every_s, chart=chart
-        )
+        return notebook_launch(config, num_processes=plan.processes, chart_every_s=chart_every_s, chart=chart)
     if plan.mode == "subprocess":
-        return subprocess_launch(
-            config,
-            num_processes=plan.processes,
-            max_steps=max_steps,
-            chart_every_s=chart_every_s,
-            chart=chart,
-            planned=plan.choice.worst if plan.choice is not None else None,
-        )
+        planned = plan.choice.worst if plan.choice is not None else None
+        return subprocess_launch(config, plan.processes, chart_every_s=chart_every_s, chart=chart, planned=planned)
     results: list[dict] = []
-    _train_worker(config.to_dict(), max_steps, chart_every_s, chart, results)
+    _train_worker(config.to_dict(), chart_every_s, chart, results)
     return results[0]
+
+
+def run_config(config: DistillConfig, max_steps: int | None = None, stop_after: int | None = None) -> DistillConfig:
+    """``config`` as a launch trains it: ``max_steps`` sets the plan (config max_steps: the LR schedule, warmup,
+    last evaluation and export follow it), ``stop_after`` pauses the session there (``stopping``), and off Kaggle
+    a /kaggle/working output dir maps to a local folder (``env.local_path``)."""
+    from kagglekd.env import local_config
+
+    changes = {key: value for key, value in (("max_steps", max_steps), ("stop_after", stop_after)) if value is not None}
+    return local_config(config.replace(**changes) if changes else config)
 
 
 def notebook_launch(
@@ -325,6 +331,7 @@ def notebook_launch(
     num_processes: int | None = None,
     *,
     max_steps: int | None = None,
+    stop_after: int | None = None,
     chart_every_s: float = 30.0,
     chart: bool = True,
     port: int = 29500,
@@ -333,10 +340,12 @@ def notebook_launch(
 
     ``num_processes`` None: the planner's (``plan_launch``). Several processes run ddp (one per GPU, forked:
     CUDA must be untouched in this kernel, else a ``LaunchError`` says what to do); one process runs in this
-    process, as notebook_launcher does on one device. The live chart is drawn by rank 0 only.
+    process, as notebook_launcher does on one device. The live chart is drawn by rank 0 only. ``max_steps`` and
+    ``stop_after``: ``run_config``.
     """
     from accelerate import notebook_launcher
 
+    config = run_config(config, max_steps, stop_after)
     if num_processes is None:
         plan = plan_launch(config, launch="notebook_launcher")
         num_processes, config = plan.processes, plan.config
@@ -352,7 +361,7 @@ def notebook_launch(
     results: list[dict] = []  # filled when the function runs in this process (one process)
     notebook_launcher(
         _train_worker,
-        args=(config.to_dict(), max_steps, chart_every_s, chart, results),
+        args=(config.to_dict(), chart_every_s, chart, results),
         num_processes=num_processes,
         use_port=str(port),
     )
@@ -383,7 +392,7 @@ def leave_worker(distiller, code: int = 0) -> None:
     os._exit(code)
 
 
-def _train_worker(config_dict: dict, max_steps, chart_every_s: float, chart: bool, results: list) -> dict:
+def _train_worker(config_dict: dict, chart_every_s: float, chart: bool, results: list) -> dict:
     """One process's job: build the Distiller (its Accelerator joins the launch's process group), train."""
     from kagglekd.plots import LiveChart
     from kagglekd.trainer import Distiller
@@ -392,22 +401,19 @@ def _train_worker(config_dict: dict, max_steps, chart_every_s: float, chart: boo
     rank_zero = int(os.environ.get("RANK", "0")) == 0
     callbacks = [LiveChart(config.output_dir, every_s=chart_every_s)] if chart and rank_zero else []
     distiller = Distiller(config, callbacks=callbacks)
-    summary = distiller.train(max_steps=max_steps)
+    summary = distiller.train()
     if distiller.is_main:
         results.append(summary)
     return summary
 
 
 # ---- subprocess: torchrun in a child process group, streamed into the notebook ---------------------------
-def subprocess_command(
-    config_path: str | Path, num_processes: int, max_steps: int | None = None, *, python: str | None = None
-) -> list[str]:
+def subprocess_command(config_path: str | Path, num_processes: int, *, python: str | None = None) -> list[str]:
     """``torchrun --standalone --nproc_per_node N -m kagglekd train --config <config_path>`` spelled as
     ``<python> -m torch.distributed.run`` (this interpreter by default): no reliance on PATH. ``--standalone``
     lets torchrun pick a free local rendezvous port."""
     command = [python or sys.executable, "-m", "torch.distributed.run", "--standalone"]
-    command += ["--nproc_per_node", str(num_processes), "-m", "kagglekd", "train", "--config", str(config_path)]
-    return command + (["--max-steps", str(max_steps)] if max_steps is not None else [])
+    return command + ["--nproc_per_node", str(num_processes), "-m", "kagglekd", "train", "--config", str(config_path)]
 
 
 def child_env(progress_every_s: float = 30.0, extra: dict[str, str] | None = None) -> dict[str, str]:
@@ -436,6 +442,7 @@ def subprocess_launch(
     num_processes: int,
     *,
     max_steps: int | None = None,
+    stop_after: int | None = None,
     chart_every_s: float = 30.0,
     chart: bool = True,
     tail_lines: int = 40,
@@ -454,10 +461,12 @@ def subprocess_launch(
     it propagates. ``env``: extra environment variables for the child (``child_env``). When CUDA is initialised
     here, this kernel's cached GPU memory is released first (``env.free_accelerator_memory``); its CUDA context
     (a few hundred MiB on the GPUs it used) stays, and a line says how much that is, added to ``planned`` (the
-    memory plan of the fullest GPU), with what to do when the two together are tight.
+    memory plan of the fullest GPU), with what to do when the two together are tight. ``max_steps`` and
+    ``stop_after``: ``run_config`` (they travel in the config file).
     """
     from kagglekd.plots import LiveChart
 
+    config = run_config(config, max_steps, stop_after)
     if num_processes > 1:
         config = _ddp_config(config, num_processes, "a subprocess launch")
     if _cuda_initialized():  # what earlier cells left in this kernel's CUDA cache goes back to the child
@@ -469,7 +478,7 @@ def subprocess_launch(
     run_dir.mkdir(parents=True, exist_ok=True)
     config_path = run_dir / LAUNCH_CONFIG
     config.to_json(config_path)
-    command = subprocess_command(config_path, num_processes, max_steps)
+    command = subprocess_command(config_path, num_processes)
     live = LiveChart(run_dir, every_s=chart_every_s) if chart else None
     last_lines: deque[str] = deque(maxlen=tail_lines)
     kit_errors: list[str] = []  # the kit's own one-line reasons (`error: ...`, `stopped: ...`), from any rank
@@ -525,18 +534,23 @@ def _start_child(command: list[str], env: dict[str, str]) -> subprocess.Popen:
 
 def _stream(lines: queue.Queue, last_lines: deque, kit_errors: list[str], live, chart_every_s: float, redraw) -> None:
     """Echo the child's output lines until it ends, keeping the last lines and the kit's own one-line reasons,
-    and call ``redraw`` every ``chart_every_s`` seconds when there is a live chart."""
+    and call ``redraw`` every ``chart_every_s`` seconds when there is a live chart. In a commit run its progress
+    bars' lines are thinned (``env.ProgressRelay``): each would be a line of the saved notebook."""
     next_chart = time.monotonic() + chart_every_s
+    relay = ProgressRelay() if commit_run() else None
     while True:
         try:
             line = lines.get(timeout=min(1.0, max(chart_every_s, 0.05)))
         except queue.Empty:
             line = ""
         if line is None:  # end of output: every process holding the pipe is gone
+            for held in relay.finish() if relay else []:
+                _echo(held)
             return
         if line.strip():
             last_lines.append(line)
-            _echo(line)
+            for shown in relay.lines(line) if relay else [line]:
+                _echo(shown)
             if line.startswith(("error: ", "stopped: ")) and line not in kit_errors:
                 kit_errors.append(line)
         if live is not None and time.monotonic() >= next_chart:

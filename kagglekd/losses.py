@@ -14,10 +14,11 @@ Conventions every function here shares:
   Losses come back as float32 scalars (float64 for float64 inputs).
 * valid positions are processed at most ``chunk_size`` rows at a time (on a CPU in smaller, cache-sized
   blocks), so the float32 full-vocab intermediates of one chunk only are alive at a time. ``kd_loss`` and
-  ``ce_loss`` compute the gradient w.r.t. the student's logits in closed form during the forward pass (see
-  "Closed-form gradients"), store it in the logits' dtype and only scale it in ``backward``: nothing is
-  recomputed, so call ``backward`` once per loss call. When the teacher's logits require grad, ``kd_loss``
-  falls back to autograd over checkpointed chunks, which also differentiates the teacher side.
+  ``ce_loss`` compute the gradient w.r.t. the student's logits in closed form during the forward pass (the
+  formulas: ``kagglekd.divergences``), store it in the logits' dtype and only scale it in ``backward``: nothing
+  is recomputed, so call ``backward`` once per loss call. When the teacher's logits require grad (SAR),
+  ``kd_loss`` falls back to autograd over checkpointed chunks, which also differentiates the teacher side
+  (``kagglekd.fused`` gives the teacher its gradient in closed form instead).
 * when no position is valid the result is a float32 zero that is still attached to the student's graph,
   so ``.backward()`` works and yields zero gradients.
 * the KD settings (temperature, divergence, beta, skew_alpha, top_k, scale_t2) come as one
@@ -26,7 +27,6 @@ Conventions every function here shares:
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -36,15 +36,10 @@ from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
 from kagglekd.config import DIVERGENCES, KDOptions
+from kagglekd.divergences import MASKED_LOGPROB, divergence, divergence_and_grad, finite, teacher_log_grad
 
 IGNORE_INDEX = -100
 DEFAULT_KD = KDOptions()  # the default ``options`` of every KD call (KDOptions is frozen, so one shared instance)
-
-# Stands in for log(0) when masking entries before a logsumexp: exp() of it is exactly 0 in float32,
-# but unlike -inf it never produces (-inf) - (-inf) = nan in a forward or backward pass.
-_MASKED_LOGPROB = -1e30
-# A log-probability (or log-ratio) at or below this is a probability of exactly 0: -inf, or a masked entry.
-_ZERO_LOGPROB = 0.5 * _MASKED_LOGPROB
 
 
 class TeacherTopK(NamedTuple):
@@ -83,63 +78,6 @@ def valid_count(labels: Tensor) -> int:
     return int((labels != IGNORE_INDEX).sum().item())
 
 
-# ---------------------------------------------------------------------------------------------------------
-# Divergences on log-probability vectors (last dim = vocab or buckets)
-# ---------------------------------------------------------------------------------------------------------
-
-
-def _kl(log_a: Tensor, log_b: Tensor) -> Tensor:
-    """KL(a || b) = sum_i a_i (log a_i - log b_i) over the last dim; terms with a_i == 0 count as 0.
-
-    ``[N, V], [N, V] -> [N]``. The zero-terms are masked on the log-ratio (not on the product) so that
-    -inf log-probs give neither nan values nor nan gradients.
-    """
-    a = log_a.exp()
-    log_ratio = torch.where(a > 0, log_a - log_b, torch.zeros_like(log_a))
-    return (a * log_ratio).sum(-1)
-
-
-def _log_mixture(log_a: Tensor, log_b: Tensor, weight_a: float) -> Tensor:
-    """log(weight_a * a + (1 - weight_a) * b), elementwise, from log a and log b."""
-    if weight_a == 0.0:
-        return log_b
-    if weight_a == 1.0:
-        return log_a
-    return torch.logaddexp(log_a + math.log(weight_a), log_b + math.log1p(-weight_a))
-
-
-def _reduced(options: KDOptions) -> str:
-    """The divergence after its endpoint reductions: jsd at beta 0 / 1 is forward / reverse KL (the formula is
-    0/0 there), a skew KL at alpha 0 is the plain KL."""
-    divergence = options.divergence
-    if divergence == "jsd" and options.beta in (0.0, 1.0):
-        return "forward_kl" if options.beta == 0.0 else "reverse_kl"
-    if divergence.startswith("skew_") and options.skew_alpha == 0.0:
-        return divergence.removeprefix("skew_")
-    return divergence
-
-
-def _divergence(log_p: Tensor, log_q: Tensor, options: KDOptions) -> Tensor:
-    """Per-row divergence between teacher ``p`` and student ``q`` given as float32 log-probs.
-
-    ``[N, V], [N, V] -> [N]``; see ``kd_per_position`` for the definitions.
-    """
-    divergence, beta, alpha = _reduced(options), options.beta, options.skew_alpha
-    if divergence == "forward_kl":
-        return _kl(log_p, log_q)
-    if divergence == "reverse_kl":
-        # +inf where the teacher gives probability 0 (-inf or masked) to a token the student gives > 0
-        teacher_zero = ((log_p <= _ZERO_LOGPROB) & (log_q.exp() > 0)).any(-1)
-        return _kl(log_q, log_p).masked_fill(teacher_zero, math.inf)
-    if divergence == "jsd":
-        log_m = _log_mixture(log_p, log_q, beta)
-        weighted = beta * _kl(log_p, log_m) + (1.0 - beta) * _kl(log_q, log_m)
-        return weighted / (beta * (1.0 - beta))
-    if divergence == "skew_forward_kl":
-        return _kl(log_p, _log_mixture(log_p, log_q, alpha))
-    return _kl(log_q, _log_mixture(log_q, log_p, alpha))  # skew_reverse_kl
-
-
 def _check_options(options: KDOptions) -> None:
     if not isinstance(options, KDOptions):
         raise TypeError(f"KD options must be a kagglekd.config.KDOptions, got {type(options).__name__}")
@@ -156,7 +94,7 @@ def _tail_logprob(log_probs: Tensor, indices: Tensor) -> Tensor:
     Computed as a logsumexp over the complement rather than log(1 - sum top-k), so a tiny tail keeps its
     exact value (and gradient) instead of drowning in float32 rounding of 1 - (1 - tail).
     """
-    return torch.logsumexp(log_probs.scatter(-1, indices, _MASKED_LOGPROB), dim=-1)
+    return torch.logsumexp(log_probs.scatter(-1, indices, MASKED_LOGPROB), dim=-1)
 
 
 def _buckets(log_top: Tensor, log_tail: Tensor) -> Tensor:
@@ -254,11 +192,11 @@ def kd_per_position(student_logits: Tensor, teacher: Teacher, options: KDOptions
             )
         log_p = F.log_softmax(_upcast(teacher) / temperature, dim=-1)
         if top_k is None or top_k >= vocab:
-            return _divergence(log_p, log_q, options)
+            return divergence(log_p, log_q, options)
         log_p_top, indices = log_p.topk(top_k, dim=-1)
         log_p_tail = _tail_logprob(log_p, indices)
     log_q_buckets = _buckets(log_q.gather(-1, indices), _tail_logprob(log_q, indices))
-    return _divergence(_buckets(log_p_top, log_p_tail), log_q_buckets, options)
+    return divergence(_buckets(log_p_top, log_p_tail), log_q_buckets, options)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -333,20 +271,8 @@ def _valid_positions(labels: Tensor) -> Tensor:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Closed-form gradients: the loss and d loss / d student logits in one pass over cache-sized row blocks
+# Closed-form rows: the loss and d loss / d logits per cache-sized row block (formulas: kagglekd.divergences)
 # ---------------------------------------------------------------------------------------------------------
-# With s = student_logits / T, q = softmax(s), every divergence here is a function D(p, q) whose gradient
-# w.r.t. s has a closed form built from p, q and log p - log q; so the forward pass computes the value and
-# the gradient together, once, and the backward pass only scales the stored gradient by the incoming one.
-# Written as h_i = dD/dq_i, dD/ds_i = q_i (h_i - sum_j q_j h_j):
-#   forward KL   KL(p || q)                         dD/ds = q sum(p) - p
-#   reverse KL   KL(q || p)                         dD/ds = q (log q - log p - D)
-#   jsd(beta)    [b KL(p||m) + (1-b) KL(q||m)] / (b (1-b)), m = b p + (1-b) q
-#                                                   dD/ds = q (log q - log m - KL(q||m)) / b
-#   skew fwd     KL(p || m), m = a p + (1-a) q      dD/ds = (1-a) q (sum_j q_j w_j - w), w = p / m
-#   skew rev     KL(q || m), m = a q + (1-a) p      dD/ds = q (u - sum_j q_j u_j), u = log(q/m) - a q/m
-# For top-k buckets the same formulas run over the k + 1 buckets (g = the bucket gradient); a vocabulary
-# entry v outside the top k receives g_tail * q_v / Q_tail, its share of the student's tail bucket.
 # On a CPU the rows go through in blocks of about half a megabyte per [rows, V] buffer, so the dozen passes
 # of a block hit the cache; over a whole [1024, V] chunk every pass would run from main memory (4-8x slower).
 
@@ -389,71 +315,6 @@ def _softmax_and_lse(x: Tensor) -> tuple[Tensor, Tensor]:
     return probs, lse
 
 
-def _finite(x: Tensor) -> Tensor:
-    """In place: -inf -> -1e30 (p = 0 terms then vanish as 0 * finite), +inf -> 1e30, nan -> 0."""
-    return x.nan_to_num_(nan=0.0, posinf=-_MASKED_LOGPROB, neginf=_MASKED_LOGPROB)
-
-
-def _mixture_log_ratios(d: Tensor, weight_p: float) -> tuple[Tensor, Tensor]:
-    """``(log p - log m, log q - log m)`` for ``m = weight_p p + (1 - weight_p) q``, from ``d = log p - log q``.
-
-    Exact in log space without forming m: for p <= q, log m - log q = log1p(weight_p expm1(d)); for p > q,
-    log m - log p = log1p((1 - weight_p) expm1(-d)). Identical inputs (d = 0) give exactly 0.
-    """
-    coef = (d <= 0).to(d.dtype).mul_(2 * weight_p - 1).add_(1 - weight_p)
-    larger_side = torch.log1p(torch.expm1(-d.abs()).mul_(coef)).neg_()  # log max(p, q) - log m
-    log_p_ratio = larger_side + d.clamp(max=0)
-    return log_p_ratio, larger_side.sub_(d.clamp(min=0))
-
-
-def _vecdot(a: Tensor, b: Tensor) -> Tensor:
-    return torch.linalg.vecdot(a, b)
-
-
-def _divergence_and_grad(
-    p: Tensor, q: Tensor, d: Tensor, options: KDOptions, need_grad: bool
-) -> tuple[Tensor, Tensor | None]:
-    """Per-row divergence ``[c]`` and its gradient ``[c, n]`` w.r.t. the student's (scaled) logits.
-
-    ``p``, ``q`` ``[c, n]`` probabilities (q a softmax of the student's logits or bucket log-probs), ``d`` =
-    log p - log q, finite (``_finite``: p = 0 < q gives d <= ``_ZERO_LOGPROB``). Same definitions as
-    ``_divergence``. ``q`` and ``d`` may be overwritten.
-    """
-    divergence, beta, skew_alpha = _reduced(options), options.beta, options.skew_alpha
-    if divergence.startswith("skew_") and skew_alpha == 1.0:  # m equals the first argument: KL = 0
-        return p.new_zeros(p.shape[:-1]), (torch.zeros_like(q) if need_grad else None)
-    grad = None
-    if divergence == "forward_kl":
-        value = _vecdot(p, d)
-        if need_grad:
-            grad = q.mul_(p.sum(-1, keepdim=True)).sub_(p)
-    elif divergence == "reverse_kl":
-        value = -_vecdot(q, d)
-        teacher_zero = ((d <= _ZERO_LOGPROB) & (q > 0)).any(-1)  # p = 0 < q somewhere: KL(q || p) = +inf
-        if need_grad:
-            grad = d.add_(value.unsqueeze(-1)).mul_(q).neg_().masked_fill_(teacher_zero.unsqueeze(-1), math.nan)
-        value = value.masked_fill_(teacher_zero, math.inf)
-    elif divergence == "jsd":
-        log_p_ratio, log_q_ratio = _mixture_log_ratios(d, beta)
-        kl_q = _vecdot(q, log_q_ratio)
-        value = (beta * _vecdot(p, log_p_ratio) + (1.0 - beta) * kl_q) / (beta * (1.0 - beta))
-        if need_grad:
-            grad = log_q_ratio.sub_(kl_q.unsqueeze(-1)).mul_(q).div_(beta)
-    elif divergence == "skew_forward_kl":
-        log_p_ratio, _ = _mixture_log_ratios(d, skew_alpha)
-        value = _vecdot(p, log_p_ratio)
-        if need_grad:
-            ratio = log_p_ratio.exp_()  # p / m
-            grad = ratio.sub_(_vecdot(q, ratio).unsqueeze(-1)).mul_(q).mul_(skew_alpha - 1.0)
-    else:  # skew_reverse_kl
-        _, log_q_ratio = _mixture_log_ratios(d, 1.0 - skew_alpha)
-        value = _vecdot(q, log_q_ratio)
-        if need_grad:
-            u = log_q_ratio.exp().mul_(-skew_alpha).add_(log_q_ratio)  # log(q/m) - a q/m
-            grad = u.sub_(_vecdot(q, u).unsqueeze(-1)).mul_(q)
-    return value, grad
-
-
 def _split_top(logits: Tensor, indices: Tensor) -> tuple[Tensor, Tensor | None, Tensor, Tensor]:
     """Top-k / tail split of one block of logits ``[c, V]`` at ``indices`` ``[c, k]``.
 
@@ -476,12 +337,17 @@ def _split_top(logits: Tensor, indices: Tensor) -> tuple[Tensor, Tensor | None, 
     return top, tail_probs, lse_tail, torch.logaddexp(torch.logsumexp(top.to(wide), -1), lse_tail)
 
 
-def _kd_rows(student: Tensor, teacher: Teacher, options: KDOptions, need_grad: bool) -> tuple[Tensor, Tensor | None]:
-    """Divergence per row ``[c]`` and its gradient w.r.t. ``student / temperature`` ``[c, V]`` (or None).
+def _kd_rows(
+    student: Tensor, teacher: Teacher, options: KDOptions, need_grad: bool, need_teacher_grad: bool = False
+) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """Divergence per row ``[c]``, its gradient w.r.t. ``student / temperature`` ``[c, V]`` (or None) and,
+    with ``need_teacher_grad``, the teacher's gradient (else None).
 
     ``student`` ``[c, V]`` logits, ``teacher`` dense ``[c, V]`` logits or a ``TeacherTopK`` with ``[c, k]``
     fields; the same values as ``kd_per_position``. Math in float32 (float64 if either side is float64).
-    Multiply the gradient by 1 / temperature to get d / d student.
+    Multiply the student's gradient by 1 / temperature to get d / d student. The teacher's gradient is
+    d D / d ``(teacher / temperature)`` ``[c, V]`` for dense logits (multiply by 1 / temperature too), or
+    d D / d ``(logprobs, tail)`` ``[c, k + 1]`` for ``TeacherTopK`` targets (temperature already inside).
     """
     vocab, temperature, top_k = student.shape[-1], options.temperature, options.top_k
     if isinstance(teacher, TeacherTopK):
@@ -490,28 +356,50 @@ def _kd_rows(student: Tensor, teacher: Teacher, options: KDOptions, need_grad: b
     else:
         dtype = torch.promote_types(torch.promote_types(student.dtype, teacher.dtype), torch.float32)
     s = _scaled(student, temperature, dtype)
+    teacher_grad, t_tail_probs = None, None
     if not isinstance(teacher, TeacherTopK):
         t = _scaled(teacher, temperature, dtype)
         if top_k is None or top_k >= vocab:
             q, lse_s = _softmax_and_lse(s)
             p, lse_t = _softmax_and_lse(t)
-            d = _finite(torch.sub(t, s).sub_((lse_t - lse_s).to(dtype).unsqueeze(-1)))
+            d = finite(torch.sub(t, s).sub_((lse_t - lse_s).to(dtype).unsqueeze(-1)))
             del t
-            return _divergence_and_grad(p, q, d, options, need_grad)
+            if need_teacher_grad:  # through the log-softmax: G - p sum(G)
+                log_grad = teacher_log_grad(p, q, d, options)
+                teacher_grad = log_grad.sub_(p * log_grad.sum(-1, keepdim=True))
+            return *divergence_and_grad(p, q, d, options, need_grad), teacher_grad
         indices = t.topk(top_k, dim=-1, sorted=False).indices
-        t_top, _, t_lse_tail, t_lse = _split_top(t, indices)
+        t_top, t_tail_probs, t_lse_tail, t_lse = _split_top(t, indices)
         log_p_top, log_p_tail = t_top.to(t_lse.dtype) - t_lse.unsqueeze(-1), t_lse_tail - t_lse
         del t
     s_top, tail_probs, lse_tail, lse = _split_top(s, indices)
     log_q = torch.cat([s_top.to(lse.dtype) - lse.unsqueeze(-1), (lse_tail - lse).unsqueeze(-1)], -1)
-    log_q = log_q.to(dtype).clamp_min_(_MASKED_LOGPROB)
-    log_p = torch.cat([log_p_top, log_p_tail.unsqueeze(-1)], -1).to(dtype).clamp_min_(_MASKED_LOGPROB)
-    value, bucket_grad = _divergence_and_grad(log_p.exp(), log_q.exp(), _finite(log_p - log_q), options, need_grad)
+    log_q = log_q.to(dtype).clamp_min_(MASKED_LOGPROB)
+    log_p = torch.cat([log_p_top, log_p_tail.unsqueeze(-1)], -1).to(dtype).clamp_min_(MASKED_LOGPROB)
+    p, q, d = log_p.exp(), log_q.exp(), finite(log_p - log_q)
+    if need_teacher_grad:
+        teacher_grad = teacher_log_grad(p, q, d, options)
+        if t_tail_probs is not None:  # top-k of dense logits: back through the buckets and the log-softmax
+            teacher_grad = _bucket_to_logit_grad(teacher_grad, p, t_tail_probs, indices)
+    value, bucket_grad = divergence_and_grad(p, q, d, options, need_grad)
     if not need_grad:
-        return value, None
+        return value, None, teacher_grad
     # an entry outside the top k moves with the student's tail bucket, in proportion to its share of it
     grad = tail_probs.mul_(bucket_grad[:, -1:]) if tail_probs is not None else torch.zeros_like(s)
-    return value, grad.scatter_(-1, indices, bucket_grad[:, :-1])
+    return value, grad.scatter_(-1, indices, bucket_grad[:, :-1]), teacher_grad
+
+
+def _bucket_to_logit_grad(log_grad: Tensor, p: Tensor, tail_probs: Tensor, indices: Tensor) -> Tensor:
+    """d D / d (teacher logits / T) ``[c, V]`` from d D / d log p over the k + 1 buckets ``[c, k + 1]``.
+
+    ``p`` ``[c, k + 1]`` the teacher's bucket probabilities, ``tail_probs`` ``[c, V]`` the softmax over the
+    entries outside ``indices`` ``[c, k]`` (overwritten). log p_b = t_b - lse(t) for a top entry and
+    log P_tail = lse(t outside) - lse(t), so entry v gets G_b - p_v sum(G) in the top k and
+    (p_v / P_tail) (G_tail - P_tail sum(G)) outside it.
+    """
+    total = log_grad.sum(-1, keepdim=True)
+    grad = tail_probs.mul_(log_grad[:, -1:] - p[:, -1:] * total)
+    return grad.scatter_(-1, indices, log_grad[:, :-1] - p[:, :-1] * total)
 
 
 def _ce_rows(logits: Tensor, targets: Tensor, need_grad: bool) -> tuple[Tensor, Tensor | None]:
@@ -623,7 +511,7 @@ def kd_loss(
     else:
 
         def row_fn(start: int, end: int, need_grad: bool) -> tuple[Tensor, Tensor | None]:
-            return _kd_rows(rows[start:end], _select_rows(teacher_rows, slice(start, end)), options, need_grad)
+            return _kd_rows(rows[start:end], _select_rows(teacher_rows, slice(start, end)), options, need_grad)[:2]
 
         light = isinstance(teacher_rows, TeacherTopK)
         block_rows = rows_per_block(vocab, chunk_size, student_logits.device, light)

@@ -3,8 +3,12 @@
 Components (``COMPONENTS``, the one tuple the trainer, the history and the charts share): ``kd`` (teacher ->
 student distribution), ``ce`` (the data), ``feature`` (hidden states through projections), ``attention``
 (attention maps), ``router`` (SAR's regularisers of the teacher's routers). Each is a sum over valid target
-tokens divided by the window's valid-target count. Under ``loss_balance: normalized`` each is divided by a
-running mean of its own magnitude, so the alphas become the realised shares of the total.
+tokens divided by the window's valid-target count. Under ``loss_balance: normalized`` each of the student's
+components (``STUDENT_COMPONENTS``) is divided by a running mean of its own magnitude, so the alphas become
+their realised shares of the student's objective. The router term trains the teacher's routers only (the
+student's weights get no gradient from it): it keeps weight 1, is never balanced and is no share of the
+student's objective. The total backpropagated, logged as ``loss``, is the student's objective plus the
+router term; the student's objective alone is ``loss - w_router``.
 """
 
 from __future__ import annotations
@@ -18,7 +22,10 @@ from kagglekd.config import COMPONENTS, DistillConfig
 from kagglekd.fused import fused_lm_head_kd
 from kagglekd.teacher import TeacherOutputs
 
-__all__ = ["COMPONENTS", "Objective"]
+__all__ = ["COMPONENTS", "STUDENT_COMPONENTS", "Objective"]
+
+# The components that train the student, whose weighted values make its objective; "router" trains the teacher.
+STUDENT_COMPONENTS = tuple(name for name in COMPONENTS if name != "router")
 
 
 class Objective:
@@ -56,17 +63,20 @@ class Objective:
         return alphas[name]
 
     def weight(self, name: str) -> float:
-        """alpha under ``fixed``; alpha / running magnitude under ``normalized``."""
+        """alpha under ``fixed``; alpha / running magnitude under ``normalized`` (the student's components only:
+        the router term keeps weight 1)."""
         alpha = self.alpha(name)
-        if self.config.loss_balance == "fixed" or name not in self.balance:
+        # (a checkpoint written before the router term left the balance may still hold a "router" entry)
+        if self.config.loss_balance == "fixed" or name not in self.balance or name not in STUDENT_COMPONENTS:
             return alpha
         return alpha / max(self.balance[name], 1e-8)
 
     def update_balance(self, sums: dict) -> None:
+        """Move each student component's running magnitude towards this window's value (``normalized`` only)."""
         if self.config.loss_balance != "normalized":
             return
         momentum = self.config.balance_momentum
-        for name in COMPONENTS:
+        for name in STUDENT_COMPONENTS:
             value = sums.get(name)
             if value is None or not math.isfinite(value) or self.alpha(name) == 0:
                 continue
@@ -135,13 +145,19 @@ class Objective:
         return total if fused_total is None else fused_total + total
 
     def columns(self, sums: dict) -> dict:
-        """The logged columns of one step: raw value, weighted value and realised share of each component."""
-        row, loss = {}, sums["loss"]
+        """The logged columns of one step: raw value and weighted value of each component, and the realised share
+        of each student component in the student's objective (the sum of their weighted values, so the shares sum
+        to 1). The router term has no share (``share_router`` is NaN): it trains the teacher, and the
+        ``loss`` column (the total backpropagated) holds it on top of the student's objective."""
+        row = {}
         for name in COMPONENTS:
             active = self.alpha(name) > 0
             row[name] = sums[name] if active else float("nan")
             row[f"w_{name}"] = self.weight(name) * sums[name] if active else float("nan")
-            row[f"share_{name}"] = row[f"w_{name}"] / loss if active and loss else float("nan")
+        student = sum(row[f"w_{name}"] for name in STUDENT_COMPONENTS if self.alpha(name) > 0)
+        for name in COMPONENTS:
+            active = self.alpha(name) > 0 and name in STUDENT_COMPONENTS
+            row[f"share_{name}"] = row[f"w_{name}"] / student if active and student else float("nan")
         return row
 
     # ---- state -------------------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -55,7 +56,7 @@ def load_evaluation(run_dir: str | Path, ce_run_dir: str | Path | None = None) -
     """Load ``run_dir/student`` (and ``ce_run_dir/student`` when it exists) beside the run's teacher."""
     from transformers import AutoModelForCausalLM
 
-    from kagglekd.trainer import Distiller
+    from kagglekd.evaluation import load_finished_run
 
     run_dir = Path(run_dir)
     if not (run_dir / CONFIG_FILE).is_file() or not (run_dir / STUDENT_DIR / "config.json").is_file():
@@ -63,8 +64,8 @@ def load_evaluation(run_dir: str | Path, ce_run_dir: str | Path | None = None) -
             f"{run_dir}: expected a finished run directory with config.json and student/ "
             "(run 02_train, or `python -m kagglekd train`, to the end first)."
         )
-    config = DistillConfig.from_json(run_dir / CONFIG_FILE)
-    distiller = Distiller(config, output_dir=run_dir, write_run_dir=False).setup()
+    distiller = load_finished_run(run_dir)  # a SAR run's teacher gets its adapted routers here
+    config = distiller.config
     models: dict[str, torch.nn.Module] = {}
     weight_dirs: dict[str, Path | None] = {}
     if distiller.teacher is not None:
@@ -238,33 +239,41 @@ def size_speed_rows(evaluation: Evaluation, batch_size: int = 8, max_batches: in
     return rows
 
 
+SIZE_SPEED_PANELS = (  # (column, title, y label) of each panel of plot_size_speed
+    ("parameters_m", "size: parameters", "parameters (millions)"),
+    ("forward_tokens_per_s", "speed: forward pass", "tokens / s (forward)"),
+    ("generate_tokens_per_s", "speed: greedy generation", "new tokens / s (generate)"),
+)
+
+
 def plot_size_speed(rows: list[dict], path: str | Path | None = None):
-    """Two bar panels: parameters (M) and forward tokens/s per model."""
+    """Bar panels, one per measure in ``rows`` (``size_speed_rows``): parameters (M), forward tokens/s and, when
+    measured, greedy generation tokens/s; each bar carries its value, a missing one reads "n/a"."""
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(10, 3.8))
     names = [r["model"] for r in rows]
-    for index, (column, label) in enumerate(
-        (("parameters_m", "parameters (M)"), ("forward_tokens_per_s", "forward tokens / s"))
-    ):
-        ax = fig.add_subplot(1, 2, index + 1)
-        values = [float(r[column]) for r in rows]
+    panels = [p for p in SIZE_SPEED_PANELS if any(math.isfinite(float(r.get(p[0], math.nan))) for r in rows)]
+    fig = Figure(figsize=(4.2 * max(1, len(panels)), 3.8), layout="constrained")
+    for index, (column, title, ylabel) in enumerate(panels):
+        ax = fig.add_subplot(1, len(panels), index + 1)
+        values = [float(r.get(column, math.nan)) for r in rows]
         bars = ax.bar(names, values, color=["tab:blue", "tab:orange", "tab:green", "tab:red"][: len(names)])
         for bar, value in zip(bars, values):
-            label = f"{value:,.0f}" if value >= 100 else f"{value:.3g}"
+            finite = math.isfinite(value)
             ax.annotate(
-                label,
-                xy=(bar.get_x() + bar.get_width() / 2, value),
+                (f"{value:,.0f}" if value >= 100 else f"{value:.3g}") if finite else "n/a",
+                xy=(bar.get_x() + bar.get_width() / 2, value if finite else 0.0),
                 xytext=(0, 3),
                 textcoords="offset points",
                 ha="center",
                 fontsize=9,
             )
-        ax.set_title(label, fontsize=11)
+        ax.margins(y=0.12)  # room for the values above the bars
+        ax.set_title(title, fontsize=11)
+        ax.set_ylabel(ylabel)
         ax.grid(axis="y", alpha=0.3)
         ax.tick_params(axis="x", labelsize=8)
     fig.suptitle("Size and speed (same device, same held-out blocks)", fontsize=12)
-    fig.tight_layout()
     if path is not None:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         fig.savefig(path, dpi=110, bbox_inches="tight")
@@ -309,7 +318,8 @@ def write_model_card(
     student = next((r for r in eval_rows if r["model"] == STUDENT), {})
     lines = _card_front_matter(cfg)
     lines += _card_data(cfg, _read_json(run_dir / DATA_FILE))
-    lines += _card_training(cfg, _read_json(run_dir / SUMMARY_FILE))
+    teacher = evaluation.distiller.teacher_side.describe() if evaluation.distiller.teacher is not None else {}
+    lines += _card_training(cfg, _read_json(run_dir / SUMMARY_FILE), teacher)
     lines += _card_results(evaluation, eval_rows, size_rows, samples)
     lines += _card_use_and_limitations(student)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -317,8 +327,20 @@ def write_model_card(
     return path
 
 
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")  # owner/name, the hub's repo id form
+
+
+def _hub_id(reference: str) -> str | None:
+    """``reference`` when it is a hub repo id (``owner/name``) and no local path of that name exists, else None
+    (local dirs, absolute paths, tiny presets and stdlib corpora are no hub ids)."""
+    return reference if HUB_ID.fullmatch(reference) and not Path(reference).exists() else None
+
+
 def _card_front_matter(cfg: DistillConfig) -> list[str]:
-    """The hub's YAML header: library, task, tags, and the base model / dataset when they are hub ids."""
+    """The hub's YAML header: library, task, tags, and the base model / dataset when they are hub ids.
+
+    Values are written as JSON strings (valid YAML scalars whatever characters an id holds);
+    ``tests/test_report.py`` parses the header with ``yaml.safe_load``."""
     front = [
         "---",
         "library_name: transformers",
@@ -327,10 +349,10 @@ def _card_front_matter(cfg: DistillConfig) -> list[str]:
         "- knowledge-distillation",
         "- kagglekd",
     ]
-    if "/" in cfg.student_model and not Path(cfg.student_model).exists():
-        front.append(f"base_model: {cfg.student_model}")
-    if "/" in cfg.dataset and not Path(cfg.dataset).exists():
-        front += ["datasets:", f"- {cfg.dataset}"]
+    if _hub_id(cfg.student_model):
+        front.append(f"base_model: {json.dumps(cfg.student_model)}")
+    if _hub_id(cfg.dataset):
+        front += ["datasets:", f"- {json.dumps(cfg.dataset)}"]
     front.append("---")
     return front
 
@@ -360,7 +382,7 @@ def _card_data(cfg: DistillConfig, data_info: dict) -> list[str]:
     return lines
 
 
-def _card_training(cfg: DistillConfig, summary: dict) -> list[str]:
+def _card_training(cfg: DistillConfig, summary: dict, teacher: dict | None = None) -> list[str]:
     """The training section: the run's ``summary.json`` in a sentence, then the key config values."""
     lines = ["", "## Training", ""]
     if summary:
@@ -371,6 +393,8 @@ def _card_training(cfg: DistillConfig, summary: dict) -> list[str]:
             f"{summary.get('skipped', 0)} skipped (non-finite) steps."
         )
         lines.append("")
+    if teacher:  # which routers and routing the teacher had when these numbers were measured
+        lines += [f"Teacher routers: {teacher['teacher_routers']}; routing: {teacher['teacher_routing']}.", ""]
     lines += ["| key | value |", "|---|---|"]
     lines += [f"| {key} | {json.dumps(getattr(cfg, key))} |" for key in CARD_CONFIG_KEYS]
     lines += ["", "The full config is `config.json` of the run directory; the LR plan is `plan.json`."]

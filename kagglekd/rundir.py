@@ -8,6 +8,7 @@ Every JSON file is written to a temp name and renamed, so a killed write never l
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import shutil
@@ -16,6 +17,8 @@ from pathlib import Path
 import numpy as np
 
 from kagglekd.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 CONFIG_FILE = "config.json"
 PLAN_FILE = "plan.json"
@@ -70,12 +73,37 @@ def prepare(output_dir: Path) -> None:
 
 
 def export_student(model, tokenizer, path: str | os.PathLike) -> Path:
-    """``save_pretrained`` of ``model`` and ``tokenizer`` into ``path``, through a temp dir and a rename."""
+    """``save_pretrained`` of ``model`` and ``tokenizer`` into ``path``, through a temp dir and a rename.
+
+    ``config.tie_word_embeddings`` is first made to say what the module does (``sync_tie_flag``): transformers
+    stores a tied ``lm_head`` once and re-ties it on reload when the flag says tied. A flag that disagrees with
+    the module reloads a different ``lm_head`` (measured on transformers 5.24): a tied module with the flag False
+    is saved without ``lm_head``, which the reload reports MISSING and initialises at random; an untied module
+    with the flag True reloads with a warning about the mismatch."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
+    sync_tie_flag(model)
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     shutil.rmtree(path, ignore_errors=True)
     os.replace(tmp, path)
     return path
+
+
+def sync_tie_flag(model) -> bool | None:
+    """Set ``model.config.tie_word_embeddings`` to whether the output embedding IS the input embedding matrix;
+    returns the flag (None when the model has no such pair or config key). Changing it is logged."""
+    inputs, outputs = model.get_input_embeddings(), model.get_output_embeddings()
+    config = model.config
+    if inputs is None or outputs is None or not hasattr(config, "tie_word_embeddings"):
+        return None
+    tied = outputs.weight is inputs.weight or (
+        outputs.weight.data_ptr() == inputs.weight.data_ptr() and outputs.weight.shape == inputs.weight.shape
+    )
+    if bool(config.tie_word_embeddings) != tied:
+        log.info(
+            "export: tie_word_embeddings %s -> %s (what the model's lm_head does)", config.tie_word_embeddings, tied
+        )
+        config.tie_word_embeddings = tied
+    return tied

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from kagglekd import alignment, checkpoint, data, losses, models, rules, rundir
+from kagglekd import alignment, checkpoint, data, losses, models, rules, rundir, stopping
 from kagglekd import env as kit_env
 from kagglekd import teacher as teacher_side
 from kagglekd.config import DistillConfig
@@ -120,7 +120,7 @@ class Distiller:
         self.config = config
         self.write_run_dir = write_run_dir
         self.callbacks = list(callbacks)
-        self.output_dir = Path(output_dir or config.output_dir)
+        self.output_dir = Path(output_dir or kit_env.local_path(config.output_dir))  # off Kaggle: not /kaggle
         self.state = TrainState()
         self._ready = False
 
@@ -237,7 +237,7 @@ class Distiller:
         if not self.is_main or not self.write_run_dir:
             return
         rundir.prepare(self.output_dir)
-        self.config.to_json(self.output_dir / rundir.CONFIG_FILE)
+        self.config.replace(stop_after=None).to_json(self.output_dir / rundir.CONFIG_FILE)  # the plan, to resume
         rundir.write_json(self.output_dir / rundir.PLAN_FILE, self.plan.to_dict())
         rundir.write_json(self.output_dir / rundir.DATA_FILE, self.blocks.info)
 
@@ -390,10 +390,10 @@ class Distiller:
 
     # ---- train -----------------------------------------------------------------------------------------
     def train(self, max_steps: int | None = None) -> dict:
-        """Run (or continue) training; ``max_steps`` stops early after that many optimizer steps in total."""
+        """Run (or continue) the plan; ``config.stop_after`` pauses it, ``max_steps`` cuts it (``stopping``)."""
         self.setup()
         self._maybe_resume()
-        stop_at = self.plan.optimizer_steps if max_steps is None else min(max_steps, self.plan.optimizer_steps)
+        stop_at = stopping.stop_step(self.plan.optimizer_steps, self.config.stop_after, max_steps)
         start = time.perf_counter()
         bar = kit_env.progress_bar()(total=stop_at, initial=self.state.step, desc="distil", unit="step",
                                      disable=not self.is_main, dynamic_ncols=True)  # fmt: skip
@@ -452,19 +452,19 @@ class Distiller:
                      cfg.early_stopping_patience, self.state.best_ppl)  # fmt: skip
 
     def _stop_non_finite(self, row: dict, window: Window) -> None:
-        report = failure_report(self.state, row, window, self.latest_checkpoint())
+        report = stopping.failure_report(self.state, row, window, self.latest_checkpoint())
         path = self.output_dir / rundir.FAILURE_FILE
         if self.is_main:
             rundir.write_json(path, report)
         raise TrainingStopped(f"training stopped at step {window.step}: {report['reason']}; see {path}", report)
 
     def _finish(self, wall_time: float) -> dict:
-        state = self.state
+        state, resume = self.state, pause_session(self)  # resume: the command that continues a paused session
         if self.is_main and (state.step == self.plan.optimizer_steps or state.stopped_early):
             self.save_student(self.output_dir / rundir.STUDENT_DIR)
             if self.teacher_side.router_params:
                 self.save_teacher_routers(self.output_dir / rundir.ROUTERS_DIR)
-        summary = summarise(state, self.plan.optimizer_steps, self.history.rows, wall_time)
+        summary = stopping.summarise(state, self.plan.optimizer_steps, self.history.rows, wall_time, resume)
         if self.cross is not None:
             summary["alignment"] = state.alignment.to_dict()  # this process's training positions
             if self.is_main and self.write_run_dir:
@@ -571,6 +571,20 @@ def split_devices(student_device: torch.device) -> torch.device:
     return torch.device("cuda", (student_device.index or 0) + 1)
 
 
+def pause_session(distiller: Distiller) -> str | None:
+    """When the session stops at ``config.stop_after`` inside the plan: a checkpoint at this step to resume from
+    (unless there is one) and the resume command (logged, returned); else None."""
+    state, plan_steps = distiller.state, distiller.plan.optimizer_steps
+    if not stopping.paused(state.step, plan_steps, distiller.config.stop_after, state.stopped_early):
+        return None
+    newest = distiller.latest_checkpoint()
+    if newest is None or checkpoint.step_of(newest) != state.step:
+        newest = distiller.save_checkpoint()
+    hint = stopping.resume_hint(distiller.output_dir, state.step, plan_steps, newest)
+    log.warning(hint)
+    return hint
+
+
 def explain_oom(distiller: Distiller, err: Exception) -> OutOfMemory:
     """Turn a CUDA OOM into the planner's estimate plus config changes that fit."""
     from kagglekd import gpus, memory
@@ -597,11 +611,6 @@ def explain_oom(distiller: Distiller, err: Exception) -> OutOfMemory:
         f"CUDA out of memory at step {distiller.state.step} ({str(err).splitlines()[0]}). {estimate}{top_k}. "
         f"Set these with --set and resume: {kept}."
     )
-
-
-def _median(values: list[float]) -> float:
-    finite = sorted(v for v in values if isinstance(v, (int, float)) and math.isfinite(v))
-    return finite[len(finite) // 2] if finite else float("nan")
 
 
 def build_optimizer(cfg: DistillConfig, student, projections, router_params) -> torch.optim.AdamW:
@@ -640,37 +649,6 @@ def resolve_strategy(cfg: DistillConfig, processes: int) -> str:
         return cfg.strategy
     two_gpus = torch.cuda.is_available() and torch.cuda.device_count() >= 2
     return "ddp" if processes > 1 else "split" if two_gpus and cfg.live_teacher else "single"
-
-
-def failure_report(state: TrainState, row: dict, window: Window, newest: Path | None) -> dict:
-    """What failure_report.json holds when the run stops itself after non-finite steps."""
-    return {
-        "reason": f"{state.consecutive_skips} optimizer steps in a row had a non-finite loss or gradient",
-        "step": window.step,
-        "epoch": window.epoch,
-        "components": {k: row.get(k) for k in ("loss", *COMPONENTS)},
-        "grad_norm": row["grad_norm"],
-        "batch_indices": window.block_indices,
-        "skipped_total": state.skipped,
-        "last_checkpoint": str(newest) if newest else None,
-        "fix": "lower learning_rate, check the data around these blocks, or raise max_consecutive_skips.",
-    }
-
-
-def summarise(state: TrainState, planned_steps: int, rows: list[dict], wall_time: float) -> dict:
-    """summary.json: steps, skips, speed (median tokens/s) and the last eval."""
-    last = rows[-1] if rows else {}
-    return {
-        "optimizer_steps": state.step,
-        "planned_steps": planned_steps,
-        "skipped": state.skipped,
-        "stopped_early": state.stopped_early,
-        "wall_time_s": wall_time,
-        "tokens_per_s": _median([r["tokens_per_s"] for r in rows]),
-        "eval_ppl": last.get("eval_ppl", float("nan")),
-        "eval_top1_agreement": last.get("eval_top1_agreement", float("nan")),
-        "train_tokens": sum(r["tokens"] for r in rows),
-    }
 
 
 def make_accelerator(cfg: DistillConfig):

@@ -2,17 +2,19 @@
 wheel, and that the committed kaggle_kernel/ is what `python -m kagglekd bundle` generates today."""
 
 import copy
+import importlib.util
 import io
 import json
 import re
 import subprocess
 import sys
+import tempfile
 import zipfile
 from pathlib import Path
 
 import pytest
 
-from kagglekd import bundle
+from kagglekd import bundle, gpus
 from kagglekd.__main__ import main
 from kagglekd.errors import ConfigError
 
@@ -94,6 +96,13 @@ def test_kaggle_cli_catches_what_validate_metadata_catches(tmp_path, good):
         ({"enable_tpu": True}, "cannot both be true"),
         ({"machine_shape": KeyError}, "landed on P100"),
         ({"machine_shape": "NvidiaTeslaP100"}, "retired"),
+        ({"machine_shape": "TpuV38"}, "retired"),
+        ({"machine_shape": "NvidiaTeslaT4x2"}, "not an accelerator the Kaggle CLI documents"),
+        ({"machine_shape": "nvidiateslat4"}, "did you mean 'NvidiaTeslaT4'"),
+        ({"machine_shape": "GPU T4 x2"}, "NvidiaTeslaT4, NvidiaL4X1"),
+        ({"machine_shape": "TpuV5E8"}, "a TPU: the kit trains on GPUs"),
+        ({"machine_shape": "NvidiaTeslaT4Highmem"}, "admin-only"),
+        ({"machine_shape": ""}, "must be one of NvidiaTeslaT4"),
         ({"dataset_sources": ["noslash"]}, "dataset_sources"),
         ({"dataset_sources": ["a/b/c/d"]}, "dataset_sources"),
         ({"kernel_sources": ["me/abc"]}, "kernel_sources"),
@@ -131,16 +140,24 @@ def test_notebook_must_be_valid_json(good, tmp_path):
     assert any("not valid notebook JSON" in p for p in bundle.validate_metadata(meta, tmp_path))
 
 
-def test_slugify_matches_python_slugify():
-    slugify = pytest.importorskip("slugify").slugify  # installed with kaggle (requirements-test.txt)
-    for title in [
-        "kagglekd smollm2 360m to 135m t4x2",
-        "KD: SmolLM 135M from Huihui-MoE (v2)",
-        "  a -- b  ",
-        "Émile's 1,000 steps",
-        "under_score and.dots",
-    ]:
-        assert bundle.slugify(title) == slugify(title), title
+NON_ASCII_TITLES = {  # title -> the slug python-slugify (what the kaggle CLI checks titles with) gives it
+    "KD: SmolLM2 → 135M (T4×2)": "kd-smollm2-135m-t4x2",
+    "Émile's 1,000 steps": "emile-s-1000-steps",
+    "Дистилляция SmolLM": "distilliatsiia-smollm",
+    "知识蒸馏 SmolLM": "zhi-shi-zheng-liu-smollm",
+    "a ½ b distilled": "a-1-2-b-distilled",
+}
+
+
+def test_slugs_are_python_slugifys_and_pass_the_kaggle_clis_title_check(tmp_path):
+    from slugify import slugify  # python-slugify, the package the kaggle CLI imports
+
+    for index, (title, expected) in enumerate(NON_ASCII_TITLES.items()):
+        assert slugify(title) == expected, title  # the library itself, pinned: a changed transliteration shows here
+        out = bundle.write_bundle(tmp_path / f"k{index}", owner="me", title=title, config="tiny-cpu")
+        meta = json.loads((out / bundle.METADATA_FILE).read_text(encoding="utf-8"))
+        assert meta["id"] == f"me/{expected}" and meta["title"] == title
+        assert bundle.kaggle_cli_problems(out) == [], title  # the CLI warns when slugify(title) != the id's slug
 
 
 def test_wheel_is_deterministic_and_complete():
@@ -196,18 +213,51 @@ def test_wheel_installs_offline_with_pip(tmp_path):
     assert (tmp_path / "site" / "kagglekd" / "presets" / "smollm2-360m-to-135m-t4x2.json").is_file()
 
 
+def visible_cells(notebook: dict) -> list[dict]:
+    """The cells whose input a reader sees: Kaggle's viewer hides `_kg_hide-input`, JupyterLab collapses
+    `jupyter.source_hidden`; a cell hidden in only one of them is visible in the other."""
+    return [
+        cell
+        for cell in notebook["cells"]
+        if not (cell["metadata"].get("_kg_hide-input") and cell["metadata"].get("jupyter", {}).get("source_hidden"))
+    ]
+
+
+def test_notebook_reads_from_the_introduction(built):
+    """What a reader sees first is the introduction; the kit's base64 is in a hidden cell after it."""
+    meta = json.loads((built / bundle.METADATA_FILE).read_text())
+    notebook = json.loads((built / meta["code_file"]).read_text())
+    visible = visible_cells(notebook)
+    assert visible[0]["cell_type"] == "markdown" and visible[0]["source"].startswith(f"# {meta['title']}\n")
+    assert not any("KIT_B64" in cell["source"] for cell in visible)
+    install = [cell for cell in notebook["cells"] if "KIT_B64" in cell["source"]]
+    assert len(install) == 1 and notebook["cells"].index(install[0]) == 1  # right after the introduction
+    assert "next cell" in visible[0]["source"] and "previous cell" not in visible[0]["source"]
+    joined = "\n".join(cell["source"] for cell in notebook["cells"])
+    assert "Next: `0" not in joined, "a stage-to-stage 'Next: 0x_....ipynb' link in the one-file bundle"
+    markdown = "\n".join(cell["source"] for cell in notebook["cells"] if cell["cell_type"] == "markdown")
+    headings = re.findall(r"^(#+) (.*)$", markdown, re.M)
+    assert headings[0] == ("#", meta["title"]) and [h for h in headings if h[0] == "#"] == headings[:1]
+    stages = [text for level, text in headings if level == "##"]
+    assert stages[:4] == ["00 · Setup", "01 · Diagnostics", "02 · Train", "03 · Evaluate"]
+    assert notebook["cells"][-1]["source"].startswith("what_next(")  # the last cell says what to do next
+
+
 def test_notebook_shape(built):
     meta = json.loads((built / bundle.METADATA_FILE).read_text())
     notebook = json.loads((built / meta["code_file"]).read_text())
     cells = notebook["cells"]
-    assert "KIT_B64" in cells[0]["source"] and "--no-index" in cells[0]["source"]
+    install = cells[1]
+    assert "KIT_B64" in install["source"] and "--no-index" in install["source"]
+    assert install["metadata"]["_kg_hide-input"] is True and install["metadata"]["jupyter"]["source_hidden"] is True
     parameters = [c for c in cells if "parameters" in c["metadata"].get("tags", [])]
     assert len(parameters) == 1
     source = parameters[0]["source"]
     assert "SMOKE = False" in source and 'PRESET = "smollm2-360m-to-135m-t4x2"' in source
     assert re.findall(r"^RUN_DIR = .*$", source, re.M) == [re.findall(r"^RUN_DIR = .*$", source, re.M)[0]]
     assert source.startswith("SMOKE = False") and "\nRUN_DIR = None" in source
-    assert not any("install-kit" in c["metadata"].get("tags", []) for c in cells[1:])
+    assert [c["metadata"].get("tags") for c in cells].count(["install-kit"]) == 1
+    assert 'GPU = "T4x2"' in source  # the profile of the default accelerator, NvidiaTeslaT4
     assert all(not c.get("outputs") for c in cells if c["cell_type"] == "code")
     joined = "\n".join(c["source"] for c in cells)
     for stage in ("00 · Setup", "01 · Diagnostics", "02 · Train", "03 · Evaluate"):
@@ -225,12 +275,14 @@ def test_committed_kaggle_kernel_is_current(built):
     )
     name = json.loads((built / bundle.METADATA_FILE).read_text())["code_file"]
     old, new = json.loads((COMMITTED / name).read_text()), json.loads((built / name).read_text())
-    for index, (a, b) in enumerate(zip(old["cells"][1:], new["cells"][1:]), start=1):
-        assert a == b, f"kaggle_kernel/{name} cell {index} is stale (notebooks/ changed); run: {REGENERATE}"
     assert len(old["cells"]) == len(new["cells"]), f"kaggle_kernel/{name} is stale; run: {REGENERATE}"
+    kit = lambda nb: next(c for c in nb["cells"] if "install-kit" in c["metadata"].get("tags", []))
+    for index, (a, b) in enumerate(zip(old["cells"], new["cells"])):
+        if a is not kit(old):
+            assert a == b, f"kaggle_kernel/{name} cell {index} is stale (notebooks/ changed); run: {REGENERATE}"
     # The embedded kit: compared by content, so a different zlib build cannot fail the check.
     payload = lambda nb: bundle.wheel_contents(
-        __import__("base64").b64decode(nb["cells"][0]["source"].split('KIT_B64 = """')[1].split('"""')[0])
+        __import__("base64").b64decode(kit(nb)["source"].split('KIT_B64 = """')[1].split('"""')[0])
     )
     stale = sorted(k for k in set(payload(old)) | set(payload(new)) if payload(old).get(k) != payload(new).get(k))
     assert not stale, f"the kit embedded in kaggle_kernel/ is stale ({', '.join(stale[:5])}); run: {REGENERATE}"
@@ -308,3 +360,112 @@ def test_write_bundle_raises_with_every_problem(tmp_path):
         bundle.write_bundle(tmp_path, owner="me", slug="abc", title="x", datasets=["bad"])
     text = str(err.value)
     assert "five characters" in text and "dataset_sources" in text
+
+
+# ---- accelerators ----------------------------------------------------------------------------------------
+def test_documented_accelerators_agree_with_the_installed_kaggle_cli():
+    """The CLI's own table of retired shapes (it warns on them) is a subset of ours, and each is documented or
+    retired long enough ago to be gone from the docs (TpuV232, TpuV2256)."""
+    spec = importlib.util.find_spec("kaggle")  # located, not imported: kaggle/__init__.py authenticates
+    if spec is None:
+        pytest.skip("kaggle is not installed (requirements-test.txt)")
+    source = (Path(spec.submodule_search_locations[0]) / "api" / "kaggle_api_extended.py").read_text(encoding="utf-8")
+    table = re.search(r"_RETIRED_ACCELERATORS = \{(.*?)\}", source, re.S).group(1)
+    retired_by_cli = set(re.findall(r'"(\w+)":', table))
+    assert retired_by_cli and retired_by_cli <= {name.lower() for name in gpus.RETIRED_ACCELERATORS}
+    assert "NvidiaTeslaT4" in gpus.KAGGLE_ACCELERATORS and "NvidiaTeslaT4x2" not in gpus.KAGGLE_ACCELERATORS
+
+
+def test_accelerator_picks_the_profile_the_notebook_plans_for(tmp_path):
+    out = bundle.write_bundle(tmp_path / "l4", owner="me", accelerator="NvidiaL4X1")
+    meta = json.loads((out / bundle.METADATA_FILE).read_text())
+    assert meta["machine_shape"] == "NvidiaL4X1" and meta["enable_gpu"] is True
+    notebook = json.loads((out / meta["code_file"]).read_text())
+    cells = notebook["cells"]
+    parameters = next(c for c in cells if "parameters" in c["metadata"].get("tags", []))
+    assert re.search(r'^GPU = "L4"  #', parameters["source"], re.M)
+    assert "**NvidiaL4X1**" in cells[0]["source"] and "`L4`" in cells[0]["source"]
+    # Run the bundled notebook's own parameter and diagnostics cells (no dry run): the plan is for an L4.
+    namespace: dict = {}
+    exec(parameters["source"] + f"\nDRY_RUN_STEPS = 0\nRUN_DIR = {str(tmp_path / 'run')!r}", namespace)
+    diagnostics = cells.index(next(c for c in cells if c["source"].startswith("## 01 · Diagnostics")))
+    for cell in cells[diagnostics + 1 : diagnostics + 4]:  # its setup cell, "### Findings", the findings cell
+        if cell["cell_type"] == "code":
+            exec(cell["source"], namespace)
+    assert namespace["gpu"] == "L4" and namespace["report"].gpu == "L4"
+    memory = next(f for f in namespace["report"].findings if f.id == "memory")
+    assert "of 22.5 GiB per device on L4" in memory.message  # the L4 profile's 22.5 GiB, not a T4's 15
+
+
+@pytest.mark.parametrize("accelerator, profile", [("NvidiaH100", "H100"), ("NvidiaL4", "L4x4")])
+def test_cli_accelerator(tmp_path, accelerator, profile, capsys):
+    out = tmp_path / "k"
+    assert main(["bundle", "--owner", "me", "--accelerator", accelerator, "--out", str(out)]) == 0
+    assert f"for {accelerator}" in capsys.readouterr().out
+    meta = json.loads((out / bundle.METADATA_FILE).read_text())
+    assert meta["machine_shape"] == accelerator
+    cells = json.loads((out / meta["code_file"]).read_text())["cells"]
+    assert any(f'\nGPU = "{profile}"  #' in c["source"] for c in cells if "parameters" in c["metadata"].get("tags", []))
+
+
+def test_a_shape_typo_is_refused_with_the_choices(tmp_path, capsys):
+    with pytest.raises(ConfigError, match="NvidiaTeslaT4x2") as err:
+        bundle.write_bundle(tmp_path / "a", owner="me", accelerator="NvidiaTeslaT4x2")
+    assert err.value.field == "accelerator" and ", ".join(gpus.BUNDLE_ACCELERATORS) in str(err.value)
+    assert not (tmp_path / "a").exists()
+    with pytest.raises(SystemExit) as exit_info:
+        main(["bundle", "--owner", "me", "--accelerator", "NvidiaTeslaT4x2", "--out", str(tmp_path / "b")])
+    assert exit_info.value.code == 2 and "invalid choice: 'NvidiaTeslaT4x2'" in capsys.readouterr().err
+    assert not (tmp_path / "b").exists()
+
+
+# ---- a refusal writes nothing ----------------------------------------------------------------------------
+def _snapshot(folder: Path) -> dict[str, bytes]:
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_a_refused_bundle_writes_nothing(tmp_path, monkeypatch, capsys):
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))  # where the bundle stages its files
+    fresh = tmp_path / "new" / "kernel"
+    with pytest.raises(ConfigError, match="dataset_sources"):
+        bundle.write_bundle(fresh, owner="me", config="tiny-cpu", datasets=["not-a-dataset"])
+    assert not (tmp_path / "new").exists() and list(scratch.iterdir()) == []
+    assert main(["bundle", "--owner", "me", "--slug", "abc", "--title", "abcde", "--out", str(fresh)]) == 2
+    assert "five characters" in capsys.readouterr().err and not (tmp_path / "new").exists()
+
+    existing = tmp_path / "existing"
+    bundle.write_bundle(existing, owner="me", title="My KD run", config="tiny-cpu")
+    (existing / "notes.txt").write_text("mine")
+    before = _snapshot(existing)
+    with pytest.raises(ConfigError):
+        bundle.write_bundle(existing, owner="me", title="Another run", config="tiny-cpu", kernel_sources=["x/y"])
+    assert _snapshot(existing) == before and list(scratch.iterdir()) == []
+    # accepted: the renamed kernel's notebook replaces the old one, the user's own file stays
+    bundle.write_bundle(existing, owner="me", title="Another run", config="tiny-cpu")
+    assert sorted(_snapshot(existing)) == ["another-run.ipynb", bundle.METADATA_FILE, "notes.txt"]
+
+
+def test_a_slug_with_a_path_is_refused_without_writing_outside(tmp_path, monkeypatch):
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))  # the staging folder is made in here
+    with pytest.raises(ConfigError, match="slug"):
+        bundle.write_bundle(tmp_path / "k", owner="me", slug="../escaped", title="escaped run")
+    assert not (tmp_path / "k").exists() and list(scratch.iterdir()) == []  # no scratch/escaped.ipynb either
+
+
+# ---- the kaggle CLI, installed but broken ----------------------------------------------------------------
+def test_a_kaggle_package_that_does_not_import_is_named_with_its_fix(tmp_path):
+    """kaggle 2.2.x imports six without declaring it: the kit says so (not 'not installed') and names the fix."""
+    blocked = (
+        "import sys; sys.modules['six'] = None\n"  # as if pip had not installed six: `import six` fails
+        "from kagglekd.__main__ import main\n"
+        f"sys.exit(main(['bundle', '--owner', 'me', '--config', 'tiny-cpu', '--out', {str(tmp_path / 'k')!r}]))"
+    )
+    done = subprocess.run([sys.executable, "-c", blocked], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "is installed but its import fails" in done.stderr and "'six'" in done.stderr
+    assert "pip install kaggle six" in done.stderr and "not installed" not in done.stderr
+    assert "kaggle CLI checks not run" in done.stdout and (tmp_path / "k" / bundle.METADATA_FILE).is_file()

@@ -1,7 +1,10 @@
 """Checkpoints: found only when complete, pruned without losing the newest, never outranked by an older run,
 and found in an attached previous Kaggle version's output."""
 
+import contextlib
 import json
+import logging
+import warnings
 
 import pytest
 import torch
@@ -88,3 +91,105 @@ def test_non_finite_loss_with_finite_gradients_is_not_applied(tmp_path):
     summary = distiller.train(max_steps=1)
     assert summary["skipped"] == 1
     assert all(torch.equal(a, b) for a, b in zip(before, distiller.student.parameters()))
+
+
+# ---- tied embeddings: saved once, reloaded bit for bit, without "Removed shared tensor" ---------------------
+@contextlib.contextmanager
+def _warnings_and_logs():
+    """Every WARNING+ log record (root, and transformers' own non-propagating logger) and Python warning."""
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = records.append
+    loggers = [logging.getLogger(), logging.getLogger("transformers")]
+    for logger in loggers:
+        logger.addHandler(handler)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            yield records, caught
+    finally:
+        for logger in loggers:
+            logger.removeHandler(handler)
+
+
+def _messages(records, caught) -> list[str]:
+    return [r.getMessage() for r in records] + [str(w.message) for w in caught]
+
+
+def _tied_student(vocab_size: int = 256):
+    from transformers import AutoModelForCausalLM
+
+    from kagglekd.models import tiny_dense_config
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(tiny_dense_config(vocab_size))
+    assert model.lm_head.weight is model.model.embed_tokens.weight  # the demo student ties its embeddings
+    return model
+
+
+def _snapshot(model) -> dict[str, torch.Tensor]:
+    return {name: tensor.detach().clone() for name, tensor in model.state_dict().items()}
+
+
+def _bitwise_equal(model, snapshot) -> bool:
+    state = model.state_dict()
+    return state.keys() == snapshot.keys() and all(torch.equal(state[k], snapshot[k]) for k in snapshot)
+
+
+def test_checkpoint_of_a_tied_student_reloads_bitwise_without_the_shared_tensor_warning(tmp_path):
+    from accelerate import Accelerator
+    from safetensors import safe_open
+
+    model = _tied_student()
+    accelerator = Accelerator(cpu=True)
+    model, _ = accelerator.prepare(model, torch.optim.AdamW(model.parameters(), lr=1e-3))
+    saved = _snapshot(model)
+    with _warnings_and_logs() as (records, caught):
+        path = checkpoint.save(accelerator, tmp_path / "checkpoints", 3, {"step": 3, "plan_steps": 6}, {}, keep=2)
+    messages = _messages(records, caught)
+    assert not [m for m in messages if "shared tensor" in m], messages
+    with safe_open(path / "model.safetensors", "pt") as stored:  # the alias is stored once, under the kept name
+        assert "model.embed_tokens.weight" in stored.keys() and "lm_head.weight" not in stored.keys()
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(1.0)
+    assert not _bitwise_equal(model, saved)
+    with _warnings_and_logs() as (records, caught):
+        checkpoint.load(accelerator, path, planned_steps=6)
+    assert not _messages(records, caught)
+    assert _bitwise_equal(model, saved)
+    assert model.lm_head.weight is model.model.embed_tokens.weight  # still one tensor after the reload
+
+
+def test_drop_tied_aliases_keeps_tensors_that_only_share_storage():
+    base = torch.arange(12.0)
+    weights = [
+        {"a": base.view(3, 4), "alias": base.view(3, 4), "half": base[:6], "other": base[6:], "t": base.view(4, 3)}
+    ]
+    checkpoint.drop_tied_aliases([], weights, None)
+    assert list(weights[0]) == ["a", "half", "other", "t"]  # only the exact view of "a" is an alias
+
+
+@pytest.mark.parametrize("case", ["tied", "tied, flag says untied", "untied, flag says tied"])
+def test_exported_student_reloads_bitwise_without_warnings(tmp_path, demo_tokenizer_dir, case):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from kagglekd.rundir import export_student
+
+    model = _tied_student()
+    if case == "tied, flag says untied":
+        model.config.tie_word_embeddings = False
+    elif case == "untied, flag says tied":
+        model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.detach() + 0.5)
+    saved = _snapshot(model)
+    tokenizer = AutoTokenizer.from_pretrained(demo_tokenizer_dir)
+    with _warnings_and_logs() as (records, caught):
+        path = export_student(model, tokenizer, tmp_path / "student")
+        reloaded = AutoModelForCausalLM.from_pretrained(path)
+    messages = _messages(records, caught)
+    about_ties = ("shared tensor", "tied weights", "tie_word_embeddings", "MISSING", "newly initialized")
+    assert not [m for m in messages if any(words in m for words in about_ties)], messages
+    assert _bitwise_equal(reloaded, saved)
+    tied = case != "untied, flag says tied"
+    assert (reloaded.lm_head.weight is reloaded.model.embed_tokens.weight) == tied
+    assert reloaded.config.tie_word_embeddings == tied

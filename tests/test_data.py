@@ -390,3 +390,32 @@ def test_staged_directory_is_atomic(tmp_path):
         (staging / "whole").write_text("x")
     assert (final / "whole").exists() and not list(tmp_path.glob(".out.*"))
     shutil.rmtree(final)
+
+
+def test_local_loads_make_no_network_attempts(tmp_path, monkeypatch):
+    """Mend: offline, `datasets` tried the network while loading a local corpus (it counts every load on the hub
+    unless in offline mode, which HF_DATASETS_OFFLINE sets only when present at import). With `datasets` in its
+    default online configuration and sockets blocked, local loads must not try to connect at all."""
+    import socket
+
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)  # as imported without HF_DATASETS_OFFLINE
+    monkeypatch.setattr(datasets.config, "HF_UPDATE_DOWNLOAD_COUNTS", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)  # conftest's HF_HUB_OFFLINE undone
+    attempts = []
+
+    def blocked(*args, **kwargs):
+        attempts.append(args[:2])
+        raise OSError(101, "Network is unreachable (sockets blocked by the test)")
+
+    monkeypatch.setattr(socket.socket, "connect", blocked)
+    monkeypatch.setattr(socket.socket, "connect_ex", blocked)
+    monkeypatch.setattr(socket, "getaddrinfo", blocked)  # a name lookup is a network attempt too
+    (tmp_path / "docs.jsonl").write_text("".join(json.dumps({"text": f"doc {i} words"}) + "\n" for i in range(4)))
+    (tmp_path / "notes.txt").write_text("one paragraph\n\nanother paragraph\n")
+    datasets.Dataset.from_dict({"text": ["a b", "c d"]}).save_to_disk(tmp_path / "saved")
+    for reference in ("stdlib-docs", tmp_path / "docs.jsonl", tmp_path / "notes.txt", tmp_path / "saved"):
+        assert len(data.load_texts(reference, subset_size=2)) == 2
+    assert attempts == []
+    assert datasets.config.HF_HUB_OFFLINE is False  # offline mode only for the loads, then as it was

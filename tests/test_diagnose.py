@@ -129,7 +129,7 @@ def test_unusable_input_exits_2(tmp_path, capsys, content):
 
 def test_missing_file_bad_gpu_and_fix_without_output_exit_2(capsys):
     assert main(["--config", "no/such/file.json"]) == 2
-    assert main(["--config", str(MUST_SHOW), "--gpu", "H100"]) == 2
+    assert main(["--config", str(MUST_SHOW), "--gpu", "V100"]) == 2
     assert main(["--config", str(MUST_SHOW), "--fix"]) == 2
     with pytest.raises(SystemExit) as exit_info:
         main(["--gpu", "T4"])  # --config missing
@@ -168,7 +168,7 @@ def test_gpu_hints():
     assert unknown.gpu == "T4x2" and not _find(unknown, "gpu-hint")
     finding = _find(unknown, "gpu-unknown", "device")[0]
     assert finding.severity == "warning" and "'cuda'" in finding.message and "T4x2" in finding.message
-    assert _find(diagnose(SAME_TOKENIZER, gpu="H100"), "gpu-unknown", "gpu")
+    assert _find(diagnose(SAME_TOKENIZER, gpu="V100"), "gpu-unknown", "gpu")
 
 
 def test_scheduler_name():
@@ -406,3 +406,18 @@ def test_dry_run_on_tiny_models(tmp_path):
     written = dg.write_plots(report, tmp_path / "plots")
     assert {p.name for p in written} >= {"lr_plan.png", "component_shares.png"}
     assert _find(report, "dry-run")[0].severity == "info"
+
+
+def test_stop_after_inside_the_plan_is_a_warning_with_a_fix_and_no_patch():
+    """A stop leaves the plan unfinished (no decayed LR, no export): diagnose says so and how to finish; --fix
+    keeps it, since a planned pause (a plan split over sessions) is legitimate."""
+    plan_steps = diagnose(SAME_TOKENIZER, gpu="T4").plan["optimizer_steps"]  # 500
+    report = diagnose({**SAME_TOKENIZER, "stop_after": 100}, gpu="T4")
+    (finding,) = _find(report, "stop-after")
+    assert finding.severity == "warning" and finding.field == "stop_after" and not finding.patch
+    assert f"step 100 of the plan's {plan_steps}" in finding.message and "not exported" in finding.message
+    assert "remove stop_after" in finding.fix and "resumes" in finding.fix
+    assert fix_config(report)["stop_after"] == 100
+    for outside in (plan_steps, plan_steps + 1):
+        assert not _find(diagnose({**SAME_TOKENIZER, "stop_after": outside}, gpu="T4"), "stop-after")
+    assert not _find(diagnose(SAME_TOKENIZER, gpu="T4"), "stop-after")

@@ -264,6 +264,28 @@ class RecordCreatedTensors(TorchDispatchMode):
         return out
 
 
+class RecordStorages(TorchDispatchMode):
+    """Records (numel, storage address) of every float32 tensor an aten op returns (in-place results and views
+    share their storage, so distinct addresses count allocations)."""
+
+    def __init__(self):
+        super().__init__()
+        self.created: list[tuple[int, int]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for item in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(item, torch.Tensor) and item.dtype == torch.float32:
+                self.created.append((item.numel(), item.untyped_storage().data_ptr()))
+        return out
+
+    def storages_of(self, numel: int) -> set[int]:
+        return {address for size, address in self.created if size == numel}
+
+    def largest_other_than(self, numel: int) -> int:
+        return max((size for size, _ in self.created if size != numel), default=0)
+
+
 def largest_float32(created):
     return max((numel for _, dtype, numel in created if dtype == torch.float32), default=0)
 
@@ -291,3 +313,19 @@ def test_fused_never_allocates_full_vocab_student_logits():
     full = batch * seq * vocab
     assert largest_float32(recorder.created) <= max(chunk * vocab, vocab * hidden_size) < full
     assert isinstance(targets, TeacherTopK)
+
+
+@pytest.mark.parametrize("top_k", [None, 8])
+def test_fused_teacher_gradient_is_one_buffer_the_size_of_the_teacher(top_k):
+    """SAR: a teacher that requires grad gets its gradient from one buffer filled chunk by chunk in the forward
+    pass and scaled in place in backward; nothing else as large as the teacher's logits is allocated."""
+    batch, seq, hidden_size, vocab, chunk = 2, 64, 16, 512, 16
+    hidden, weight, teacher, labels = make_inputs(batch, seq, hidden_size, vocab, ignore=())
+    teacher.requires_grad_()
+    with RecordStorages() as recorder:
+        total, _ = fused_lm_head_kd(hidden, weight, teacher, labels, KDOptions(top_k=top_k), chunk_size=chunk)
+        (grad,) = torch.autograd.grad(total, teacher)
+    full = teacher.numel()
+    assert recorder.largest_other_than(full) <= max(chunk * vocab, vocab * hidden_size) < full
+    buffers = recorder.storages_of(full) - {teacher.untyped_storage().data_ptr()}  # not the teacher's own views
+    assert buffers == {grad.untyped_storage().data_ptr()}

@@ -14,13 +14,14 @@ from kagglekd.gpus import PROFILES, GiB, resolve
 
 
 def test_gpu_profiles():
-    assert set(PROFILES) == {"T4", "T4x2", "P100", "A100", "L4", "cpu"} and gpus.names() == list(PROFILES)
+    assert set(PROFILES) == {"T4", "T4x2", "P100", "A100", "L4", "H100", "RTXPRO6000", "cpu"}
+    assert gpus.names() == list(PROFILES)
     assert resolve("t4x2").devices == 2 and not resolve("T4").native_bf16
     assert not resolve("P100").supported and resolve("P100").compute_capability == (6, 0)
     assert resolve("A100").native_bf16 and resolve("L4").capacity_bytes == int(22.5 * GiB)
     assert all(profile.known for profile in PROFILES.values())
     with pytest.raises(KeyError):
-        resolve("H100", strict=True)
+        resolve("H200", strict=True)
 
 
 @pytest.mark.parametrize(
@@ -40,11 +41,15 @@ def test_gpu_profiles():
         ("NvidiaTeslaA100", "A100"),
         ("NvidiaL4X1", "L4"),
         ("NvidiaL4", "L4x4"),
+        ("NvidiaH100", "H100"),
+        ("NvidiaRtxPro6000", "RTXPRO6000"),
         # nvidia-smi / torch device names
         ("Tesla T4", "T4"),
         ("Tesla P100-PCIE-16GB", "P100"),
         ("NVIDIA A100-SXM4-40GB", "A100"),
         ("NVIDIA L4", "L4"),
+        ("NVIDIA H100 80GB HBM3", "H100"),
+        ("NVIDIA RTX PRO 6000 Blackwell Server Edition", "RTXPRO6000"),
     ],
 )
 def test_resolve_names_shapes_and_device_names(hint, name):
@@ -61,7 +66,9 @@ def test_counted_profiles_reuse_the_table_row():
     assert resolve(PROFILES["L4"]) is PROFILES["L4"]
 
 
-@pytest.mark.parametrize("hint", ["H100", "NVIDIA H100 80GB HBM3", "NVIDIA L40S", "NvidiaH100", "cuda", "T40", ""])
+@pytest.mark.parametrize(
+    "hint", ["H200", "NVIDIA H200", "NVIDIA L40S", "NVIDIA RTX 6000 Ada Generation", "NvidiaB200", "cuda", "T40", ""]
+)
 def test_unknown_gpus_are_unknown_never_a_t4(hint):
     profile = resolve(hint, devices=2)
     assert not profile.known and profile.name == f"unknown ({hint})"
@@ -73,7 +80,7 @@ def test_unknown_gpus_are_unknown_never_a_t4(hint):
 
 def test_devices_are_read_off_the_device(monkeypatch):
     assert resolve(torch.device("cpu")) is PROFILES["cpu"]
-    props = {"Tesla T4": (7, 5, 15 * GiB), "NVIDIA H100 80GB HBM3": (9, 0, 80 * GiB)}
+    props = {"Tesla T4": (7, 5, 15 * GiB), "NVIDIA H200": (9, 0, 140 * GiB)}
     name = "Tesla T4"
     monkeypatch.setattr(
         torch.cuda,
@@ -83,10 +90,10 @@ def test_devices_are_read_off_the_device(monkeypatch):
         ),
     )
     assert resolve(torch.device("cuda", 0)) is PROFILES["T4"]
-    name = "NVIDIA H100 80GB HBM3"
-    h100 = resolve(torch.device("cuda", 1))
-    assert not h100.known and h100.name == "unknown (NVIDIA H100 80GB HBM3)"
-    assert h100.capacity_bytes == 80 * GiB and h100.compute_capability == (9, 0) and h100.native_bf16
+    name = "NVIDIA H200"
+    h200 = resolve(torch.device("cuda", 1))
+    assert not h200.known and h200.name == "unknown (NVIDIA H200)"
+    assert h200.capacity_bytes == 140 * GiB and h200.compute_capability == (9, 0) and h200.native_bf16
     resolve(torch.device("cuda", 1), strict=False)  # an unknown device is fine where the device itself is planned
     with pytest.raises(KaggleKDError):
         resolve(torch.device("cuda", 1), strict=True)
@@ -99,3 +106,18 @@ def test_resolving_a_name_never_touches_cuda(monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_properties", tripwire)
     monkeypatch.setattr(torch.cuda, "is_available", tripwire)
     assert not resolve("cuda:0").known and resolve("Tesla T4").name == "T4"
+
+
+def test_every_bundle_accelerator_is_a_documented_shape_with_a_real_profile():
+    """``bundle --accelerator`` offers only shapes the Kaggle CLI documents, each planned with a table profile."""
+    assert set(gpus.BUNDLE_ACCELERATORS) <= set(gpus.KAGGLE_ACCELERATORS)
+    assert not set(gpus.BUNDLE_ACCELERATORS) & set(gpus.RETIRED_ACCELERATORS)
+    for shape in gpus.BUNDLE_ACCELERATORS:
+        profile = resolve(shape, strict=True)
+        assert profile.known and profile.supported and profile.capacity_bytes > 10 * GiB, shape
+        assert profile.peak_flops > 0 and profile.compute_capability >= (7, 5), shape
+    # memory per device as nvidia-smi reports it; devices as Kaggle's accelerator names them
+    assert resolve("NvidiaH100").capacity_bytes == 81559 * 1024**2 and resolve("NvidiaH100").native_bf16
+    assert resolve("NvidiaRtxPro6000").capacity_bytes == 97887 * 1024**2
+    assert resolve("NvidiaRtxPro6000").compute_capability == (12, 0)
+    assert (resolve("NvidiaL4").devices, resolve("NvidiaL4X1").devices, resolve("NvidiaTeslaT4").devices) == (4, 1, 2)

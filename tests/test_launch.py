@@ -104,20 +104,20 @@ def test_a_session_gpu_without_a_profile_is_said_unknown_not_planned_as_a_t4(mon
     config = DistillConfig.load("tiny-cpu")
     monkeypatch.setattr(launch, "gpu_count", lambda: 2)
     monkeypatch.setattr(launch, "_cuda_initialized", lambda: False)
-    monkeypatch.setattr(launch, "_nvidia_smi", lambda: [("NVIDIA H100 80GB HBM3", 81559)] * 2)
+    monkeypatch.setattr(launch, "_nvidia_smi", lambda: [("Tesla V100-SXM2-32GB", 32510)] * 2)
     profile = launch.session_profile()
-    assert (profile.name, profile.known, profile.devices) == ("unknown (NVIDIA H100 80GB HBM3)", False, 2)
-    assert profile.capacity_bytes == 81559 * 1024**2  # nvidia-smi's memory, not a T4's 15 GiB
+    assert (profile.name, profile.known, profile.devices) == ("unknown (Tesla V100-SXM2-32GB)", False, 2)
+    assert profile.capacity_bytes == 32510 * 1024**2  # nvidia-smi's memory, not a T4's 15 GiB
     with caplog.at_level("WARNING", logger="kagglekd.launch"):
         plan = launch.plan_launch(config)
-    assert plan.gpu == profile.name and "planned on unknown (NVIDIA H100 80GB HBM3)" in plan.reason
+    assert plan.gpu == profile.name and "planned on unknown (Tesla V100-SXM2-32GB)" in plan.reason
     assert "no kagglekd GPU profile" in caplog.text
-    assert plan.choice.worst.capacity == 81559 * 1024**2
+    assert plan.choice.worst.capacity == 32510 * 1024**2
     monkeypatch.setattr(launch, "_nvidia_smi", lambda: [])  # no names, no memory: nothing to plan with
     blind = launch.plan_launch(config)
     assert blind.choice is None and "memory was not planned" in blind.reason and "unknown (" in blind.gpu
     with pytest.raises(launch.ConfigError, match="matches no GPU profile"):
-        launch.plan_launch(config, gpu="H100")
+        launch.plan_launch(config, gpu="V100")
 
 
 def test_notebook_launch_with_one_process_trains_here(tmp_path, use_kit_cache, capsys):
@@ -296,3 +296,48 @@ def test_a_worker_crash_after_rank_zero_wrote_its_summary_still_returns_the_summ
     summary = launch.subprocess_launch(DistillConfig.from_dict({**TINY_RUN, "output_dir": str(run)}), 2, chart=False)
     assert summary == {"optimizer_steps": 2}
     assert "torchrun exited with code 1 after rank 0 had finished" in capsys.readouterr().out
+
+
+# A training child whose bar redraws every step (as a tqdm bar through a pipe does), 1 s of its clock per step.
+BAR_CHILD = """
+import pathlib, sys
+from tqdm.std import tqdm
+for n in range(301):
+    print(tqdm.format_meter(n, 300, n * 1.0, prefix="distil", unit="step"), end="\\r", flush=True)
+print()
+print("INFO kagglekd.trainer: done")
+pathlib.Path(sys.argv[1], "summary.json").write_text('{"optimizer_steps": 300}')
+"""
+
+
+@pytest.mark.parametrize("run_type", ["Batch", "Interactive"])
+def test_the_relay_of_a_childs_bars_is_thinned_in_commit_runs_only(tmp_path, monkeypatch, capsys, run_type):
+    """Mend: in a commit run every redraw of the child's bar became a line of the saved notebook. There the relay
+    shows a line per tenth or minute of the bar, whichever is rarer, and the final state; interactive runs relay
+    every line, as before."""
+    run = tmp_path / "run"
+    run.mkdir()
+    monkeypatch.setenv("KAGGLE_KERNEL_RUN_TYPE", run_type)
+    monkeypatch.setattr(launch, "subprocess_command", lambda *a, **k: [sys.executable, "-c", BAR_CHILD, str(run)])
+    summary = launch.subprocess_launch(DistillConfig.from_dict({**TINY_RUN, "output_dir": str(run)}), 1, chart=False)
+    assert summary == {"optimizer_steps": 300}
+    out = capsys.readouterr().out
+    bars = [line for line in out.splitlines() if line.startswith("distil:")]
+    assert "INFO kagglekd.trainer: done" in out and "300/300" in bars[-1]
+    if run_type == "Batch":
+        assert len(bars) <= 12 and bars[0].startswith("distil:   0%")
+    else:
+        assert len(bars) == 301
+
+
+def test_launch_max_steps_sets_the_plan_and_stop_after_pauses(tmp_path, use_kit_cache):
+    """MAX_STEPS of 02_train is the plan (config max_steps), as `train --max-steps`: the run ends there with its
+    export; STOP_AFTER pauses with a checkpoint and no export."""
+    config = DistillConfig.from_dict({**TINY_RUN, "max_steps": 40, "output_dir": str(tmp_path / "run")})
+    plan = launch.plan_launch(config, launch="in-process", gpu="cpu")
+    paused = launch.train(plan, max_steps=3, stop_after=2, chart=False)
+    assert paused["paused"] and paused["planned_steps"] == 3 and paused["optimizer_steps"] == 2
+    assert not (tmp_path / "run" / "student").exists()
+    summary = launch.train(plan, config=plan.config.replace(resume="auto"), max_steps=3, chart=False)
+    assert summary["optimizer_steps"] == summary["planned_steps"] == 3 and not summary["paused"]
+    assert (tmp_path / "run" / "student" / "config.json").is_file()

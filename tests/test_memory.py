@@ -406,10 +406,10 @@ def test_plans_need_a_profile_with_memory():
     teacher, student = _pair()
     kw = dict(teacher_cfg=teacher, student_cfg=student)
     with pytest.raises(UnknownGpuError):
-        plan_memory(DistillConfig(), gpu="H100", **kw)
+        plan_memory(DistillConfig(), gpu="H200", **kw)
     with pytest.raises(KaggleKDError, match="not known"):
         plan_memory(DistillConfig(), gpu=gpus.resolve("cuda"), **kw)
-    read_off_a_device = dataclasses.replace(gpus.resolve("H100"), capacity_bytes=80 * GiB)
+    read_off_a_device = dataclasses.replace(gpus.resolve("H200"), capacity_bytes=80 * GiB)
     plan = plan_memory(DistillConfig(), gpu=read_off_a_device, **kw)
-    assert plan.gpu == "unknown (H100)" and plan.capacity == 80 * GiB
+    assert plan.gpu == "unknown (H200)" and plan.capacity == 80 * GiB
     assert any("no kagglekd profile" in note for note in plan.notes)

@@ -8,11 +8,14 @@ The child kernels inherit KAGGLEKD_CACHE (the session's shared kit cache) throug
 import json
 import os
 import time
+from html.parser import HTMLParser
 from pathlib import Path
 
 import nbformat
 import papermill
 import pytest
+
+from kagglekd import env
 
 REPO = Path(__file__).resolve().parents[1]
 NOTEBOOKS = ["00_setup", "01_diagnostics", "02_train", "03_evaluate"]
@@ -54,6 +57,87 @@ def png_outputs(notebook) -> int:
     return sum("image/png" in o.get("data", {}) for c in notebook.cells for o in c.get("outputs", []))
 
 
+class _Cells(HTMLParser):
+    """The text of every <th>/<td> of an HTML table, in order."""
+
+    def __init__(self):
+        super().__init__()
+        self.cells: list[str] = []
+        self._open = False
+
+    def handle_starttag(self, tag, attrs):
+        if tag in ("td", "th"):
+            self._open = True
+            self.cells.append("")
+
+    def handle_endtag(self, tag):
+        self._open = self._open and tag not in ("td", "th")
+
+    def handle_data(self, data):
+        if self._open:
+            self.cells[-1] += data
+
+
+def table_outputs(notebook, marker: str) -> list[tuple[list[str], str]]:
+    """(HTML table cell texts, text/plain) of each output of the code cells whose source contains ``marker``."""
+    found = []
+    for cell in notebook.cells:
+        if cell.cell_type != "code" or marker not in cell.source:
+            continue
+        for output in cell.get("outputs", []):
+            data = output.get("data", {})
+            if "text/html" in data:
+                parser = _Cells()
+                parser.feed(data["text/html"])
+                found.append((parser.cells, data.get("text/plain", "")))
+    return found
+
+
+def assert_tables_whole(notebook, marker: str) -> list[str]:
+    """The tables shown by the cells containing ``marker``: every cell whole (no "..."/"…" of pandas'
+    max_colwidth), no NaN/None where a value is missing. Returns all their cell texts."""
+    tables = table_outputs(notebook, marker)
+    assert tables, f"no HTML table in the output of the cell with {marker!r}"
+    texts = []
+    for cells, plain in tables:
+        assert cells
+        for text in cells:
+            assert not text.endswith(("...", "…")), f"truncated: {text!r}"
+            assert text.strip() not in ("NaN", "nan", "None", "<NA>"), f"{text!r} shown for a missing value"
+        assert "NaN" not in plain and "…" not in plain and not any(line.endswith("...") for line in plain.splitlines())
+        texts += cells
+    return texts
+
+
+def assert_findings_whole(notebook) -> None:
+    """The findings table: longer messages than pandas' 50-character cut, and a blank fix where there is none."""
+    texts = assert_tables_whole(notebook, 'report.to_dict()["findings"]')
+    columns = texts[:5]
+    assert columns == ["severity", "id", "field", "message", "fix"]
+    rows = [texts[i : i + 5] for i in range(5, len(texts), 5)]
+    assert any(len(row[3]) > 80 for row in rows), "no message longer than pandas' default column width"
+    assert any(row[4] == "" for row in rows), "a finding without a fix must show a blank"
+    assert any(len(row[4]) > 50 for row in rows), "no fix longer than pandas' default column width"
+
+
+def assert_card_front_matter_fenced(notebook) -> None:
+    card = next(c for c in notebook.cells if c.cell_type == "code" and "card_markdown(" in c.source)
+    markdown = "".join(o["data"]["text/markdown"] for o in card.outputs if "text/markdown" in o.get("data", {}))
+    assert "```yaml\nlibrary_name: transformers\n" in markdown and not markdown.lstrip().startswith("---")
+    assert "\n## Results" in markdown  # the card's own Markdown follows the fenced block
+
+
+def what_next_text(notebook) -> str:
+    last = notebook.cells[-1]
+    assert last.cell_type == "code" and last.source.startswith("what_next(")
+    return "".join(o["data"]["text/markdown"] for o in last.outputs if "text/markdown" in o.get("data", {}))
+
+
+def smoke_run_dir(run_dir: Path) -> Path:
+    """Where a SMOKE run given ``RUN_DIR = run_dir`` writes (the kit keeps it apart from a real run's dir)."""
+    return Path(env.notebook_config("smollm2-360m-to-135m-t4x2", run_dir, smoke=True).output_dir)
+
+
 def assert_png(path: Path) -> None:
     assert path.is_file(), f"{path} was not written"
     assert path.read_bytes()[:8] == PNG and path.stat().st_size > 5000, f"{path} is not a real chart"
@@ -85,7 +169,7 @@ def staged(child_env, tmp_path_factory):
             REPO / "notebooks" / f"{name}.ipynb", work / f"{name}.out.ipynb", work, RUN_DIR=str(run_dir), **extra
         )
     child_env.delenv("PYTHONPATH", raising=False)
-    return run_dir, executed
+    return smoke_run_dir(run_dir), executed
 
 
 @pytest.fixture(scope="module")
@@ -96,7 +180,7 @@ def bundled(child_env, staged, tmp_path_factory):
     notebook = execute(
         REPO / "kaggle_kernel" / meta["code_file"], work / "bundle.out.ipynb", work, RUN_DIR=str(work / "run")
     )
-    return work / "run", notebook
+    return smoke_run_dir(work / "run"), notebook
 
 
 # ---- committed notebooks: thin, parameterised, without outputs ---------------------------------------------
@@ -129,6 +213,10 @@ def test_00_setup(staged):
     ):
         assert expected in text, expected
     assert json.loads((run_dir / "doctor.json").read_text())["exit_code"] == 0
+    assert "torch build" in assert_tables_whole(executed["00_setup"], "table(doctor.rows())")
+    assert assert_tables_whole(executed["00_setup"], "doctor.checks")[:3] == ["severity", "message", "fix"]
+    config = assert_tables_whole(executed["00_setup"], "config.to_dict()")
+    assert config[:2] == ["key", "value"] and len(config) == 2 + 2 * len(env.notebook_config("tiny-cpu").to_dict())
 
 
 def test_01_diagnostics(staged):
@@ -140,6 +228,9 @@ def test_01_diagnostics(staged):
     assert png_outputs(executed["01_diagnostics"]) >= 4
     fixed = json.loads((run_dir / "train_config.json").read_text())
     assert "_fixes" in fixed and fixed["teacher_model"] == "tiny-random-moe"
+    assert_findings_whole(executed["01_diagnostics"])
+    assert "charts in " in output_text(executed["01_diagnostics"])
+    assert assert_tables_whole(executed["01_diagnostics"], 'fixed["_fixes"]')[0] == "change"
 
 
 def test_02_train(staged):
@@ -155,6 +246,11 @@ def test_02_train(staged):
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["optimizer_steps"] == 4 and (run_dir / "student" / "config.json").is_file()
     assert (Path(f"{run_dir}-ce") / "student" / "config.json").is_file()
+    cells = assert_tables_whole(notebook, "read_history(run_dir)")
+    width = cells.index("eval_top1_agreement") + 1
+    header, rows = cells[:width], [cells[i : i + width] for i in range(width, len(cells), width)]
+    ppl = [row[header.index("eval_ppl")] for row in rows]
+    assert len(rows) == 4 and "" in ppl and any(ppl), ppl  # blank on steps without an eval, a number on the others
 
 
 def test_03_evaluate(staged):
@@ -178,6 +274,24 @@ def test_03_evaluate(staged):
         assert_png(run_dir / chart)
     card = (run_dir / "student" / "README.md").read_text()
     assert "## Data" in card and "## Results" in card and "student (CE only)" in card
+    assert_card_front_matter_fenced(executed["03_evaluate"])
+    for marker in ("report.perplexity_rows", "report.side_by_side", "report.size_speed_rows"):
+        assert_tables_whole(executed["03_evaluate"], marker)
+    assert "SMOKE = False" in what_next_text(executed["03_evaluate"])
+
+
+def test_the_executed_bundle_opens_with_its_introduction(bundled):
+    """What a reader of the executed SMOKE bundle sees first is the introduction: the cell with the kit's base64
+    comes after it, with its input hidden for Kaggle's viewer and JupyterLab (papermill kept the metadata)."""
+    _, notebook = bundled
+    hidden = lambda c: c.metadata.get("_kg_hide-input") is True and c.metadata.get("jupyter", {}).get("source_hidden")
+    visible = [c for c in notebook.cells if not hidden(c)]
+    first = visible[0]
+    assert first.cell_type == "markdown" and first.source.startswith("# kagglekd")
+    assert not any("KIT_B64" in c.source for c in visible)
+    kit = next(c for c in notebook.cells if "KIT_B64" in c.source)
+    assert notebook.cells.index(kit) > notebook.cells.index(first)
+    assert "kagglekd 0.1.0 from" in "".join(o.get("text", "") for o in kit.outputs)  # its output stays visible
 
 
 def test_bundled_kernel_notebook(bundled):
@@ -195,9 +309,69 @@ def test_bundled_kernel_notebook(bundled):
     for expected in ("severity", "tokens_per_s", "eval_ppl", "top1_agreement", "mb_on_disk", "launch: in-process"):
         assert expected in text, expected
     assert (run_dir / "student" / "README.md").is_file()
+    # the charts are in the notebook itself: LR plan, memory, component shares, dry-run history (01), the live
+    # chart (02), perplexity, size/speed, history (03)
+    assert png_outputs(notebook) >= 8
+    assert_findings_whole(notebook)
+    assert_tables_whole(notebook, "table(doctor.rows())")
+    assert_card_front_matter_fenced(notebook)
+    closing = what_next_text(notebook)
+    assert "SMOKE" in closing and "`SMOKE = False`" in closing and str(run_dir) in closing
+    real_run_dir = env.notebook_config("smollm2-360m-to-135m-t4x2", run_dir.parent / "run").output_dir
+    assert f"The real run writes to `{real_run_dir}`" in closing
+    assert "kaggle kernels push -p DIR" in closing
 
 
 def test_report_timings(staged, bundled):
     print("notebook wall times: " + ", ".join(f"{k} {v:.0f}s" for k, v in TIMINGS.items()))
     assert set(TIMINGS) >= set(NOTEBOOKS)
     assert os.environ.get("KAGGLEKD_CACHE")
+
+
+# ---- what the notebooks show (kagglekd.display), without running a notebook --------------------------------
+def test_table_shows_every_cell_whole_with_blanks_for_missing_values():
+    import pandas as pd
+
+    from kagglekd.display import table
+
+    long = "warmup is 1 of 4 optimizer steps (25.0%): a fifth of the run or more is spent below the peak LR."
+    rows = [{"severity": "warning", "message": long, "fix": None}, {"severity": "info", "message": "<b>x</b>"}]
+    shown = table(rows, columns=["severity", "message", "fix"])
+    parser = _Cells()
+    parser.feed(shown._repr_html_())
+    assert parser.cells == ["severity", "message", "fix", "warning", long, "", "info", "<b>x</b>", ""]
+    assert "&lt;b&gt;x&lt;/b&gt;" in shown._repr_html_()  # text, never markup
+    plain = repr(shown)
+    assert long in plain and "None" not in plain and "NaN" not in plain
+    # what pandas shows for the same rows, for contrast: the message cut at 50 characters, NaN/None for the gaps
+    pandas_html = pd.DataFrame(rows, columns=["severity", "message", "fix"])._repr_html_()
+    assert long not in pandas_html and ("NaN" in pandas_html or "None" in pandas_html)
+    assert table([{"a": float("nan"), "b": 1 / 3, "c": 4}]).rows == [["", "0.333333", "4"]]  # 6 significant digits
+    empty = table([], columns=["severity", "message", "fix"])
+    parser = _Cells()
+    parser.feed(empty._repr_html_())
+    assert parser.cells == ["severity", "message", "fix", "(none)", "", ""] and "(none)" in repr(empty)
+
+
+def test_card_markdown_fences_the_front_matter(tmp_path):
+    from kagglekd.display import card_markdown, split_front_matter
+
+    card = tmp_path / "README.md"
+    card.write_text("---\nlibrary_name: transformers\ntags:\n- kagglekd\n---\n\n# Student\n\n## Results\n")
+    markdown = card_markdown(card).data
+    assert markdown.index("```yaml\nlibrary_name: transformers\ntags:\n- kagglekd\n```") < markdown.index("# Student")
+    assert "\n---\n" not in markdown and not markdown.startswith("---")
+    assert split_front_matter("# No front matter\n---\n") == (None, "# No front matter\n---\n")
+    assert split_front_matter("---\nunterminated: yes\n") == (None, "---\nunterminated: yes\n")
+
+
+def test_what_next_tells_a_smoke_user_how_to_train_and_a_real_user_where_the_student_is(tmp_path):
+    from kagglekd.display import what_next_text
+
+    smoke = what_next_text(tmp_path / "run-smoke", smoke=True, real_run_dir=tmp_path / "run")
+    assert "`SMOKE = False`" in smoke and "Save & Run All" in smoke and f"wrote to `{tmp_path / 'run-smoke'}`" in smoke
+    assert f"The real run writes to `{tmp_path / 'run'}`" in smoke
+    assert "kaggle kernels push -p DIR" in smoke
+    real = what_next_text(tmp_path / "run", smoke=False)
+    assert str(tmp_path / "run" / "student" / "README.md") in real and "SMOKE = False" not in real
+    assert "Output" in what_next_text("/kaggle/working/runs/x", smoke=False)  # on Kaggle: the version's Output tab

@@ -6,8 +6,10 @@ import math
 
 import pytest
 import torch
+import yaml
 
 from kagglekd import env, report
+from kagglekd.config import DistillConfig
 from kagglekd.trainer import Distiller
 
 
@@ -16,7 +18,9 @@ def runs(kagglekd_cache, tmp_path_factory):
     root = tmp_path_factory.mktemp("report")
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("KAGGLEKD_CACHE", str(kagglekd_cache))
-        config = env.notebook_config("tiny-cpu", root / "kd", smoke=True).replace(save_steps=None, resume="never")
+        config = env.notebook_config("tiny-cpu", root / "kd", smoke=True)
+        # the run dir named here, whatever name notebook_config gives a smoke run's
+        config = config.replace(save_steps=None, resume="never", output_dir=str(root / "kd"))
         kd = Distiller(config).train()
         Distiller(config.replace(alpha_kd=0.0, alpha_ce=1.0, output_dir=str(root / "ce"))).train()
     return root, kd
@@ -100,6 +104,13 @@ def test_model_card(evaluation, tmp_path):
     card = report.write_model_card(evaluation, rows, sizes, samples, path=tmp_path / "README.md")
     text = card.read_text()
     assert text.startswith("---\nlibrary_name: transformers")
+    _, header, body = text.split("---\n", 2)
+    assert yaml.safe_load(header) == {  # the tiny run's models and corpus are no hub ids
+        "library_name": "transformers",
+        "pipeline_tag": "text-generation",
+        "tags": ["knowledge-distillation", "kagglekd"],
+    }
+    assert body.startswith("\n# ")
     cfg = evaluation.config
     for expected in (
         cfg.teacher_model,
@@ -127,3 +138,28 @@ def test_plot_size_speed(tmp_path):
     ]
     report.plot_size_speed(rows, tmp_path / "s.png")
     assert (tmp_path / "s.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def _front_matter(cfg: DistillConfig) -> dict:
+    lines = report._card_front_matter(cfg)
+    assert lines[0] == "---" and lines[-1] == "---" and lines.count("---") == 2, lines
+    return yaml.safe_load("\n".join(lines[1:-1]))
+
+
+def test_card_front_matter_is_valid_yaml_with_hub_ids_only(tmp_path):
+    hub = DistillConfig(student_model="HuggingFaceTB/SmolLM2-135M", dataset="HuggingFaceFW/fineweb-edu")
+    assert _front_matter(hub) == {
+        "library_name": "transformers",
+        "pipeline_tag": "text-generation",
+        "tags": ["knowledge-distillation", "kagglekd"],
+        "base_model": "HuggingFaceTB/SmolLM2-135M",
+        "datasets": ["HuggingFaceFW/fineweb-edu"],
+    }
+    local_dir = tmp_path / "my-student"
+    local_dir.mkdir()
+    for student, dataset in (
+        ("/kaggle/input/my-student/v2", "/kaggle/input/corpus/train.jsonl"),
+        (str(local_dir), "x"),
+    ):
+        header = _front_matter(DistillConfig(student_model=student, dataset=dataset))
+        assert "base_model" not in header and "datasets" not in header, header

@@ -136,3 +136,19 @@ def test_ka_evaluation_routing_is_the_teachers_deterministic_top_k(tmp_path):
         plain = distiller.teacher(input_ids=input_ids).logits
     first, second = distiller.teacher_side.logits(input_ids), distiller.teacher_side.logits(input_ids)
     assert torch.equal(first, second) and torch.allclose(first, plain[..., : first.shape[-1]])
+
+
+def test_evaluate_run_and_the_model_card_report_the_adapted_teacher(tmp_path):
+    from kagglekd import report
+    from kagglekd.demo import evaluate_run
+
+    config = tiny(tmp_path, sar=True, router_lr=0.5, max_steps=4)
+    Distiller(config).train()
+    original = Distiller(config.replace(sar=False, all_experts=True), write_run_dir=False).setup()
+    rows = evaluate_run(tmp_path / "run")
+    teacher = next(row for row in rows if row["model"] == "teacher")
+    assert teacher["teacher_routers"].startswith("adapted by SAR")
+    assert abs(teacher["eval_ppl"] - original.teacher_perplexity()) > 1e-3 * teacher["eval_ppl"]
+    evaluation = report.load_evaluation(tmp_path / "run")
+    card = report.write_model_card(evaluation, report.perplexity_rows(evaluation)).read_text()
+    assert "Teacher routers: adapted by SAR" in card

@@ -218,7 +218,7 @@ def test_kaggle_commit_runs_use_text_progress_bars(monkeypatch):
     assert env.progress_bar() is auto_tqdm and env.quiet_library_bars() is False
     assert datasets.is_progress_bar_enabled() and transformers.utils.logging.is_progress_bar_enabled()
     monkeypatch.setenv("KAGGLE_KERNEL_RUN_TYPE", "Batch")
-    assert env.progress_bar() is text_tqdm
+    assert issubclass(env.progress_bar(), text_tqdm)  # a text bar (CommitProgressBar: a few lines per bar)
     try:
         assert env.quiet_library_bars() is True
         assert not datasets.is_progress_bar_enabled()
@@ -228,3 +228,29 @@ def test_kaggle_commit_runs_use_text_progress_bars(monkeypatch):
         datasets.enable_progress_bars()
         transformers.utils.logging.enable_progress_bar()
         huggingface_hub.utils.enable_progress_bars()
+
+
+def test_stop_after_pauses_with_a_checkpoint_and_a_resume_finishes_the_plan_exactly(tmp_path, kagglekd_cache):
+    """stop_after pauses a session inside the plan: a checkpoint at that step, no export, the command to resume
+    printed; training the same config again resumes there and reproduces the uninterrupted run's history."""
+    common = dict(max_steps=8, save_steps=3, eval_steps=4, scheduler_type="linear", warmup_steps=1)
+    full = Distiller(tiny_config(tmp_path / "full", **common))
+    full_summary = full.train()
+    paused = Distiller(tiny_config(tmp_path / "cut", stop_after=5, **common))
+    summary = paused.train()
+    assert summary["paused"] and summary["optimizer_steps"] == 5 and summary["planned_steps"] == 8
+    assert latest_checkpoint(paused.checkpoint_dir).name == "step-5"  # saved at the pause (save_steps is 3)
+    assert not (paused.output_dir / "student").exists()  # the plan is unfinished: nothing exported
+    config_file = paused.output_dir / "config.json"
+    assert f"--config {config_file}" in summary["resume"] and "step 5 of 8" in summary["resume"]
+    assert json.loads(config_file.read_text())["stop_after"] is None  # config.json holds the plan, not the pause
+    resumed = Distiller(DistillConfig.load(config_file).replace(resume="auto"))  # what the printed command runs
+    resumed_summary = resumed.train()
+    assert not resumed_summary["paused"] and resumed_summary["optimizer_steps"] == 8
+    a, b = history(full.output_dir), history(resumed.output_dir)
+    assert list(a["step"]) == list(b["step"]) == list(range(8))
+    for column in ("loss", "lr", "kd", "ce", "grad_norm"):
+        assert (a[column] - b[column]).abs().max() < 1e-6, column
+    assert (a["eval_ppl"].dropna() - b["eval_ppl"].dropna()).abs().max() < 1e-6
+    assert abs(full_summary["eval_ppl"] - resumed_summary["eval_ppl"]) < 1e-6
+    assert (resumed.output_dir / "student" / "config.json").is_file()

@@ -43,7 +43,7 @@ def test_sar_changes_only_router_weights_and_keeps_them_out_of_student(tmp_path)
     changed = {name for name, p in teacher.named_parameters() if not torch.equal(p.detach(), before[name])}
     assert changed == routers  # experts, attention, embeddings, norms: bitwise unchanged
     rows = pd.read_csv(distiller.output_dir / "history.csv")
-    assert rows["router"].notna().all() and rows["share_router"].notna().all()
+    assert rows["router"].notna().all() and rows["w_router"].notna().all() and rows["share_router"].isna().all()
     saved = load_file(str(distiller.output_dir / "teacher_routers" / "routers.safetensors"))
     assert set(saved) == {name for name in routers if name.endswith("weight")}
     student = load_file(str(distiller.output_dir / "student" / "model.safetensors"))

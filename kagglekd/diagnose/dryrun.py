@@ -40,6 +40,7 @@ def _dry_config(ctx: Context, steps: int, workdir: Path):
         dataset=dataset,
         max_length=max_length,
         max_steps=steps,
+        stop_after=None,
         warmup_steps=None,
         warmup_ratio=0.0,
         eval_steps=None,

@@ -31,6 +31,7 @@ FINDINGS: dict[str, str] = {
     "eval-cadence": "Evaluation cadence against the run length.",
     "early-stopping": "Early stopping that can never trigger with this cadence and run length.",
     "save-cadence": "Checkpoint cadence: missing, longer than the run, or more than 30 minutes of work at risk.",
+    "stop-after": "stop_after inside the plan: the session pauses there unfinished (no decayed LR, no export).",
     "ema": "EMA decay against run length: a slow EMA evaluated over a short run is mostly the initial weights.",
     "precision": "Precision against the GPU (bf16 emulated below sm_80, fp32 on a GPU, autocast off on CPU).",
     "device": "A GPU the current Kaggle image cannot use (P100: no sm_60 kernels), or a CPU run of real models.",

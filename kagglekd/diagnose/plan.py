@@ -173,6 +173,7 @@ def check_cadence(ctx: Context) -> None:
         return
     evals = _check_evals(ctx)
     _check_saves_and_ema(ctx)
+    _check_stop_after(ctx)
     cfg, steps = ctx.config, ctx.plan.optimizer_steps
     if cfg.early_stopping_patience is None:
         return
@@ -225,6 +226,26 @@ def _check_evals(ctx: Context) -> int:
             f"eval_steps {max(1, steps // 50)} gives 50.",
         )
     return evals
+
+
+def _check_stop_after(ctx: Context) -> None:
+    """A ``stop_after`` inside the plan pauses the run there: it ends unfinished (no patch: a planned pause, e.g.
+    to split a long plan over sessions, is legitimate; --fix must not undo it)."""
+    cfg, plan = ctx.config, ctx.plan
+    if cfg.stop_after is None or cfg.stop_after >= plan.optimizer_steps:
+        return
+    ctx.add(
+        "stop-after",
+        "warning",
+        "stop_after",
+        f"stop_after {cfg.stop_after} pauses the run after optimizer step {cfg.stop_after} of the plan's "
+        f"{plan.optimizer_steps}: the LR is still {plan.lrs[cfg.stop_after]:.3g} (the schedule ends at "
+        f"{plan.lrs[-1]:.3g}), the final evaluation does not run and student/ is not exported. Only a checkpoint "
+        "is saved.",
+        "remove stop_after to train the whole plan in one run; or keep it and finish later: train the same config "
+        "without stop_after (python -m kagglekd train --config <run dir>/config.json) and it resumes from that "
+        "checkpoint.",
+    )
 
 
 def _check_saves_and_ema(ctx: Context) -> None:
