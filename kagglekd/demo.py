@@ -3,17 +3,22 @@
 ``python -m kagglekd demo`` (what ``make demo`` runs) builds the stdlib-docs corpus and tokenizer, pretrains
 the tiny Qwen3-MoE teacher once (cached), distils the tiny student with the ``tiny-cpu`` preset, trains the
 same student CE-only with the same data, steps and seed, and writes ``runs/demo/``.
+``python -m kagglekd demo --ablation`` (``run_ablation``) trains the ``ABLATION_VARIANTS`` (CE-only, KD, KD with
+all experts, SAR, KA, SAR+KA) over several seeds and reports mean ± sd of held-out perplexity and agreement.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
+import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from kagglekd.config import DistillConfig
+from kagglekd.errors import ConfigError
 from kagglekd.metrics import format_table
 from kagglekd.rundir import ALIGNMENT_FILE, CONFIG_FILE, STUDENT_DIR
 
@@ -133,14 +138,27 @@ def _write_results_table(out: Path, rows: list[dict], results: dict, echo: Calla
     )
 
 
-# Variants of the ablation: changes to the preset, on identical data, steps and seed.
+# Variants of the ablation: changes to the preset, on identical data and steps, each over the same seeds.
+# "KD, all experts" is the control of SAR, which runs every teacher expert while it trains the routers.
 ABLATION_VARIANTS = {
     "CE-only": {"alpha_kd": 0.0, "alpha_ce": 1.0},
     "KD": {},
-    "KD+feature+attention": {"alpha_feature": 0.1, "alpha_attention": 0.1, "feature_layers": 1, "attention_layers": 1},
+    "KD, all experts": {"all_experts": True},
     "SAR": {"sar": True},
+    "KA": {"ka_samples": 2},
     "SAR+KA": {"sar": True, "ka_samples": 2},
 }
+ABLATION_SEEDS = 3
+# ablation.csv: one row per variant x seed; ablation_summary.csv: one row per variant, mean and sample sd
+# (n - 1, like statistics.stdev; NaN with a single seed) over the seeds, and of the paired difference of held-out
+# perplexity to the KD run of the same seed (the seeds' spread is much larger than the variants').
+# eval_kd: the student's held-out KD loss to the unadapted teacher (per token, the run's divergence).
+ABLATION_COLUMNS = ["variant", "seed", "eval_ppl", "top1_agreement", "eval_kd", "train_time_s", "tokens_per_s"]
+SUMMARY_COLUMNS = [
+    "variant", "seeds", "eval_ppl_mean", "eval_ppl_sd", "eval_ppl_vs_kd_mean", "eval_ppl_vs_kd_sd",
+    "top1_agreement_mean", "top1_agreement_sd", "train_time_s_mean", "tokens_per_s_mean",
+]  # fmt: skip
+ABLATION_BASELINE = "KD"
 
 
 def run_ablation(
@@ -148,47 +166,165 @@ def run_ablation(
     max_steps: int | None = None,
     preset: str = "tiny-cpu",
     echo: Callable[[str], None] | None = None,
-) -> list[dict]:
-    """Train every variant of ``ABLATION_VARIANTS``; write ``ablation.csv`` and ``ablation.png``."""
+    seeds: int | Sequence[int] = ABLATION_SEEDS,
+    variants: Sequence[str] | None = None,
+) -> dict:
+    """Train every variant of ``ABLATION_VARIANTS`` (or the named ``variants``) once per seed; summarise.
+
+    ``seeds``: how many seeds (the preset's ``seed``, ``seed + 1``, ...) or the seeds themselves; each sets the
+    config's ``seed`` (student initialisation, batch order, sampling). The held-out blocks are the same for
+    every run (they follow ``split_seed``). Every student is judged on them by one plain-KD distiller, whose
+    teacher is the unadapted one, so top-1 agreement is against the same teacher for every variant (SAR
+    adapts its own teacher's routers). Writes ``ablation.csv`` (one row per variant x seed),
+    ``ablation_summary.csv`` (mean and sd over seeds) and ``ablation.png``; returns
+    ``{"runs": [row, ...], "summary": [row, ...]}`` with the columns ``ABLATION_COLUMNS`` / ``SUMMARY_COLUMNS``.
+    """
     import pandas as pd
 
-    from kagglekd import plots
     from kagglekd.trainer import Distiller
 
     echo = echo or log.info
     out, base = _prepare(output_dir, preset, max_steps)
-    rows, judge = [], None
-    for index, (variant, changes) in enumerate(ABLATION_VARIANTS.items(), 1):
-        echo(f"{index}/{len(ABLATION_VARIANTS)} {variant}")
-        slug = variant.lower().replace("+", "-").replace(" ", "-")
-        config = base.replace(output_dir=str(out / "ablation" / slug), resume="never", **changes)
-        distiller = Distiller(config)
-        summary = distiller.train()
-        if judge is None and distiller.teacher is not None and not config.sar:
-            judge = distiller  # its teacher is the unadapted one: agreement is measured against the same teacher
-        rows.append({"variant": variant, "distiller": distiller, "tokens_per_s": summary["tokens_per_s"]})
-    table = []
-    for row in rows:
-        student = row["distiller"].accelerator.unwrap_model(row["distiller"].student)
-        metrics = judge.evaluate(model=student, with_ema=False)
-        table.append(
-            {
-                "variant": row["variant"],
-                "eval_ppl": metrics["ppl"],
-                "top1_agreement": metrics["top1_agreement"],
-                "tokens_per_s": row["tokens_per_s"],
-            }
-        )
-    frame = pd.DataFrame(table, columns=["variant", "eval_ppl", "top1_agreement", "tokens_per_s"])
+    seed_list = _ablation_seeds(seeds, base.seed)
+    chosen = _ablation_variants(variants)
+    judge = Distiller(base.replace(output_dir=str(out / "ablation" / "judge")), write_run_dir=False).setup()
+    started, runs, total = time.perf_counter(), [], len(chosen) * len(seed_list)
+    for seed in seed_list:
+        for variant in chosen:
+            echo(f"{len(runs) + 1}/{total} {variant}, seed {seed}")
+            slug = variant.lower().replace("+", "-").replace(",", "").replace(" ", "-")
+            config = base.replace(
+                output_dir=str(out / "ablation" / slug / f"seed-{seed}"), resume="never", seed=seed,
+                **ABLATION_VARIANTS[variant],
+            )  # fmt: skip
+            distiller = Distiller(config)
+            summary = distiller.train()
+            metrics = judge.evaluate(model=distiller.accelerator.unwrap_model(distiller.student), with_ema=False)
+            runs.append(
+                {
+                    "variant": variant,
+                    "seed": seed,
+                    "eval_ppl": metrics["ppl"],
+                    "top1_agreement": metrics.get("top1_agreement", math.nan),
+                    "eval_kd": metrics.get("kd", math.nan),
+                    "train_time_s": summary["wall_time_s"],
+                    "tokens_per_s": summary["tokens_per_s"],
+                }
+            )
+            del distiller  # one run's models at a time
+    frame = pd.DataFrame(runs, columns=ABLATION_COLUMNS)
     frame.to_csv(out / "ablation.csv", index=False)
-    plots.plot_eval_comparison(
-        {r["variant"]: r["eval_ppl"] for r in table},
-        path=out / "ablation.png",
-        title="Ablation: held-out perplexity of the student (lower is better)",
+    summary_rows = summarise_ablation(runs)
+    pd.DataFrame(summary_rows, columns=SUMMARY_COLUMNS).to_csv(out / "ablation_summary.csv", index=False)
+    _plot_ablation(summary_rows, out / "ablation.png", len(seed_list), base.max_steps)
+    echo("\n" + _ablation_table(summary_rows))
+    echo(
+        f"written: {out / 'ablation.csv'}, {out / 'ablation_summary.csv'}, {out / 'ablation.png'} "
+        f"({total} runs, {(time.perf_counter() - started) / 60:.1f} min)"
     )
-    echo("\n" + format_table(table, ["variant", "eval_ppl", "top1_agreement", "tokens_per_s"]))
-    echo(f"written: {out / 'ablation.csv'}, {out / 'ablation.png'}")
-    return table
+    return {"runs": runs, "summary": summary_rows}
+
+
+def _ablation_seeds(seeds: int | Sequence[int], first: int) -> list[int]:
+    """The seeds of the ablation: ``seeds`` consecutive ones from the preset's ``first``, or the given list."""
+    if isinstance(seeds, int):
+        if seeds < 1:
+            raise ConfigError(f"seeds = {seeds}: the ablation needs at least 1 seed (3 give a mean and an sd).")
+        return [first + offset for offset in range(seeds)]
+    seed_list = [int(seed) for seed in seeds]
+    if not seed_list or len(set(seed_list)) != len(seed_list) or min(seed_list) < 0:
+        raise ConfigError(f"seeds = {list(seeds)}: give distinct non-negative seeds, or a count like 3.")
+    return seed_list
+
+
+def _ablation_variants(variants: Sequence[str] | None) -> list[str]:
+    """The named variants in ``ABLATION_VARIANTS`` order (all of them for ``None``); unknown names are an error."""
+    if variants is None:
+        return list(ABLATION_VARIANTS)
+    unknown = [name for name in variants if name not in ABLATION_VARIANTS]
+    if unknown or not variants:
+        raise ConfigError(f"variants = {list(variants)}: choose from {', '.join(ABLATION_VARIANTS)}.")
+    return [name for name in ABLATION_VARIANTS if name in variants]
+
+
+def summarise_ablation(runs: list[dict]) -> list[dict]:
+    """One row per variant (first-seen order) of ``SUMMARY_COLUMNS``: number of seeds, mean and sample sd (n - 1)
+    of held-out perplexity and top-1 agreement, of the per-seed perplexity difference to the KD run of the same
+    seed (``eval_ppl_vs_kd_*``; NaN without KD runs), mean training seconds and tokens/s. sd is NaN for one seed.
+    """
+
+    def mean_sd(values: list[float]) -> tuple[float, float]:
+        if not values:
+            return math.nan, math.nan
+        return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else math.nan
+
+    baseline = {run["seed"]: float(run["eval_ppl"]) for run in runs if run["variant"] == ABLATION_BASELINE}
+    rows = []
+    for variant in dict.fromkeys(run["variant"] for run in runs):
+        mine = [run for run in runs if run["variant"] == variant]
+        row = {"variant": variant, "seeds": len(mine)}
+        for metric in ("eval_ppl", "top1_agreement"):
+            row[f"{metric}_mean"], row[f"{metric}_sd"] = mean_sd([float(run[metric]) for run in mine])
+        paired = [float(run["eval_ppl"]) - baseline[run["seed"]] for run in mine if run["seed"] in baseline]
+        row["eval_ppl_vs_kd_mean"], row["eval_ppl_vs_kd_sd"] = mean_sd(paired)
+        row["train_time_s_mean"] = statistics.fmean(float(run["train_time_s"]) for run in mine)
+        row["tokens_per_s_mean"] = statistics.fmean(float(run["tokens_per_s"]) for run in mine)
+        rows.append(row)
+    return rows
+
+
+def _ablation_table(summary_rows: list[dict]) -> str:
+    """The summary as a text table, each metric as ``mean ± sd``."""
+
+    def spread(row: dict, metric: str, digits: int, sign: str = "") -> str:
+        mean, sd = row[f"{metric}_mean"], row[f"{metric}_sd"]
+        if math.isnan(mean):
+            return "-"
+        shown = f"{mean:{sign}.{digits}f}"
+        return shown if math.isnan(sd) else f"{shown} ± {sd:.{digits}f}"
+
+    table = [
+        {
+            "variant": row["variant"],
+            "seeds": row["seeds"],
+            "held-out ppl": spread(row, "eval_ppl", 2),
+            "ppl - KD, same seed": spread(row, "eval_ppl_vs_kd", 2, sign="+"),
+            "top-1 agreement": spread(row, "top1_agreement", 4),
+            "train s": row["train_time_s_mean"],
+            "tokens/s": row["tokens_per_s_mean"],
+        }
+        for row in summary_rows
+    ]
+    columns = ["variant", "seeds", "held-out ppl", "ppl - KD, same seed", "top-1 agreement", "train s", "tokens/s"]
+    return format_table(table, columns)
+
+
+def _plot_ablation(summary_rows: list[dict], path: Path, seeds: int, steps: int) -> None:
+    """Two bar charts, held-out perplexity and top-1 agreement, mean with ± sd error bars over the seeds."""
+    import matplotlib
+    from matplotlib.figure import Figure
+
+    names = [row["variant"] for row in summary_rows]
+    colours = matplotlib.colormaps["tab10"](range(len(names)))
+    fig = Figure(figsize=(max(8, 2.2 * len(names)), 4))
+    panels = (
+        ("eval_ppl", "held-out perplexity (lower is better)", "perplexity"),
+        ("top1_agreement", "top-1 agreement with the teacher (higher is better)", "agreement"),
+    )
+    for index, (metric, label, unit) in enumerate(panels, 1):
+        ax = fig.add_subplot(1, 2, index)
+        means = [row[f"{metric}_mean"] for row in summary_rows]
+        sds = [0.0 if math.isnan(row[f"{metric}_sd"]) else row[f"{metric}_sd"] for row in summary_rows]
+        ax.bar(names, means, yerr=sds, capsize=4, color=colours)
+        low = min(m - s for m, s in zip(means, sds))
+        high = max(m + s for m, s in zip(means, sds))
+        ax.set_ylim(low - 0.15 * (high - low + 1e-9), high + 0.15 * (high - low + 1e-9))
+        ax.set_title(label, fontsize=10)
+        ax.set_ylabel(unit)
+        ax.tick_params(axis="x", labelrotation=30, labelsize=8)
+        ax.grid(axis="y", alpha=0.3)
+    fig.suptitle(f"Ablation: student after {steps} steps, mean ± sd over {seeds} seed(s)", fontsize=11)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
 
 
 def _prepare(output_dir: str | Path, preset: str, max_steps: int | None) -> tuple[Path, DistillConfig]:
@@ -220,7 +356,6 @@ def evaluate_run(run_dir: Path) -> list[dict]:
     """Evaluate ``run_dir/student`` (and the teacher) on the run's held-out blocks; write eval.json."""
     from transformers import AutoModelForCausalLM
 
-    from kagglekd.errors import ConfigError
     from kagglekd.evaluation import load_finished_run
 
     run_dir = Path(run_dir)

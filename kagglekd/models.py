@@ -4,8 +4,9 @@ Model references (the config fields ``teacher_model`` / ``student_model``):
 
 * ``"tiny-random-moe"`` / ``"tiny-random-dense"``: a Qwen3-MoE / Llama model of the tiny shapes below with
   seeded random weights, saved once into the cache; for smoke tests.
-* ``"tiny-moe"``: the tiny Qwen3-MoE **pretrained** on the stdlib-docs corpus (``pretrain_tiny_moe``):
-  the embedded demo's teacher. Trained once (a few CPU minutes) and cached.
+* ``"tiny-moe"``: the tiny Qwen3-MoE of ``demo_teacher_config`` shape (8 experts, top-2) **pretrained** on the
+  stdlib-docs corpus with the load-balancing loss (``pretrain_tiny_moe``): the embedded demo's teacher.
+  Trained once (a few CPU minutes) and cached; its ``pretrain.json`` reports how it routes (``routing.py``).
 * a local directory with a ``config.json`` (a Kaggle model / dataset mount, a checkpoint).
 * anything else: a hub id, handed to ``from_pretrained`` (needs internet, or a populated HF cache).
 
@@ -29,7 +30,7 @@ import transformers
 from packaging.version import Version
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Qwen3MoeConfig
 
-from kagglekd import corpus, data, env
+from kagglekd import corpus, data, env, moe
 from kagglekd.errors import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -49,21 +50,35 @@ DEMO_EOS_ID = 0
 # ``dtype=`` replaced ``torch_dtype=`` in from_pretrained in 4.56; 5.x deprecates the old name.
 _DTYPE_KWARG = "dtype" if Version(transformers.__version__) >= Version("4.56") else "torch_dtype"
 
-# Pretraining recipe of the "tiny-moe" teacher. Bump _PRETRAIN_VERSION when it changes (new cache dir).
-_PRETRAIN_VERSION = 1
+# Pretraining recipe of the "tiny-moe" teacher. Bump _PRETRAIN_VERSION when it changes (new cache dir); the
+# teacher's shape (demo_teacher_config) is hashed into the cache name as well.
+# v2: 8 experts (was 4) and the load-balancing auxiliary loss, so that the experts specialise.
+_PRETRAIN_VERSION = 2
 PRETRAIN_STEPS = 600
 PRETRAIN_MAX_LENGTH = 128
 PRETRAIN_EVAL_FRACTION = 0.05
+DEMO_TEACHER_EXPERTS = 8
+DEMO_TEACHER_TOP_K = 2
+DEMO_TEACHER_AUX_LOSS_COEF = 0.01
 
 
 # ----------------------------------------------------------------------------- tiny configs
 
 
-def tiny_moe_config(vocab_size: int = 4096) -> Qwen3MoeConfig:
-    """The demo teacher's shape: a 4-layer Qwen3-MoE, 4 experts, top-2 routing (6.04 M parameters at 4096).
+def tiny_moe_config(
+    vocab_size: int = 4096,
+    *,
+    num_experts: int = 4,
+    experts_per_token: int = 2,
+    router_aux_loss_coef: float = 0.001,
+) -> Qwen3MoeConfig:
+    """The tiny Qwen3-MoE shape: 4 layers, 4 experts, top-2 routing (6.04 M parameters at 4096).
 
     hidden 256, 4 heads of 64 with 2 KV heads, every layer sparse (``decoder_sparse_step=1``, so the dense
-    ``intermediate_size`` is unused), expert width 256, untied embeddings.
+    ``intermediate_size`` is unused), expert width 256, untied embeddings. ``tiny-random-moe`` (the tests'
+    teacher) has these defaults; the demo teacher is ``demo_teacher_config``. ``router_aux_loss_coef``
+    weighs the load-balancing loss in pretraining (``output_router_logits`` stays off: a distillation
+    teacher need not return router logits).
     """
     return Qwen3MoeConfig(
         vocab_size=vocab_size,
@@ -74,15 +89,30 @@ def tiny_moe_config(vocab_size: int = 4096) -> Qwen3MoeConfig:
         head_dim=64,
         intermediate_size=512,
         moe_intermediate_size=256,
-        num_experts=4,
-        num_experts_per_tok=2,
+        num_experts=num_experts,
+        num_experts_per_tok=experts_per_token,
         decoder_sparse_step=1,
         norm_topk_prob=True,
         output_router_logits=False,
+        router_aux_loss_coef=router_aux_loss_coef,
         max_position_embeddings=512,
         tie_word_embeddings=False,
         bos_token_id=DEMO_EOS_ID,
         eos_token_id=DEMO_EOS_ID,
+    )
+
+
+def demo_teacher_config(vocab_size: int = 4096) -> Qwen3MoeConfig:
+    """The ``tiny-moe`` demo teacher's shape: ``tiny_moe_config`` with 8 experts, top-2 (9.18 M parameters at 4096).
+
+    Twice the experts of ``tiny-random-moe`` at the same active width (2 x 256 per token), pretrained with
+    the load-balancing loss at 0.01: enough experts, all in use, for routing to matter to SAR and KA.
+    """
+    return tiny_moe_config(
+        vocab_size,
+        num_experts=DEMO_TEACHER_EXPERTS,
+        experts_per_token=DEMO_TEACHER_TOP_K,
+        router_aux_loss_coef=DEMO_TEACHER_AUX_LOSS_COEF,
     )
 
 
@@ -335,14 +365,18 @@ def _train_cross_entropy(
     warmup_steps: int,
     seed: int,
     desc: str,
-) -> float:
+) -> dict:
     """Plain next-token CE training: AdamW, cosine schedule with warmup, clip 1.0, seeded batch order.
 
-    Returns the last step's loss. Used to pretrain the tiny teacher (the distillation trainer lives in
-    ``trainer.py``).
+    An MoE model (``moe.moe_info``) trains on CE + ``config.router_aux_loss_coef`` x its load-balancing loss
+    (the model's own ``aux_loss`` with ``output_router_logits=True``: Switch-Transformer's E * sum_e f_e P_e,
+    1 at perfect balance), which keeps every expert in use so that the experts can specialise.
+    Returns the last step's ``{"loss": CE, "aux_loss": load-balancing loss or None}``. Used to pretrain the
+    tiny teacher (the distillation trainer lives in ``trainer.py``).
     """
     if steps < 1:
         raise ConfigError(f"pretraining needs at least 1 step, got {steps}.")
+    aux_coef = getattr(model.config, "router_aux_loss_coef", 0.0) if moe.moe_info(model).is_moe else None
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.1)
     scheduler = transformers.get_scheduler("cosine", optimizer, num_warmup_steps=warmup_steps, num_training_steps=steps)
@@ -354,18 +388,31 @@ def _train_cross_entropy(
             order, position = torch.randperm(len(train_blocks), generator=generator), 0
         input_ids, labels = data.next_token_batch(train_blocks[order[position : position + batch_size]])
         position += batch_size
-        logits = model(input_ids=input_ids).logits
-        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), labels.flatten())
+        if aux_coef is None:
+            output, aux_loss = model(input_ids=input_ids), None
+        else:
+            output = model(input_ids=input_ids, output_router_logits=True)
+            aux_loss = output.aux_loss
+        loss = torch.nn.functional.cross_entropy(output.logits.flatten(0, 1).float(), labels.flatten())
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        (loss if aux_loss is None else loss + aux_coef * aux_loss).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         scheduler.step()
         progress.set_postfix(loss=f"{loss.item():.3f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
         if (step + 1) % 100 == 0 or step + 1 == steps:
-            logger.info("%s step %d/%d loss %.4f", desc, step + 1, steps, loss.item())
+            aux_text = "" if aux_loss is None else f" load-balancing {aux_loss.item():.4f}"
+            logger.info("%s step %d/%d loss %.4f%s", desc, step + 1, steps, loss.item(), aux_text)
     model.eval()
-    return loss.item()
+    return {"loss": loss.item(), "aux_loss": None if aux_loss is None else aux_loss.item()}
+
+
+# The teacher-config fields hashed into the pretrained teacher's cache name (its shape and routing recipe).
+_RECIPE_CONFIG_KEYS = (
+    "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim",
+    "moe_intermediate_size", "num_experts", "num_experts_per_tok", "norm_topk_prob", "router_aux_loss_coef",
+    "tie_word_embeddings",
+)  # fmt: skip
 
 
 def pretrain_tiny_moe(
@@ -379,21 +426,24 @@ def pretrain_tiny_moe(
     max_length: int = PRETRAIN_MAX_LENGTH,
     eval_fraction: float = PRETRAIN_EVAL_FRACTION,
     pre_tokenizer: str = "bytelevel",
+    teacher_config: Qwen3MoeConfig | None = None,
 ) -> Path:
-    """Pretrain the tiny Qwen3-MoE teacher on stdlib-docs (CE only) once; return its cached directory.
+    """Pretrain the tiny Qwen3-MoE teacher on stdlib-docs once; return its cached directory.
 
-    AdamW + cosine schedule with warmup (``transformers.get_scheduler``), gradient clipping at 1.0,
-    seeded initialisation and batch order. The teacher trains only on the train split of
-    ``build_blocks(seed=seed, eval_fraction=eval_fraction)``: distil with the same seed and eval fraction
-    so the student's eval documents stay unseen by the teacher. The directory holds the model, the demo
-    tokenizer and ``pretrain.json`` (steps, seconds, eval perplexity, data fingerprint). A second call with
-    the same arguments returns the directory at once.
+    ``teacher_config`` defaults to ``demo_teacher_config(vocab_size)``; its shape and routing fields
+    (``_RECIPE_CONFIG_KEYS``) are hashed into the cache name with the recipe. Loss: next-token CE plus
+    ``router_aux_loss_coef`` x the load-balancing loss (``_train_cross_entropy``). AdamW + cosine schedule
+    with warmup (``transformers.get_scheduler``), gradient clipping at 1.0, seeded initialisation and batch
+    order. The teacher trains only on the train split of ``build_blocks(seed=seed, eval_fraction=eval_fraction)``:
+    distil with the same seed and eval fraction so the student's eval documents stay unseen by the teacher.
+    The directory holds the model, the demo tokenizer and ``pretrain.json`` (steps, seconds, eval perplexity,
+    data fingerprint, and ``routing``: how the experts are used on the held-out blocks, ``routing.py``).
+    A second call with the same arguments returns the directory at once.
     """
-    recipe = [_PRETRAIN_VERSION, batch_size, lr, warmup_steps, max_length, eval_fraction]
-    recipe_hash = hashlib.sha256(json.dumps(recipe).encode()).hexdigest()[:8]
-    spelled = "" if pre_tokenizer == "bytelevel" else f"-{pre_tokenizer}"
-    name = f"{TINY_MOE}{spelled}-v{vocab_size}-s{seed}-n{steps}-{recipe_hash}"
-    out_dir = corpus.cache_root() / "models" / name
+    config = teacher_config if teacher_config is not None else demo_teacher_config(vocab_size)
+    shape = {key: getattr(config, key) for key in _RECIPE_CONFIG_KEYS}
+    recipe = [_PRETRAIN_VERSION, batch_size, lr, warmup_steps, max_length, eval_fraction, shape]
+    out_dir = corpus.cache_root() / "models" / _pretrained_name(recipe, vocab_size, seed, steps, pre_tokenizer)
     if (out_dir / "pretrain.json").exists():
         return out_dir
 
@@ -403,21 +453,18 @@ def pretrain_tiny_moe(
         texts, tokenizer, max_length=max_length, eval_fraction=eval_fraction, seed=seed,
         source=data.STDLIB_DATASET,
     )  # fmt: skip
-    model = tiny_random_moe(vocab_size, seed)
+    model = _seeded_model(config, seed)
     logger.info(
-        "Pretraining %s: %.2f M parameters, %d steps of %d x %d tokens", TINY_MOE,
-        count_parameters(model) / 1e6, steps, batch_size, max_length,
+        "Pretraining %s: %.2f M parameters, %d experts top-%d, %d steps of %d x %d tokens", TINY_MOE,
+        count_parameters(model) / 1e6, config.num_experts, config.num_experts_per_tok, steps, batch_size, max_length,
     )  # fmt: skip
     started = time.perf_counter()
     warmup = warmup_steps if warmup_steps is not None else max(1, steps // 20)
-    final_loss = _train_cross_entropy(
+    final = _train_cross_entropy(
         model, blocks.train, steps=steps, batch_size=batch_size, lr=lr, warmup_steps=warmup, seed=seed,
         desc=f"pretrain {TINY_MOE}",
     )  # fmt: skip
     seconds = time.perf_counter() - started
-    eval_ppl = evaluate_perplexity(model, blocks.eval)
-    logger.info("Pretrained %s in %.0f s: eval perplexity %.2f", TINY_MOE, seconds, eval_ppl)
-
     report = {
         "steps": steps,
         "batch_size": batch_size,
@@ -427,9 +474,12 @@ def pretrain_tiny_moe(
         "seed": seed,
         "eval_fraction": eval_fraction,
         "pre_tokenizer": pre_tokenizer,
+        "recipe_version": _PRETRAIN_VERSION,
+        "teacher_config": shape,
         "seconds": round(seconds, 1),
-        "eval_perplexity": eval_ppl,
-        "final_train_loss": final_loss,
+        **_held_out_report(model, tokenizer, blocks.eval),
+        "final_train_loss": final["loss"],
+        "final_train_aux_loss": final["aux_loss"],
         "parameters": count_parameters(model),
         "data_fingerprint": data.dataset_fingerprint(
             source=data.STDLIB_DATASET,
@@ -444,6 +494,26 @@ def pretrain_tiny_moe(
         _save_with_tokenizer(model, vocab_size, staging, pre_tokenizer)
         (staging / "pretrain.json").write_text(json.dumps(report, indent=2), encoding="utf-8")
     return out_dir
+
+
+def _pretrained_name(recipe: list, vocab_size: int, seed: int, steps: int, pre_tokenizer: str) -> str:
+    """Cache directory name of a pretrained teacher: its vocabulary, seed, steps and a hash of the recipe."""
+    recipe_hash = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:8]
+    spelled = "" if pre_tokenizer == "bytelevel" else f"-{pre_tokenizer}"
+    return f"{TINY_MOE}{spelled}-v{vocab_size}-s{seed}-n{steps}-{recipe_hash}"
+
+
+def _held_out_report(model: torch.nn.Module, tokenizer, eval_blocks: torch.Tensor) -> dict:
+    """``{"eval_perplexity", "routing"}`` of the pretrained teacher on its held-out ``[N, L + 1]`` blocks."""
+    from kagglekd import routing
+
+    eval_ppl = evaluate_perplexity(model, eval_blocks)
+    report = routing.routing_report(model, eval_blocks, routing.token_class_table(tokenizer, model.config.vocab_size))
+    logger.info(
+        "Pretrained %s: eval perplexity %.2f; routing balance %.3f, specialisation %.3f (mean over layers)",
+        TINY_MOE, eval_ppl, report["mean_balance"], report["mean_specialisation"],
+    )  # fmt: skip
+    return {"eval_perplexity": eval_ppl, "routing": report}
 
 
 def enable_gradient_checkpointing(model: torch.nn.Module) -> None:
