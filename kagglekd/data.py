@@ -43,6 +43,9 @@ STDLIB_DATASET = "stdlib-docs"
 
 # Bump when what decides the packed blocks changes, so cached teacher targets are rebuilt.
 _FINGERPRINT_VERSION = 1
+# ``document_separator`` values with a meaning of their own (any other value names one token)
+DEFAULT_SEPARATOR = "eos"
+NO_SEPARATOR = "none"
 
 # Local file types ``load_texts`` reads, mapped to the ``datasets`` builder that reads them.
 _BUILDERS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
@@ -339,13 +342,14 @@ def build_blocks(
     seed: int = 0,
     num_proc: int | None = None,
     source: str | None = None,
+    document_separator: str = DEFAULT_SEPARATOR,
 ) -> Blocks:
     """Tokenise documents, split train / eval by document, and pack each split into blocks.
 
-    Each document is encoded without special tokens and followed by the tokenizer's eos token (the
-    document separator). The seeded document split happens before packing (``_split_documents``); each
-    split is then packed into blocks of ``max_length + 1`` tokens with no padding, dropping the last
-    partial block. ``source`` is recorded in ``info`` (``load_texts``'s ``dataset`` argument).
+    Each document is encoded without special tokens and followed by the ``document_separator`` (``separator_id``:
+    eos by default, another single token, or none). The seeded document split happens before packing
+    (``_split_documents``); each split is then packed into blocks of ``max_length + 1`` tokens with no padding,
+    dropping the last partial block. ``source`` is recorded in ``info`` (``load_texts``'s ``dataset`` argument).
 
     Raises DataError when a split cannot fill one block (each needs ``max_length + 1`` tokens): lower
     ``max_length``, add text, or (for the eval split) change ``eval_fraction``.
@@ -356,9 +360,7 @@ def build_blocks(
         raise ConfigError(f"eval_fraction must be in [0, 1), got {eval_fraction}.", field="eval_fraction")
     _check_text_column(texts, text_column, source or "the dataset")
     block_size = max_length + 1
-    eos_id = tokenizer.eos_token_id
-    if eos_id is None:
-        logger.warning("Tokenizer has no eos token: documents are packed without a separator")
+    eos_id = separator_id(tokenizer, document_separator)
 
     def tokenize(batch):
         encoded = tokenizer(batch[text_column], add_special_tokens=False, verbose=False)["input_ids"]
@@ -403,12 +405,19 @@ def build_blocks(
         "eval_fraction": eval_fraction,
         "seed": seed,
         "vocab_size": len(tokenizer),
+        "document_separator": None if eos_id is None else _token_text(tokenizer, eos_id),
     }
     logger.info(
         "Packed %d documents (%d tokens) into %d train / %d eval blocks of %d tokens",
         len(lengths), total, len(train), len(evaluation), block_size,
     )  # fmt: skip
     return Blocks(train=train, eval=evaluation, info=info)
+
+
+def _token_text(tokenizer, token_id: int) -> str:
+    """The separator's token string (``convert_ids_to_tokens``), or ``<id N>`` for a tokenizer without one."""
+    convert = getattr(tokenizer, "convert_ids_to_tokens", None)
+    return convert(token_id) if convert is not None else f"<id {token_id}>"
 
 
 def next_token_batch(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -419,6 +428,30 @@ def next_token_batch(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     and never shift again.
     """
     return blocks[:, :-1].contiguous(), blocks[:, 1:].contiguous()
+
+
+def separator_id(tokenizer, document_separator: str = DEFAULT_SEPARATOR) -> int | None:
+    """The token id packed after each document for the ``document_separator`` config key, or None for none.
+
+    ``"eos"``: the tokenizer's eos token (None, with a warning, when it has none); ``"none"``: no separator;
+    any other string must be exactly one token of ``tokenizer`` (a ConfigError naming the key otherwise)."""
+    if document_separator == NO_SEPARATOR:
+        return None
+    if document_separator == DEFAULT_SEPARATOR:
+        if tokenizer.eos_token_id is None:
+            logger.warning("Tokenizer has no eos token: documents are packed without a separator")
+        return tokenizer.eos_token_id
+    ids = tokenizer.convert_tokens_to_ids([document_separator])
+    unknown = tokenizer.unk_token_id
+    if not ids or ids[0] is None or (ids[0] == unknown and document_separator != tokenizer.unk_token):
+        encoded = tokenizer(document_separator, add_special_tokens=False)["input_ids"]
+        raise ConfigError(
+            f"document_separator = {document_separator!r} is not one token of the tokenizer (it encodes to "
+            f"{len(encoded)} tokens {encoded}). Use one of its tokens (eos is {tokenizer.eos_token!r}), "
+            f"{DEFAULT_SEPARATOR!r} (the eos token) or {NO_SEPARATOR!r}.",
+            field="document_separator",
+        )
+    return ids[0]
 
 
 # ----------------------------------------------------------------------------- fingerprints
@@ -459,6 +492,7 @@ def dataset_fingerprint(
     text_column: str = "text",
     dataset_config: str | None = None,
     split: str = "train",
+    document_separator: str = DEFAULT_SEPARATOR,
 ) -> str:
     """A stable hex digest of everything that decides the packed blocks, for cache manifests.
 
@@ -477,4 +511,6 @@ def dataset_fingerprint(
         "eval_fraction": eval_fraction,
         "seed": seed,
     }
+    if document_separator != DEFAULT_SEPARATOR:  # the default keeps the fingerprints (and caches) of before
+        key["document_separator"] = document_separator
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode("utf-8")).hexdigest()[:16]

@@ -19,8 +19,9 @@ from pathlib import Path
 
 from kagglekd.config import DistillConfig
 from kagglekd.errors import ConfigError
+from kagglekd.evaluation import evaluate_run  # noqa: F401 - re-exported: the demo evaluates its runs with it
 from kagglekd.metrics import format_table
-from kagglekd.rundir import ALIGNMENT_FILE, CONFIG_FILE, STUDENT_DIR
+from kagglekd.rundir import ALIGNMENT_FILE, write_json
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +71,23 @@ def run_demo(
     kd_eval = kd.evaluate()
     ce_eval = kd.evaluate(model=ce.accelerator.unwrap_model(ce.student))
     teacher_ppl = kd.teacher_perplexity()
-    results = {
+    results = comparison_results(teacher_ppl, (kd_eval, kd_summary), (ce_eval, ce_summary), started)
+    results["cross_tokenizer"] = cross_tokenizer
+    if cross_tokenizer:
+        results["alignment"] = _alignment_report(out / "kd", echo)
+    write_json(out / "results.json", results)
+    rows = _result_rows(teacher_name, teacher_ppl, {"CE only": (ce_eval, ce_summary), "KD": (kd_eval, kd_summary)})
+    _write_plots(out, results)
+    _write_results_table(out, rows, results, echo)
+    return results
+
+
+def comparison_results(teacher_ppl: float, kd: tuple[dict, dict], ce: tuple[dict, dict], started: float) -> dict:
+    """``results.json`` of a KD-vs-CE-only comparison from each run's ``(eval metrics, train summary)``:
+    perplexities, agreements, steps, times, tokens/s and whether KD won; ``started`` is the demo's
+    ``time.perf_counter()`` at its start."""
+    (kd_eval, kd_summary), (ce_eval, ce_summary) = kd, ce
+    return {
         "teacher_ppl": teacher_ppl,
         "ce_student_ppl": ce_eval["ppl"],
         "kd_student_ppl": kd_eval["ppl"],
@@ -84,15 +101,7 @@ def run_demo(
         "ce_tokens_per_s": ce_summary["tokens_per_s"],
         "total_time_s": time.perf_counter() - started,
         "kd_beats_ce": kd_eval["ppl"] < ce_eval["ppl"],
-        "cross_tokenizer": cross_tokenizer,
     }
-    if cross_tokenizer:
-        results["alignment"] = _alignment_report(out / "kd", echo)
-    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    rows = _result_rows(teacher_name, teacher_ppl, {"CE only": (ce_eval, ce_summary), "KD": (kd_eval, kd_summary)})
-    _write_plots(out, results)
-    _write_results_table(out, rows, results, echo)
-    return results
 
 
 def _alignment_report(kd_dir: Path, echo: Callable[[str], None]) -> dict:
@@ -147,6 +156,11 @@ ABLATION_VARIANTS = {
     "SAR": {"sar": True},
     "KA": {"ka_samples": 2},
     "SAR+KA": {"sar": True, "ka_samples": 2},
+    # the student learns on its own continuations of each block's first half, scored by the teacher (no CE on its
+    # own samples); GKD mixes them with data blocks under JSD(0.5); sequence-level KD trains on the teacher's
+    "on-policy": {"lmbda": 1.0, "alpha_ce": 0.0},
+    "GKD": {"lmbda": 0.5, "alpha_ce": 0.0, "divergence": "jsd", "jsd_beta": 0.5},
+    "sequence-level KD": {"seq_kd": True},
 }
 ABLATION_SEEDS = 3
 # ablation.csv: one row per variant x seed; ablation_summary.csv: one row per variant, mean and sample sd
@@ -350,40 +364,3 @@ def _write_plots(out: Path, results: dict) -> None:
         path=out / "eval_ppl.png",
         title="Held-out perplexity (lower is better)",
     )
-
-
-def evaluate_run(run_dir: Path) -> list[dict]:
-    """Evaluate ``run_dir/student`` (and the teacher) on the run's held-out blocks; write eval.json."""
-    from transformers import AutoModelForCausalLM
-
-    from kagglekd.evaluation import load_finished_run
-
-    run_dir = Path(run_dir)
-    if not (run_dir / CONFIG_FILE).exists() or not (run_dir / STUDENT_DIR / "config.json").exists():
-        raise ConfigError(f"--run {run_dir}: expected a finished run directory with config.json and student/.")
-    distiller = load_finished_run(run_dir)  # a SAR run's teacher gets its adapted routers here
-    teacher_state = distiller.teacher_side.describe() if distiller.teacher is not None else {}
-    student = AutoModelForCausalLM.from_pretrained(run_dir / STUDENT_DIR).to(distiller.device)
-    metrics = distiller.evaluate(model=student, with_ema=False)
-    rows = [
-        {
-            "model": "student",
-            "eval_ppl": metrics["ppl"],
-            "top1_agreement": metrics.get("top1_agreement"),
-            "eval_tokens": metrics["tokens"],
-        }
-    ]
-    if distiller.teacher is not None:
-        rows.insert(
-            0,
-            {
-                # across vocabularies the teacher's perplexity is per teacher token: not comparable
-                "model": "teacher (ppl per teacher token)" if distiller.cross is not None else "teacher",
-                "eval_ppl": distiller.teacher_perplexity(),
-                "top1_agreement": 1.0,
-                "eval_tokens": metrics["tokens"],
-                **teacher_state,  # which routers (original or SAR-adapted) and routing were evaluated
-            },
-        )
-    (run_dir / "eval.json").write_text(json.dumps(rows, indent=2, default=str) + "\n")
-    return rows

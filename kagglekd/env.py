@@ -24,7 +24,6 @@ Checkpoints of an attached previous kernel version are found by ``kagglekd.check
 from __future__ import annotations
 
 import importlib.metadata
-import json
 import logging
 import os
 import platform
@@ -38,6 +37,7 @@ from typing import Any
 from tqdm.std import tqdm as _TextBar
 
 from kagglekd import gpus as profiles
+from kagglekd.rundir import write_json
 
 log = logging.getLogger(__name__)
 
@@ -600,5 +600,5 @@ def free_accelerator_memory() -> None:
 def write_report(report: EnvReport, path: str | os.PathLike) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(report.to_dict(), indent=2, default=str) + "\n")
+    write_json(path, report.to_dict())
     return path

@@ -26,3 +26,12 @@ class DataError(KaggleKDError, ValueError):
     def __init__(self, message: str, path: str | None = None):
         super().__init__(message)
         self.path = path
+
+
+class RegistryUnavailable(KaggleKDError):
+    """A file the kit fetches from the Python package registry (a real model or tokenizer shipped in a
+    package) could not be downloaded. The message names the package and how to supply it offline."""
+
+    def __init__(self, message: str, package: str | None = None):
+        super().__init__(message)
+        self.package = package

@@ -139,11 +139,19 @@ class Evaluator:
         return report
 
 
-def load_finished_run(run_dir: str | Path):
+RUN_TEACHER = ""  # ``load_finished_run(teacher=RUN_TEACHER)``: the run's own ``teacher_model``
+
+
+def load_finished_run(run_dir: str | Path, teacher: str | None = None):
     """A finished run's ``Distiller``, set up for evaluation: its teacher (with the SAR-adapted routers when the
     run trained them), tokenizer and held-out blocks. ``evaluate --run`` and ``report`` (03_evaluate) load runs
     here, so every evaluation after training uses the same teacher; ``distiller.teacher_side.describe()`` says
-    which routers and routing that is."""
+    which routers and routing that is.
+
+    ``teacher``: None loads what the run's config loads (no teacher for a CE-only or teacher-cache run);
+    ``RUN_TEACHER`` ("") loads the run's ``teacher_model`` even then, and any other string (hub id, local dir,
+    preset) loads that teacher instead, so the student's top-1 agreement and KD can be reported
+    (``with_eval_teacher``)."""
     from kagglekd.config import DistillConfig
     from kagglekd.errors import ConfigError
     from kagglekd.rundir import CONFIG_FILE
@@ -153,6 +161,49 @@ def load_finished_run(run_dir: str | Path):
     if not (run_dir / CONFIG_FILE).exists():
         raise ConfigError(f"{run_dir / CONFIG_FILE} not found: expected a run directory written by `train`.")
     config = DistillConfig.from_json(run_dir / CONFIG_FILE)
+    if teacher is not None:
+        config = with_eval_teacher(config, teacher)
     distiller = Distiller(config, output_dir=run_dir, write_run_dir=False).setup()
     distiller.teacher_side.use_adapted_routers(run_dir)
     return distiller
+
+
+def with_eval_teacher(config, teacher: str = RUN_TEACHER):
+    """``config`` changed so that ``Distiller.setup`` loads a live teacher to evaluate against: ``teacher``
+    (``RUN_TEACHER``: the config's own ``teacher_model``), no teacher cache, and ``alpha_kd`` 1.0 where the run
+    had none. Only the evaluation reads the result (``alpha_kd`` weights training; the eval's KD value and
+    top-1 agreement do not depend on it). A different teacher than the run's uses its own tokenizer."""
+    name = teacher or config.teacher_model
+    tokenizer = config.teacher_tokenizer if name == config.teacher_model else None
+    alpha_kd = config.alpha_kd if config.alpha_kd > 0 else 1.0
+    return config.replace(teacher_model=name, teacher_tokenizer=tokenizer, teacher_cache=None, alpha_kd=alpha_kd)
+
+
+def evaluate_run(run_dir: Path, teacher: str | None = None) -> list[dict]:
+    """Evaluate ``run_dir/student`` (and the teacher, when one is loaded: see ``load_finished_run`` for
+    ``teacher``) on the run's held-out blocks; write ``eval.json`` (strict JSON: a value not measured is null)."""
+    from transformers import AutoModelForCausalLM
+
+    from kagglekd.errors import ConfigError
+    from kagglekd.rundir import CONFIG_FILE, STUDENT_DIR, write_json
+
+    run_dir = Path(run_dir)
+    if not (run_dir / CONFIG_FILE).exists() or not (run_dir / STUDENT_DIR / "config.json").exists():
+        raise ConfigError(f"--run {run_dir}: expected a finished run directory with config.json and student/.")
+    distiller = load_finished_run(run_dir, teacher=teacher)  # a SAR run's teacher gets its adapted routers here
+    student = AutoModelForCausalLM.from_pretrained(run_dir / STUDENT_DIR).to(distiller.device)
+    metrics = distiller.evaluate(model=student, with_ema=False)
+    row = {"model": "student", "eval_ppl": metrics["ppl"], "top1_agreement": metrics.get("top1_agreement")}
+    rows = [{**row, "eval_tokens": metrics["tokens"]}]
+    if distiller.teacher is not None:
+        teacher_row = {
+            # across vocabularies the teacher's perplexity is per teacher token: not comparable
+            "model": "teacher (ppl per teacher token)" if distiller.cross is not None else "teacher",
+            "eval_ppl": distiller.teacher_perplexity(),
+            "top1_agreement": 1.0,
+            "eval_tokens": metrics["tokens"],
+            "teacher_model": distiller.config.teacher_model,
+        }
+        rows.insert(0, {**teacher_row, **distiller.teacher_side.describe()})  # which routers and routing
+    write_json(run_dir / "eval.json", rows)
+    return rows

@@ -7,8 +7,9 @@ Everything else is an estimate from tensor shapes, per GPU (under DDP every proc
 =====================  ==================================================================================
 part                   bytes
 =====================  ==================================================================================
-runtime_overhead       CUDA context + cuBLAS/cuDNN workspace, 0.4 GiB per GPU; on CPU 0.125 GiB of allocator arenas
-                       and thread-pool buffers a first training step adds (calibrated on the CPU measurement below).
+runtime_overhead       CUDA context + cuBLAS/cuDNN workspace, 0.4 GiB per GPU; on CPU 80 MiB: what a training process
+                       holds beside its tensors (the trainer's setup, kernel and thread-pool state, heap the allocator
+                       keeps), fitted to the residuals of the measured runs below (65-125 MiB, run to run +-20).
 teacher_weights        teacher parameters x 2 (fp16 on GPU; fp32 = 4 on CPU); 0 when no teacher runs (``live_teacher``:
                        CE-only, or a teacher cache, whose top-k targets count under teacher_logits instead).
 student_weights        student parameters x 4 (fp32 master weights).
@@ -24,7 +25,8 @@ attention_maps         attention transfer only (``kagglekd.attention``): for eac
                        [B, T, T] map; the teacher a map, plus one head chunk's scores/probabilities at a time.
 teacher_activations    teacher forward without grad: one layer's transient tensors; all hidden states
                        when the feature loss is on; the whole saved graph under SAR (router gradients).
-student_logits         the student's [B, T, V_s] logits (activation dtype) and their gradient: 2 x b x V_s.
+student_logits         the student's [B, T, V_s] logits (activation dtype); their gradient is the losses' held
+                       buffers below (handed to autograd and summed in place), not a second [B, T, V_s].
 teacher_logits         the teacher's [B, T, V_t] logits in its dtype, alive until top-k/KD is taken.
 kd_intermediates       per row block (``losses.rows_per_block``: ``min(loss_chunk_size, B*T)`` rows on a GPU, about
                        0.5 MB of rows on a CPU): student fp32 logits, log-probs and their gradient (3 x V_s x 4) plus
@@ -32,7 +34,10 @@ kd_intermediates       per row block (``losses.rows_per_block``: ``min(loss_chun
                        that kd_loss and ce_loss each hold until backward ([B, T, V_s] in the logits' dtype, one per
                        loss). Under fused_kd instead: per chunk the [chunk, V_s] float32 logits (two alive with several
                        chunks) and the dense teacher's [chunk, V_t] rows, on a CPU as on a GPU, the row blocks, and the
-                       float32 [V_s, H] + [B, T, H] gradients. With cross_tokenizer: the mapped targets too.
+                       float32 [V_s, H] + [B, T, H] gradients. With cross_tokenizer: the mapped targets over the k
+                       shared tokens (``shared_tokens``; float32 log-probs + tail, int64 ids when only top-k of them)
+                       and the mapping's [chunk, V_t] float32 buffers; unfused forward KL over every shared token
+                       builds dense [B, T, V_s] float32 targets instead, from four [chunk, V_s] buffers at a time.
 sar_router_states      SAR: teacher router weights' grads + AdamW states + fp32 master copy.
 =====================  ==================================================================================
 
@@ -45,19 +50,18 @@ prefetched next one). ``choose_strategy`` compares these placements on a profile
 Verdict: ``fits`` below 85 % of the GPU's usable capacity, ``tight`` from 85 % (allocator fragmentation and
 the transient peaks this model does not see can tip it over), ``OOM`` above 100 %.
 
-Validation on CPU (``tests/test_memory.py::test_prediction_matches_measured_peak_on_cpu``): a subprocess
-records its resident set size (``VmRSS`` from ``/proc/self/status``) after importing torch, then builds a
-teacher/student pair, runs one teacher forward, one student forward/backward with a chunk-free KD + CE
-loss and one AdamW step, and reads the peak resident set size (``VmHWM``). Fixed costs (importing the
-modeling code, a warm-up step of a 1-layer model that initialises the CPU kernels) happen before the baseline.
-The measured delta (peak - baseline) is compared with ``plan_memory(..., gpu="cpu")``; the test requires a
-ratio within 0.5x-2x for a tiny (0.6 M student / 6 M teacher) and a mid-size (~8 M / ~30 M) pair.
+Validation on CPU (``bench/planner_vs_measured.py``; ``tests/test_planner_measured.py`` runs the tiny pair): a
+fresh process per case runs ``Distiller(config).train()`` for two optimizer steps and reads its peak resident set
+size (``VmHWM``) above the one after importing torch, transformers, accelerate and the kit and a first load of the
+text (``VmRSS``); ``plan_memory(..., gpu="cpu")`` must be within 15 % of it for the tiny demo pair and the
+real-teacher pair (SmolLM2-135M's architecture, random weights, 49,152-row vocabulary), each as fused KD, unfused
+KD, CE-only and cross-tokenizer. ``tests/test_memory.py::test_prediction_matches_measured_peak_on_cpu`` checks a
+hand-written step (0.5x-2x) for two more shapes.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import json
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -69,7 +73,16 @@ import torch
 from kagglekd.config import PRESETS_DIR, DistillConfig
 from kagglekd.errors import KaggleKDError
 from kagglekd.gpus import GiB, GpuProfile, resolve
-from kagglekd.losses import rows_per_block
+from kagglekd.memory_parts import (  # noqa: F401 - Shape and the overheads are part of this module's API
+    CPU_OVERHEAD_BYTES,
+    CUDA_OVERHEAD_BYTES,
+    Shape,
+    Step,
+    activation_parts,
+    attention_maps,
+    loss_parts,
+    weight_parts,
+)
 from kagglekd.rules import moe_shape
 
 TIGHT_FRACTION = 0.85
@@ -78,8 +91,6 @@ TIGHT_FRACTION = 0.85
 DDP_EFFICIENCY = 0.9
 PLACEMENTS = ("both", "student", "teacher")
 TEACHER_PARTS = ("teacher_weights", "teacher_activations", "sar_router_states")
-CUDA_OVERHEAD_BYTES = int(0.4 * GiB)
-CPU_OVERHEAD_BYTES = int(0.125 * GiB)
 
 
 # ---- model cards and configs ----------------------------------------------------------------------------
@@ -120,8 +131,14 @@ def resolve_model_config(name: str, vocab_size: int | None = None):
 
         own = models.OWN_TOKENIZERS.get(name)  # a preset with a vocabulary of its own
         vocab = own[0] if own else vocab_size or 4096
-        maker = models.tiny_dense_config if name == "tiny-random-dense" else models.tiny_moe_config
-        return maker(vocab), "tiny preset"
+        makers = {"tiny-random-dense": models.tiny_dense_config, "tiny-random-moe": models.tiny_moe_config}
+        return makers.get(name, models.demo_teacher_config)(vocab), "tiny preset"  # tiny-moe(-8k): the demo teacher
+    from kagglekd import gguf
+
+    if gguf.is_gguf_reference(name):  # converted once into the cache (gguf.model_dir), then read like a local dir
+        from kagglekd import models
+
+        name = str(models.resolve_model(name))
     path = Path(name).expanduser()
     if (path / "config.json").exists():
         from transformers import AutoConfig
@@ -173,49 +190,6 @@ def _count_cached(config_json: str) -> ParamCount:
     return ParamCount(total, embedding, expert, active, router)
 
 
-@dataclass(frozen=True)
-class Shape:
-    """The dimensions the activation model needs, read from a transformers config."""
-
-    hidden: int
-    layers: int
-    heads: int
-    kv_heads: int
-    head_dim: int
-    intermediate: int  # per token MLP width actually computed (top-k experts x expert width for MoE)
-    vocab: int
-    max_positions: int | None
-    experts: int
-    top_k: int
-
-    @classmethod
-    def of(cls, cfg) -> Shape:
-        heads = cfg.num_attention_heads
-        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
-        experts, top_k = moe_shape(cfg)
-        if experts:
-            intermediate = top_k * (getattr(cfg, "moe_intermediate_size", None) or cfg.intermediate_size)
-        else:
-            intermediate = cfg.intermediate_size
-        return cls(
-            cfg.hidden_size,
-            cfg.num_hidden_layers,
-            heads,
-            getattr(cfg, "num_key_value_heads", None) or heads,
-            head_dim,
-            intermediate,
-            cfg.vocab_size,
-            getattr(cfg, "max_position_embeddings", None),
-            experts,
-            top_k,
-        )
-
-    def saved_bytes_per_token_layer(self, b: int) -> int:
-        """Bytes one decoder layer saves for backward per token (see the module docstring)."""
-        h, hq, kv = self.hidden, self.heads * self.head_dim, self.kv_heads * self.head_dim
-        return 2 * h * (8 + b) + b * (2 * hq + 2 * kv + 4 * self.intermediate)
-
-
 # ---- the plan -------------------------------------------------------------------------------------------
 @dataclass
 class MemoryPlan:
@@ -256,131 +230,9 @@ class MemoryPlan:
         return out
 
 
-@dataclass(frozen=True)
-class _Step:
-    """What the parts of one training step are computed from (built by ``plan_memory``)."""
-
-    config: DistillConfig
-    teacher: Shape | None  # None: no teacher config (a CE-only or teacher-cache run)
-    student: Shape
-    batch: int
-    length: int
-    on_gpu: bool
-    live: bool  # the trainer loads and runs the teacher (``DistillConfig.live_teacher``)
-    sar: bool
-    tokens: int
-    b: int  # activation bytes: 2 under fp16/bf16 autocast
-    bt: int  # teacher weights/activations/logits bytes: fp16 on a GPU
-    chunk: int  # token positions per loss chunk
-    device: torch.device
-
-
-def _weight_parts(step: _Step, t_params: ParamCount | None, s_params: ParamCount) -> dict[str, int]:
-    amp = step.b == 2
-    return {
-        "runtime_overhead": CUDA_OVERHEAD_BYTES if step.on_gpu else CPU_OVERHEAD_BYTES,
-        "teacher_weights": t_params.total * step.bt if step.live and t_params else 0,
-        "student_weights": s_params.total * 4,
-        "student_grads": s_params.total * 4,
-        "optimizer_states": s_params.total * 8,
-        "autocast_copies": s_params.total * 2 if amp else 0,
-    }
-
-
-def _attention_maps(step: _Step) -> tuple[int, int]:
-    """(student, teacher) bytes of attention transfer (``kagglekd.attention``): the q/k of the chosen layers
-    only are hooked and their maps recomputed in float32, the model keeping its SDPA/flash kernel. Student, per
-    chosen layer: the softmax probabilities [B, H, T, T] saved for backward plus the head-averaged map [B, T, T];
-    teacher (no grad), per chosen layer: its map, plus one head chunk's scores and probabilities at a time."""
-    config, s, t = step.config, step.student, step.teacher
-    if config.alpha_attention <= 0:
-        return 0, 0
-    from kagglekd.attention import AttentionCapture
-
-    count = config.attention_layers or 1
-    square = step.batch * step.length * step.length * 4
-    student = min(count, s.layers) * square * (s.heads + 1)
-    if t is None or not step.live:
-        return student, 0
-    head_chunk = inspect.signature(AttentionCapture.maps).parameters["head_chunk"].default
-    return student, min(count, t.layers) * square + 2 * square * min(head_chunk, t.heads)
-
-
-def _activation_parts(step: _Step, gradient_checkpointing: bool) -> dict[str, int]:
-    s, t, tokens, b, bt = step.student, step.teacher, step.tokens, step.b, step.bt
-    per_layer = s.saved_bytes_per_token_layer(b)
-    edges = 3 * s.hidden * 4  # embedding output, final norm, lm_head input
-    if gradient_checkpointing:
-        student = tokens * (s.layers * s.hidden * 4 + per_layer + edges)
-    else:
-        student = tokens * (s.layers * per_layer + edges)
-    teacher = 0
-    if step.live and t is not None:
-        if step.sar:
-            teacher = tokens * t.layers * t.saved_bytes_per_token_layer(bt)
-        else:
-            teacher = tokens * bt * (4 * t.hidden + 2 * t.intermediate)  # one layer's transients
-            if step.config.alpha_feature > 0:
-                teacher += tokens * bt * t.hidden * (t.layers + 1)
-    return {
-        "student_activations": student,
-        "attention_maps": sum(_attention_maps(step)),
-        "teacher_activations": teacher,
-    }
-
-
-def _loss_parts(step: _Step) -> tuple[dict[str, int], str]:
-    """Logits and the losses' working memory (see the module docstring), and the KD mode."""
-    config, s, t, tokens, chunk = step.config, step.student, step.teacher, step.tokens, step.chunk
-    kd = config.alpha_kd > 0 and (step.live or config.teacher_cache is not None)
-    top_k = config.kd_top_k
-    teacher_vocab = t.vocab if t is not None else s.vocab
-    if not kd:
-        teacher_logits = 0
-    elif step.live:
-        teacher_logits = tokens * teacher_vocab * step.bt
-    else:  # cached top-k targets as the cache hands them over: int64 ids + float32 log-probs, float32 tail
-        teacher_logits = tokens * ((top_k or 0) * 12 + 4)
-    teacher_width = (top_k + 1) if top_k else teacher_vocab
-    kd_mode = ("top-k" if top_k else ("full" if chunk == tokens else "chunked")) if kd else "none"
-    if config.fused_kd:
-        # lm_head + KD + CE in token chunks: no [B, T, V_s] logits and no [B, T, V_s] gradient held
-        student_logits, intermediates = 0, _fused_working_memory(step, kd, teacher_width)
-        kd_mode = f"fused {kd_mode}"
-    else:
-        student_logits = tokens * s.vocab * step.b * 2  # the model's [B, T, V_s] logits and their gradient
-        # the losses walk the rows in blocks: a chunk on a GPU, cache-sized on a CPU (the heavier, non-light kind)
-        block = rows_per_block(s.vocab, chunk, step.device)
-        held = (int(kd) + int(config.alpha_ce > 0)) * tokens * s.vocab * step.b
-        intermediates = block * (3 * s.vocab * 4 + (2 * teacher_width * 4 if kd else 0)) + held
-    if config.cross_tokenizer and kd:
-        # mapped targets for every position (int64 student ids + float32 log-probs over the shared tokens, or
-        # top-k of them) and one row chunk of the teacher's float32 log-probs and probabilities while mapping
-        width = min(top_k or s.vocab, s.vocab)
-        intermediates += tokens * width * (8 + 4) + chunk * teacher_vocab * 4 * 2
-    parts = {"student_logits": student_logits, "teacher_logits": teacher_logits, "kd_intermediates": intermediates}
-    return parts, kd_mode
-
-
-def _fused_working_memory(step: _Step, kd: bool, teacher_width: int) -> int:
-    """What ``kagglekd.fused.fused_lm_head_kd`` allocates, on a CPU as on a GPU: per chunk of ``loss_chunk_size``
-    positions the chunk's float32 logits [c, V_s] (overwritten by their gradient; with several chunks the previous
-    chunk's buffer is still alive while the next one's logits are computed), the dense teacher's rows [c, V_t]
-    copied out in the teacher's dtype, and the row blocks of ``losses.rows_per_block`` (light for top-k targets or
-    CE only) that the KD/CE closed forms work in; plus the float32 gradients it holds until backward: the
-    lm_head's [V_s, H] and the hidden states' [B, T, H]."""
-    config, s, tokens, chunk = step.config, step.student, step.tokens, step.chunk
-    dense_teacher = kd and not config.kd_top_k
-    block = rows_per_block(s.vocab, chunk, step.device, light=not dense_teacher)
-    logits = chunk * s.vocab * 4 * (2 if tokens > chunk else 1)
-    teacher_rows = chunk * teacher_width * step.bt if dense_teacher else 0
-    per_block = block * (3 * s.vocab * 4 + (2 * teacher_width * 4 if kd else 0))
-    return logits + teacher_rows + per_block + s.vocab * s.hidden * 4 + (tokens + chunk) * s.hidden * 4
-
-
-def _placed(parts: dict[str, int], placement: str, step: _Step) -> dict[str, int]:
+def _placed(parts: dict[str, int], placement: str, step: Step) -> dict[str, int]:
     """The parts one GPU holds under ``placement`` (see the module docstring)."""
-    student_maps, teacher_maps = _attention_maps(step)
+    student_maps, teacher_maps = attention_maps(step)
     if placement == "student":
         parts = {**parts, **dict.fromkeys(TEACHER_PARTS, 0)}  # teacher_logits stays: the copy moved over
         parts["attention_maps"] = student_maps
@@ -405,6 +257,7 @@ def plan_memory(
     batch_size: int | None = None,
     max_length: int | None = None,
     placement: str = "both",
+    shared_tokens: int | None = None,
 ) -> MemoryPlan:
     """Predicted peak bytes per device of one training step of ``config`` on ``gpu``.
 
@@ -415,7 +268,8 @@ def plan_memory(
     activations.
     ``batch_size`` and ``max_length`` override the config's (used by ``largest_fitting``). ``placement``:
     ``both`` (one device holds both models: strategies single and ddp) or, under strategy split, the ``student``
-    or the ``teacher`` GPU.
+    or the ``teacher`` GPU. ``shared_tokens``: under cross_tokenizer, the tokens both tokenizers spell
+    (``alignment.VocabMap.shared``), the width of the mapped targets; None bounds it by the smaller vocabulary.
     """
     if placement not in PLACEMENTS:
         raise ValueError(f"placement {placement!r}: one of {', '.join(PLACEMENTS)}")
@@ -425,20 +279,28 @@ def plan_memory(
         raise ValueError("teacher_cfg is None, but this config runs a live teacher (see DistillConfig.live_teacher)")
     teacher = Shape.of(teacher_cfg) if teacher_cfg is not None else None
     batch, length, on_gpu = batch_size or config.batch_size, max_length or config.max_length, profile.name != "cpu"
-    step = _Step(
+    step = Step(
         config, teacher, Shape.of(student_cfg), batch, length, on_gpu, live, sar and live, batch * length,
         2 if on_gpu and config.use_amp else 4, 2 if on_gpu else 4, min(config.loss_chunk_size, batch * length),
-        torch.device("cuda" if on_gpu else "cpu"),
+        torch.device("cuda" if on_gpu else "cpu"), shared_tokens,
     )  # fmt: skip
     t_params = count_parameters(teacher_cfg) if teacher_cfg is not None else None
-    parts = _weight_parts(step, t_params, count_parameters(student_cfg))
-    parts.update(_activation_parts(step, gradient_checkpointing))
-    loss_parts, kd_mode = _loss_parts(step)
-    parts.update(loss_parts)
+    parts = weight_parts(step, t_params, count_parameters(student_cfg))
+    parts.update(activation_parts(step, gradient_checkpointing))
+    losses_held, kd_mode = loss_parts(step)
+    parts.update(losses_held)
     parts["sar_router_states"] = t_params.router * 16 if step.sar else 0
     parts = _placed(parts, placement, step)
+    from kagglekd import onpolicy
 
+    generation = onpolicy.generation_plan(config, gpu=profile, teacher_cfg=teacher_cfg, student_cfg=student_cfg)
     notes = []
+    if generation.kv_cache_bytes and placement != "teacher":  # lmbda / seq_kd: the KV cache of generate
+        parts["generation_kv_cache"] = generation.kv_cache_bytes
+        notes.append(
+            f"on-policy generation: {generation.generated_micro_batches:.2f} generated micro-batches per step, "
+            f"~{generation.seconds_per_step:.2f} s per step in generate (estimate)"
+        )
     if config.alpha_attention > 0:
         notes.append(
             f"attention transfer: float32 [B,H,T,T] maps of the {config.attention_layers or 1} chosen layer(s) of "

@@ -99,6 +99,17 @@ class HistoryWriter:
         self.reset(self.rows)
 
 
+def progress_postfix(row: dict) -> dict:
+    """The progress bar's postfix of one history row: loss, LR, tokens/s, and on runs that generate the share of
+    the step spent in ``generate`` and the mean generated length."""
+    postfix = {"loss": f"{row['loss']:.3f}", "lr": f"{row['lr']:.2e}", "tok_s": f"{row['tokens_per_s']:.0f}"}
+    if "generation_share" in row:
+        postfix["gen"] = f"{row['generation_share']:.0%}"
+        if not math.isnan(row["generated_length"]):
+            postfix["gen_len"] = f"{row['generated_length']:.0f}"
+    return postfix
+
+
 def read_history(run_dir: str | Path) -> pd.DataFrame:
     return pd.read_csv(Path(run_dir) / HISTORY_FILE)
 

@@ -8,6 +8,9 @@ Model references (the config fields ``teacher_model`` / ``student_model``):
   stdlib-docs corpus with the load-balancing loss (``pretrain_tiny_moe``): the embedded demo's teacher.
   Trained once (a few CPU minutes) and cached; its ``pretrain.json`` reports how it routes (``routing.py``).
 * a local directory with a ``config.json`` (a Kaggle model / dataset mount, a checkpoint).
+* a ``.gguf`` file, or ``registry:<name>`` for a GGUF shipped in a registry package (``gguf.REGISTRY_GGUF``:
+  ``registry:smollm2`` is SmolLM2-135M-Instruct): converted once to a plain checkpoint (``gguf.model_dir``);
+  as a tokenizer reference, only its tokenizer is converted (``gguf.tokenizer_dir``).
 * anything else: a hub id, handed to ``from_pretrained`` (needs internet, or a populated HF cache).
 
 Tiny models are built from the real ``transformers`` config classes and go through
@@ -30,7 +33,7 @@ import transformers
 from packaging.version import Version
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Qwen3MoeConfig
 
-from kagglekd import corpus, data, env, moe
+from kagglekd import corpus, data, env, gguf, moe, rundir
 from kagglekd.errors import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -183,8 +186,9 @@ def resolve_model(
     """Turn a model reference into something ``from_pretrained`` takes: a local directory or a hub id.
 
     Tiny presets are built (or pretrained) once into ``cache_root()/models`` and returned from there;
-    a local directory is returned as is (it must hold a ``config.json``); anything else is returned
-    unchanged as a hub id. ``role`` ("teacher" / "student") names the config field in errors.
+    a GGUF reference is converted once into ``cache_root()/gguf`` (``gguf.model_dir``); a local directory
+    is returned as is (it must hold a ``config.json``); anything else is returned unchanged as a hub id.
+    ``role`` ("teacher" / "student") names the config field in errors.
     """
     reference = os.fspath(name_or_path)
     if reference in (TINY_RANDOM_MOE, TINY_RANDOM_DENSE):
@@ -202,6 +206,8 @@ def resolve_model(
     if reference in OWN_TOKENIZERS:
         own_vocab, pre_tokenizer = OWN_TOKENIZERS[reference]
         return pretrain_tiny_moe(vocab_size=own_vocab, seed=0, pre_tokenizer=pre_tokenizer)
+    if gguf.is_gguf_reference(reference):  # a .gguf file or registry:<name>: converted once, cached
+        return gguf.model_dir(reference, _model_field(role))
     path = Path(reference).expanduser()
     if path.is_dir():
         if not (path / "config.json").is_file():
@@ -280,6 +286,8 @@ def load_tokenizer(name_or_path: str | os.PathLike, *, vocab_size: int = 4096, f
         source: Path | str = corpus.demo_tokenizer(own_vocab, pre_tokenizer=pre_tokenizer)
     elif reference in TINY_MODELS:
         source = corpus.demo_tokenizer(vocab_size)
+    elif gguf.is_gguf_reference(reference):
+        source = gguf.tokenizer_dir(reference, field)
     else:
         source = Path(reference).expanduser() if Path(reference).expanduser().is_dir() else reference
     try:
@@ -492,7 +500,7 @@ def pretrain_tiny_moe(
     }
     with corpus.staged_directory(out_dir) as staging:
         _save_with_tokenizer(model, vocab_size, staging, pre_tokenizer)
-        (staging / "pretrain.json").write_text(json.dumps(report, indent=2), encoding="utf-8")
+        (staging / "pretrain.json").write_text(rundir.to_json_text(report), encoding="utf-8")
     return out_dir
 
 

@@ -21,7 +21,7 @@ from kagglekd.config import DistillConfig
 from kagglekd.data import next_token_batch
 from kagglekd.errors import ConfigError
 from kagglekd.metrics import format_table
-from kagglekd.rundir import CONFIG_FILE, DATA_FILE, STUDENT_DIR, SUMMARY_FILE
+from kagglekd.rundir import CONFIG_FILE, DATA_FILE, STUDENT_DIR, SUMMARY_FILE, to_json_text, write_json
 
 TEACHER = "teacher"
 STUDENT = "student (KD)"
@@ -117,7 +117,7 @@ def perplexity_rows(evaluation: Evaluation) -> list[dict]:
     for row in rows:
         row["eval_tokens"] = tokens if row["eval_tokens"] is None else row["eval_tokens"]
     evaluation.rows = rows
-    (evaluation.run_dir / "eval.json").write_text(json.dumps(rows, indent=2, default=str) + "\n")
+    write_json(evaluation.run_dir / "eval.json", rows)
     return rows
 
 
@@ -396,7 +396,7 @@ def _card_training(cfg: DistillConfig, summary: dict, teacher: dict | None = Non
     if teacher:  # which routers and routing the teacher had when these numbers were measured
         lines += [f"Teacher routers: {teacher['teacher_routers']}; routing: {teacher['teacher_routing']}.", ""]
     lines += ["| key | value |", "|---|---|"]
-    lines += [f"| {key} | {json.dumps(getattr(cfg, key))} |" for key in CARD_CONFIG_KEYS]
+    lines += [f"| {key} | {to_json_text(getattr(cfg, key), indent=None).strip()} |" for key in CARD_CONFIG_KEYS]
     lines += ["", "The full config is `config.json` of the run directory; the LR plan is `plan.json`."]
     return lines
 

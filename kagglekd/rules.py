@@ -52,6 +52,7 @@ RULE_FINDINGS: dict[str, str] = {
     "attention-family": "Attention transfer on a model family whose attention the kit does not know.",
     "divergence": "A divergence that is infinite against a teacher narrower than the student (padded vocab).",
     "data-size": "Fewer training blocks than one (global) batch: no optimizer step can run.",
+    "on-policy": "lmbda / seq_kd settings generation cannot honour (prompt length, teacher, cache, tokenizers).",
 }
 
 
@@ -227,11 +228,12 @@ def _cross_tokenizer_losses(config: DistillConfig, facts: Facts) -> Iterator[Fin
             "With cross_tokenizer set alpha_attention 0.",
             LIVE_TEACHER_OPTIONS["alpha_attention"],
         )
-    if config.cross_tokenizer and config.fused_kd and config.cross_tokenizer_loss == "uld":
+    if config.cross_tokenizer and config.fused_kd and config.cross_tokenizer_loss in ("uld", "hybrid"):
         yield _error(
             "config-conflict",
             "cross_tokenizer_loss",
-            "cross_tokenizer_loss uld sorts the student's full probability vector, which fused_kd never builds.",
+            f"cross_tokenizer_loss {config.cross_tokenizer_loss} sorts the student's full probability vector "
+            "(ULD), which fused_kd never builds.",
             "Set fused_kd false or cross_tokenizer_loss exact.",
             {"cross_tokenizer_loss": "exact"},
         )
@@ -442,6 +444,47 @@ def _attention_families_rule(config: DistillConfig, facts: Facts) -> Iterator[Fi
             return
 
 
+# ---- on-policy and sequence-level distillation -----------------------------------------------------------
+def _onpolicy(config: DistillConfig, facts: Facts) -> Iterator[Finding]:
+    if not (config.lmbda > 0 or config.seq_kd):
+        return
+    which = "lmbda" if config.lmbda > 0 else "seq_kd"
+    if config.prompt_length is not None and config.prompt_length > config.max_length:
+        yield _error("on-policy", "prompt_length", f"prompt_length {config.prompt_length} is longer than a training "
+                     f"block ({config.max_length} tokens): the prompts are taken from the blocks.",
+                     "Set prompt_length <= max_length (or leave it unset: max_length // 2).",
+                     {"prompt_length": REMOVE})  # fmt: skip
+    if config.teacher_cache is not None:
+        yield _error("incompatible", which, f"{which} trains on generated continuations, which the teacher_cache's "
+                     "stored targets (one set per data block) do not cover.", f"Remove teacher_cache or turn {which} "
+                     "off.", {"teacher_cache": REMOVE})  # fmt: skip
+    elif config.alpha_kd == 0:
+        yield _error("loss-prerequisite", which, f"{which} needs the live teacher (its distributions over generated "
+                     "tokens, or its own continuations), which a run with alpha_kd 0 does not load.",
+                     f"Set alpha_kd > 0 or turn {which} off.", {"alpha_kd": REMOVE})  # fmt: skip
+    if config.seq_kd and (
+        facts.vocab_relation == "different" or (facts.vocab_relation is None and config.cross_tokenizer)
+    ):
+        yield _error("on-policy", "seq_kd", "seq_kd with a teacher of another tokenizer would need its continuations "
+                     "re-tokenised into the student's tokens, which the kit does not do.", "Turn seq_kd off (lmbda "
+                     "works across tokenizers: the teacher reads the student's samples as text).",
+                     {"seq_kd": False})  # fmt: skip
+    student_positions = getattr(facts.student, "max_position_embeddings", None)
+    if student_positions is not None:
+        from kagglekd import onpolicy
+
+        length = onpolicy.prompt_length(config) + onpolicy.new_tokens(config)
+        if length > student_positions:
+            yield _error("on-policy", "max_new_tokens", f"prompt_length + max_new_tokens = {length} is past the "
+                         f"student's {student_positions} positions.", f"Lower max_new_tokens to at most "
+                         f"{student_positions - onpolicy.prompt_length(config)}.")  # fmt: skip
+    if config.lmbda > 0 and config.alpha_ce > 0:
+        yield Finding("on-policy", "warning", "alpha_ce", f"alpha_ce {config.alpha_ce} > 0 with lmbda {config.lmbda}: "
+                      "on the on-policy micro-batches the CE term trains the student on its own samples (no signal "
+                      "in expectation, only noise).", "GKD uses the teacher's distributions alone: set alpha_ce 0.",
+                      {"alpha_ce": 0.0})  # fmt: skip
+
+
 # The order is the order errors are raised in: config-only rules first, then launch, models, data, transfer.
 RULES: tuple[Rule, ...] = (
     _alphas,
@@ -461,4 +504,5 @@ RULES: tuple[Rule, ...] = (
     _moe_teacher,
     _layer_counts,
     _attention_families_rule,
+    _onpolicy,
 )

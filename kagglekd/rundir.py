@@ -2,7 +2,8 @@
 
 A run dir holds ``config.json``, ``plan.json``, ``data.json``, ``history.csv``, ``summary.json``, optional
 ``alignment.json`` / ``failure_report.json``, ``checkpoints/step-N/``, ``student/`` and (SAR) ``teacher_routers/``.
-Every JSON file is written to a temp name and renamed, so a killed write never leaves half a file.
+Every JSON file is written to a temp name and renamed, so a killed write never leaves half a file, and is strictly
+valid JSON (``to_json_text``: a non-finite float is written as ``null``, never a bare ``NaN``).
 """
 
 from __future__ import annotations
@@ -32,21 +33,41 @@ STUDENT_DIR = "student"
 ROUTERS_DIR = "teacher_routers"
 
 
-def write_json(path: Path, payload: dict) -> None:
-    """Atomic JSON write (temp file + rename); numpy scalars, tuples and non-finite floats are converted."""
+def write_json(path: Path, payload, *, sort_keys: bool = False) -> None:
+    """Atomic write (temp file + rename) of ``payload`` as strictly valid JSON (see ``to_json_text``)."""
     path = Path(path)
     tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2, default=json_default) + "\n")
+    tmp.write_text(to_json_text(payload, sort_keys=sort_keys), encoding="utf-8")
     tmp.replace(path)
 
 
-def json_default(value):
-    if isinstance(value, float) and not math.isfinite(value):
-        return str(value)
-    if isinstance(value, (np.integer, np.floating)):
-        return value.item()
-    if isinstance(value, tuple):
-        return list(value)
+def to_json_text(payload, *, indent: int | None = 2, sort_keys: bool = False) -> str:
+    """``payload`` as strictly valid JSON text (RFC 8259), newline-terminated: the one JSON writer of the kit.
+
+    Python's ``json`` writes a non-finite float as a bare ``NaN`` / ``Infinity``, which strict parsers (``jq``,
+    JavaScript, ``json.loads(..., parse_constant=...)``) reject; here every non-finite float (Python, numpy or a
+    0-d tensor) becomes ``null``, numpy/torch scalars their Python value, tuples and sets lists, and any other
+    object its ``str``. A reader of a summary that says ``null`` for ``kd_loss`` sees "not measured" (a CE-only
+    run), as the CSV's empty cell says."""
+    return json.dumps(json_safe(payload), indent=indent, sort_keys=sort_keys, allow_nan=False) + "\n"
+
+
+def json_safe(value):
+    """``value`` with non-finite floats -> None, numpy/torch scalars -> Python numbers, tuples/sets -> lists,
+    dict keys -> str and unknown objects (paths, dtypes, devices) -> their ``str``, recursively."""
+    if isinstance(value, dict):
+        return {key if isinstance(key, str) else str(key): json_safe(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple, set, frozenset)):
+        return [json_safe(item) for item in value]
+    if isinstance(value, bool) or value is None or isinstance(value, str):
+        return value
+    if isinstance(value, (np.generic, np.ndarray)) or type(value).__name__ == "Tensor":
+        value = value.tolist() if getattr(value, "ndim", 0) else value.item()
+        return json_safe(value)
+    if isinstance(value, float):
+        return float(value) if math.isfinite(value) else None
+    if isinstance(value, int):
+        return int(value)
     return str(value)
 
 

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from kagglekd import env
+from kagglekd import env, rundir
 from kagglekd.data import dataset_fingerprint, next_token_batch, tokenizer_fingerprint
 from kagglekd.errors import ConfigError
 from kagglekd.losses import TeacherTopK, teacher_topk
@@ -152,7 +152,7 @@ def write_cache(
         "bytes": estimate,
     }
     staging = out_dir / f".{MANIFEST_NAME}.tmp"
-    staging.write_text(json.dumps(full_manifest, indent=2, sort_keys=True), encoding="utf-8")
+    staging.write_text(rundir.to_json_text(full_manifest, sort_keys=True), encoding="utf-8")
     os.replace(staging, out_dir / MANIFEST_NAME)
     logger.info("Wrote teacher cache %s (%d shards)", out_dir, len(shard_sizes))
     return out_dir
@@ -301,7 +301,7 @@ def cache_manifest(cfg, tokenizer) -> dict:
     fingerprint = dataset_fingerprint(
         source=cfg.dataset, tokenizer=tokenizer, max_length=cfg.max_length, eval_fraction=cfg.eval_fraction,
         seed=cfg.split_seed, subset_size=cfg.dataset_subset_size, text_column=cfg.text_column,
-        dataset_config=cfg.dataset_config, split=cfg.dataset_split,
+        dataset_config=cfg.dataset_config, split=cfg.dataset_split, document_separator=cfg.document_separator,
     )  # fmt: skip
     return {
         "teacher_model": cfg.teacher_model,

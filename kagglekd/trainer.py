@@ -25,14 +25,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from kagglekd import alignment, checkpoint, data, losses, models, rules, rundir, stopping
+from kagglekd import alignment, checkpoint, cputhreads, data, losses, models, rules, rundir, stopping
 from kagglekd import env as kit_env
 from kagglekd import teacher as teacher_side
 from kagglekd.config import DistillConfig
 from kagglekd.errors import ConfigError, KaggleKDError
 from kagglekd.evaluation import Evaluator
-from kagglekd.metrics import HistoryWriter
+from kagglekd.metrics import HistoryWriter, progress_postfix
 from kagglekd.objective import COMPONENTS, Objective
+from kagglekd.onpolicy import OnPolicy
 from kagglekd.schedule import SchedulePlan, batches_per_epoch, build_scheduler, plan_schedule
 from kagglekd.teacher import TeacherOutputs, TeacherSide
 
@@ -92,6 +93,8 @@ class TrainState:
         known = {f.name for f in dataclasses.fields(cls)}
         state = cls(**{k: v for k, v in values.items() if k in known and k != "alignment"})
         state.alignment = alignment.AlignmentStats(**values.get("alignment", {}))
+        if state.best_ppl is None:  # strict JSON writes a not-yet-evaluated run's inf as null
+            state.best_ppl = math.inf
         return state
 
 
@@ -104,6 +107,13 @@ class Window:
     micro_batches: list[torch.Tensor]  # each [b, max_length + 1] token blocks
     block_indices: list[int]
     micro_rows: list[torch.Tensor]  # the train-block index of each micro-batch row
+    # on-policy / seq_kd (``onpolicy``): the labels of each generated micro-batch, None for a data block
+    micro_labels: list[torch.Tensor | None] | None = None
+
+    def targets(self, index: int) -> torch.Tensor:
+        """``[b, S - 1]`` labels of micro-batch ``index``: a generated one's own, else its block's next tokens."""
+        labels = self.micro_labels[index] if self.micro_labels is not None else None
+        return labels if labels is not None else data.next_token_batch(self.micro_batches[index])[1]
 
 
 class Distiller:
@@ -139,8 +149,8 @@ class Distiller:
         self._setup_optimizer()
         self._setup_run_dir()
         self._ready = True
-        if self.cross is not None and self.is_main and self.write_run_dir:
-            self.evaluator.report_alignment(self.output_dir / rundir.ALIGNMENT_FILE)
+        if self.cross is not None and self.is_main and self.write_run_dir:  # held-out measure + block coverage
+            alignment.report_alignment(self.evaluator, self.output_dir / rundir.ALIGNMENT_FILE, self.alignment_coverage)
         return self
 
     def _setup_accelerator(self) -> None:
@@ -180,9 +190,11 @@ class Distiller:
         texts = data.load_texts(cfg.dataset, text_column=cfg.text_column, dataset_config=cfg.dataset_config,
                                 split=cfg.dataset_split, subset_size=cfg.dataset_subset_size)  # fmt: skip
         self.blocks = data.build_blocks(texts, self.tokenizer, max_length=cfg.max_length, text_column=cfg.text_column,
-                                        eval_fraction=cfg.eval_fraction, seed=cfg.split_seed)  # fmt: skip
+                                        eval_fraction=cfg.eval_fraction, seed=cfg.split_seed,
+                                        document_separator=cfg.document_separator)  # fmt: skip
         rules.raise_errors(rules.check(cfg, rules.Facts(processes=self.world, train_blocks=len(self.blocks.train))))
         self.batches_per_epoch = batches_per_epoch(len(self.blocks.train), cfg.batch_size, self.world)
+        self.alignment_coverage = alignment.align_run_blocks(self.cross, self.blocks)  # steps look blocks up
         cache = None
         if cfg.teacher_cache is not None:
             from kagglekd.teacher_cache import open_cache
@@ -205,6 +217,8 @@ class Distiller:
             student_device=self.device, student_vocab=self.student_vocab, autocast=self.accelerator.autocast,
         )  # fmt: skip
         self.teacher_side.prepare_moe()
+        self.onpolicy = OnPolicy(cfg, tokenizer=self.tokenizer, teacher_side=self.teacher_side,
+                                 student_vocab=self.student_vocab, rank=self.rank)  # fmt: skip
         self.objective = Objective(cfg, vocab_map=self.cross.vocab_map if self.cross is not None else None)
         teacher_config = self.teacher.config if self.teacher is not None else None
         self.objective.setup_transfer(self.student.config, teacher_config, self.device)
@@ -233,7 +247,7 @@ class Distiller:
 
     def _setup_run_dir(self) -> None:
         extra = ["teacher_top_k"] if self.config.expert_top_k_start is not None else []
-        self.history = HistoryWriter(self.output_dir / rundir.HISTORY_FILE, extra_columns=extra)
+        self.history = HistoryWriter(self.output_dir / rundir.HISTORY_FILE, extra + self.onpolicy.history_columns)
         if not self.is_main or not self.write_run_dir:
             return
         rundir.prepare(self.output_dir)
@@ -248,6 +262,7 @@ class Distiller:
         started = time.perf_counter()
         lr = self.optimizer.optimizer.param_groups[0]["lr"]
         teacher_top_k = self.teacher_side.expert_schedule(window.step, self.plan.optimizer_steps)
+        window = self.onpolicy.prepare(window, self.accelerator.unwrap_model(self.student), self.accelerator.autocast)
         num_items = self._window_targets(window)
         # Sums stay on the device until the window ends: no host sync between micro-batches, so under split the
         # teacher's prefetched forward (its own GPU) runs while the student's backward runs on the other.
@@ -260,12 +275,12 @@ class Distiller:
                 teacher = upcoming if prefetch else self.teacher_side.outputs(micro_batch, num_items, rows[index])
                 if prefetch and not last:  # queued on the teacher's GPU before the student's backward
                     upcoming = self.teacher_side.outputs(batches[index + 1], num_items, rows[index + 1])
-                loss, parts = self._loss_step(micro_batch, teacher, num_items)
+                loss, parts = self._loss_step(micro_batch, teacher, num_items, window.targets(index))
                 # DDP averages gradients over ranks; the loss is already a global mean, so undo that average.
                 self.accelerator.backward(loss * self.world)
             zero = sums.new_zeros(())
             sums += torch.stack([loss.detach().double(), *(parts.get(n, zero).double() for n in COMPONENTS)])
-        sums = self._window_sums(sums, num_items)
+        sums = window_sums(self, sums, num_items)
         if not apply:
             return sums
         grad_norm, skipped = self._optimizer_step(sums["loss"])
@@ -277,18 +292,20 @@ class Distiller:
 
     def _window_targets(self, window: Window) -> int:
         """Valid targets of the whole window, summed over ranks: the one count every loss divides by."""
-        local = sum(losses.valid_count(data.next_token_batch(mb)[1]) for mb in window.micro_batches)
+        local = sum(losses.valid_count(window.targets(index)) for index in range(len(window.micro_batches)))
         if self.world == 1:
             return local
         counts = torch.tensor([local], device=self.device, dtype=torch.long)
         return int(self.accelerator.reduce(counts, reduction="sum").item())
 
-    def _loss_step(self, micro_batch: torch.Tensor, teacher: TeacherOutputs | None, num_items: int):
-        """``(total, detached components)`` of one micro-batch, already divided by the window's target count."""
+    def _loss_step(self, micro_batch: torch.Tensor, teacher: TeacherOutputs | None, num_items: int, labels=None):
+        """``(total, detached components)`` of one micro-batch, already divided by the window's target count;
+        ``labels`` (a generated micro-batch's) replace the block's next tokens."""
         from kagglekd.attention import capture_attention
 
         cfg, objective = self.config, self.objective
-        input_ids, labels = data.next_token_batch(micro_batch.to(self.device))
+        input_ids, block_labels = data.next_token_batch(micro_batch.to(self.device))
+        labels = block_labels if labels is None else labels.to(self.device)
         layers = [s for s, _ in objective.attention_pairs]
         forward = {"output_hidden_states": bool(objective.feature_pairs) or cfg.fused_kd}
         if cfg.fused_kd:
@@ -313,19 +330,6 @@ class Distiller:
         if stats is not None:
             self.state.alignment += stats
         return objective.total(parts, fused_total), {name: value.detach() for name, value in parts.items()}
-
-    def _window_sums(self, sums: torch.Tensor, num_items: int) -> dict:
-        """The window's loss and component sums as floats, over all ranks; extra params' grads averaged."""
-        if self.world > 1:
-            # Projections and SAR routers sit outside DDP: average their gradients like DDP does the student's.
-            for param in self._extra_params():
-                if param.grad is not None:
-                    torch.distributed.all_reduce(param.grad)
-                    param.grad /= self.world
-            # each rank holds its share of the global mean; the log shows the whole window
-            sums = self.accelerator.reduce(sums, reduction="sum")
-        values = sums.tolist()
-        return {"loss": values[0], "tokens": num_items, **dict(zip(COMPONENTS, values[1:]))}
 
     def _optimizer_step(self, loss: float) -> tuple[float, bool]:
         """Clip, check, step; returns ``(grad_norm, skipped)``. The check comes BEFORE the step: closed-form
@@ -358,6 +362,7 @@ class Distiller:
             "tokens": sums["tokens"],
             "tokens_per_s": sums["tokens"] / elapsed if elapsed > 0 else float("nan"),
             **self.objective.columns(sums),
+            **self.onpolicy.columns(elapsed),
         }
         if skipped:
             log.warning("step %d skipped: non-finite loss %.4g or grad norm %.4g", window.step, sums["loss"], grad_norm)
@@ -405,7 +410,7 @@ class Distiller:
             except torch.cuda.OutOfMemoryError as err:
                 raise explain_oom(self, err) from err
             bar.update(1)
-            bar.set_postfix(loss=f"{row['loss']:.3f}", lr=f"{row['lr']:.2e}", tok_s=f"{row['tokens_per_s']:.0f}")
+            bar.set_postfix(progress_postfix(row))
             self._after_step(row, window)
         bar.close()
         return self._finish(time.perf_counter() - start)
@@ -571,6 +576,20 @@ def split_devices(student_device: torch.device) -> torch.device:
     return torch.device("cuda", (student_device.index or 0) + 1)
 
 
+def window_sums(distiller: Distiller, sums: torch.Tensor, num_items: int) -> dict:
+    """The window's loss and component sums as floats, over all ranks; extra params' grads averaged."""
+    if distiller.world > 1:
+        # Projections and SAR routers sit outside DDP: average their gradients like DDP does the student's.
+        for param in distiller._extra_params():
+            if param.grad is not None:
+                torch.distributed.all_reduce(param.grad)
+                param.grad /= distiller.world
+        # each rank holds its share of the global mean; the log shows the whole window
+        sums = distiller.accelerator.reduce(sums, reduction="sum")
+    values = sums.tolist()
+    return {"loss": values[0], "tokens": num_items, **dict(zip(COMPONENTS, values[1:]))}
+
+
 def pause_session(distiller: Distiller) -> str | None:
     """When the session stops at ``config.stop_after`` inside the plan: a checkpoint at this step to resume from
     (unless there is one) and the resume command (logged, returned); else None."""
@@ -656,6 +675,8 @@ def make_accelerator(cfg: DistillConfig):
     from accelerate import Accelerator
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cpu":
+        cputhreads.configure_cpu_threads(cfg.cpu_threads, device)
     precision = models.precision_for(device)
     if not cfg.use_amp or precision["autocast_dtype"] is None:
         mixed = "no"

@@ -34,6 +34,26 @@ def demo_tokenizer_dir(kagglekd_cache):
         return corpus.demo_tokenizer(4096)
 
 
+@pytest.fixture(scope="session")
+def student_tok(demo_tokenizer_dir):
+    """The demo byte-level tokenizer (vocab 4096), loaded: the student side of the cross-tokenizer tests."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(demo_tokenizer_dir)
+
+
+@pytest.fixture(scope="session")
+def metaspace_tok(kagglekd_cache):
+    """A SentencePiece-style (metaspace, digits split) 3000-token tokenizer of the same corpus: a teacher side."""
+    from transformers import AutoTokenizer
+
+    from kagglekd import corpus
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("KAGGLEKD_CACHE", str(kagglekd_cache))
+        return AutoTokenizer.from_pretrained(corpus.demo_tokenizer(3000, pre_tokenizer="whitespace-digits"))
+
+
 @pytest.fixture
 def use_kit_cache(kagglekd_cache, monkeypatch):
     """Point the kit at the session cache for one test (tiny models and the corpus are built once)."""

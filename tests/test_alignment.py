@@ -13,7 +13,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-from kagglekd import alignment, corpus
+from kagglekd import alignment
 from kagglekd.config import KDOptions
 from kagglekd.losses import TeacherTopK, kd_loss
 
@@ -26,18 +26,6 @@ CRAFTED = [
     "x = 12345 + 67.89e-10",
     "def f(a, b):\n    return a ** 2  # comment\n",
 ]
-
-
-@pytest.fixture(scope="module")
-def student_tok(demo_tokenizer_dir):
-    return AutoTokenizer.from_pretrained(demo_tokenizer_dir)
-
-
-@pytest.fixture(scope="module")
-def metaspace_tok(kagglekd_cache):
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("KAGGLEKD_CACHE", str(kagglekd_cache))
-        return AutoTokenizer.from_pretrained(corpus.demo_tokenizer(3000, pre_tokenizer="whitespace-digits"))
 
 
 def _block(tok, texts):

@@ -110,6 +110,13 @@ def test_fused_and_uld_paths_across_vocabularies(tmp_path, metaspace_teacher):
     with pytest.raises(ConfigError) as err:
         Distiller(tiny(tmp_path, "bad", fused_kd=True, cross_tokenizer_loss="uld", **common)).setup()
     assert err.value.field == "cross_tokenizer_loss"
+    # hybrid: exact targets where aligned plus ULD at the rest, so its first KD (same weights, same batch) differs
+    # from the exact one's, and it is refused with the fused loss like ULD
+    Distiller(tiny(tmp_path, "hybrid", cross_tokenizer_loss="hybrid", **common)).train()
+    hybrid = pd.read_csv(tmp_path / "hybrid" / "history.csv")
+    assert hybrid["kd"].notna().all() and abs(hybrid["kd"].iloc[0] - a["kd"].iloc[0]) > 1e-6
+    with pytest.raises(ConfigError, match="hybrid"):
+        Distiller(tiny(tmp_path, "bad2", fused_kd=True, cross_tokenizer_loss="hybrid", **common)).setup()
 
 
 def test_alignment_totals_survive_a_resume(tmp_path, metaspace_teacher):

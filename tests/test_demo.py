@@ -107,11 +107,14 @@ def test_ablation_writes_per_seed_rows_and_their_mean_and_sd(tmp_path, tiny_pres
 
 def test_ablation_variants_are_valid_configs_and_bad_arguments_are_errors(tmp_path):
     base = DistillConfig.load("tiny-cpu")
-    assert list(ABLATION_VARIANTS) == ["CE-only", "KD", "KD, all experts", "SAR", "KA", "SAR+KA"]
+    assert list(ABLATION_VARIANTS) == [
+        "CE-only", "KD", "KD, all experts", "SAR", "KA", "SAR+KA", "on-policy", "GKD", "sequence-level KD",
+    ]  # fmt: skip
     configs = {name: base.replace(**changes) for name, changes in ABLATION_VARIANTS.items()}
     assert configs["CE-only"].alpha_kd == 0 and configs["KD, all experts"].all_experts
     assert configs["SAR"].sar and not configs["SAR"].ka_samples and configs["KA"].ka_samples == 2
     assert configs["SAR+KA"].sar and configs["SAR+KA"].ka_samples == 2
+    assert configs["on-policy"].lmbda == 1 and configs["GKD"].lmbda == 0.5 and configs["sequence-level KD"].seq_kd
     with pytest.raises(ConfigError, match="seeds"):
         run_ablation(output_dir=tmp_path, seeds=0, echo=lambda _: None)
     with pytest.raises(ConfigError, match="seeds"):

@@ -101,7 +101,7 @@ def test_parts_follow_the_documented_arithmetic():
     assert plan.total == sum(plan.parts.values())
     assert plan.capacity == 15 * GiB and plan.fraction == plan.total / plan.capacity
     cpu = plan_memory(config, gpu="cpu", teacher_cfg=teacher, student_cfg=student)
-    assert cpu.parts["runtime_overhead"] == int(0.125 * GiB) and cpu.parts["teacher_weights"] == 4 * n_t
+    assert cpu.parts["runtime_overhead"] == 80 * 2**20 and cpu.parts["teacher_weights"] == 4 * n_t
 
 
 def test_attention_transfer_checkpointing_and_topk_move_the_right_parts():
@@ -321,14 +321,20 @@ def test_cross_tokenizer_targets_are_planned():
     cross = plan_memory(config, **kw)
     plain = plan_memory(config.replace(cross_tokenizer=False), **kw)
     tokens, chunk = config.batch_size * config.max_length, min(config.loss_chunk_size, 8 * 384)
-    expected = tokens * config.kd_top_k * 12 + chunk * teacher.vocab_size * 8
+    # top-k of the shared tokens: float32 log-probs + int64 student ids [B, T, k], a float32 tail [B, T], and one
+    # chunk of the teacher's float32 log-probs and probabilities while mapping
+    expected = tokens * (config.kd_top_k * 12 + 4) + chunk * teacher.vocab_size * 8
     assert cross.parts["kd_intermediates"] - plain.parts["kd_intermediates"] == expected
-    full = plan_memory(config.replace(kd_top_k=None), **kw)
-    assert (
-        full.parts["kd_intermediates"]
-        - plan_memory(config.replace(kd_top_k=None, cross_tokenizer=False), **kw).parts["kd_intermediates"]
-        == tokens * student.vocab_size * 12 + chunk * teacher.vocab_size * 8
-    )
+    # every shared token (k = the shared count, bounded by the smaller vocabulary when not given): their ids are
+    # one expanded [k] vector, so float32 log-probs and tail only; the fused loss reads k + 1 wide targets, not
+    # the teacher's dense rows
+    for shared in (None, 30_000):
+        k = shared or min(student.vocab_size, teacher.vocab_size)
+        full = plan_memory(config.replace(kd_top_k=None), shared_tokens=shared, **kw)
+        mapped = plan_memory(config.replace(kd_top_k=k - 1), shared_tokens=shared, **kw)  # k - 1 + tail wide rows
+        # (+ one more target column, float32 log-probs and probabilities, in the fused loss's row block of `chunk`)
+        difference = tokens * (4 * k - 12 * (k - 1)) + chunk * 2 * 4
+        assert full.parts["kd_intermediates"] - mapped.parts["kd_intermediates"] == difference
 
 
 def test_fused_kd_cpu_working_memory_is_not_under_planned():
@@ -413,3 +419,42 @@ def test_plans_need_a_profile_with_memory():
     plan = plan_memory(DistillConfig(), gpu=read_off_a_device, **kw)
     assert plan.gpu == "unknown (H200)" and plan.capacity == 80 * GiB
     assert any("no kagglekd profile" in note for note in plan.notes)
+
+
+def test_unfused_logits_are_counted_once_their_gradient_is_the_losses_held_buffer():
+    """Unfused on CPU: the student's [B, T, V] float32 logits once; each loss (KD, CE) holds one [B, T, V] gradient
+    that autograd receives (scaled in place) as the logits' gradient, so there is no third [B, T, V] buffer."""
+    teacher, student = AutoConfig.for_model(**TINY["teacher"]), AutoConfig.for_model(**TINY["student"])
+    config = DistillConfig(batch_size=8, max_length=128, alpha_kd=0.5, alpha_ce=0.5, use_amp=False)
+    kd = plan_memory(config, gpu="cpu", teacher_cfg=teacher, student_cfg=student)
+    ce = plan_memory(config.replace(alpha_kd=0.0, alpha_ce=1.0), gpu="cpu", teacher_cfg=None, student_cfg=student)
+    logits = 8 * 128 * 4096 * 4
+    assert kd.parts["student_logits"] == ce.parts["student_logits"] == logits
+    block = rows_per_block(4096, 1024, torch.device("cpu"))
+    assert ce.parts["kd_intermediates"] == logits + block * 3 * 4096 * 4  # CE's held gradient + one row block
+    assert kd.parts["kd_intermediates"] == 2 * logits + block * (3 + 2) * 4096 * 4  # + KD's, teacher rows
+
+
+def test_unfused_cross_tokenizer_forward_kl_plans_dense_targets():
+    """Unfused forward KL over every shared token builds dense float32 [B, T, V_s] targets (and four [chunk, V_s]
+    buffers while building them); another divergence keeps the k-wide mapped targets."""
+    teacher = AutoConfig.for_model(**{**MID["teacher"], "vocab_size": 8192})
+    student = AutoConfig.for_model(**MID["student"])
+    config = DistillConfig(batch_size=4, max_length=256, loss_chunk_size=512, cross_tokenizer=True, use_amp=False)
+    kw = dict(gpu="cpu", teacher_cfg=teacher, student_cfg=student, shared_tokens=3000)
+    dense = plan_memory(config, **kw).parts["kd_intermediates"]
+    mapped = plan_memory(config.replace(divergence="reverse_kl"), **kw).parts["kd_intermediates"]
+    tokens, vocab, chunk = 4 * 256, 16384, 512
+    assert dense - mapped == tokens * vocab * 4 + 4 * chunk * vocab * 4 - chunk * 8192 * 8
+
+
+def test_on_policy_generation_adds_the_kv_cache_of_the_generating_model():
+    teacher, student = _pair()
+    base = DistillConfig(batch_size=4, max_length=256, alpha_kd=1.0, alpha_ce=0.0)
+    plain = plan_memory(base, gpu="T4", teacher_cfg=teacher, student_cfg=student)
+    assert "generation_kv_cache" not in plain.parts
+    on_policy = plan_memory(base.replace(lmbda=1.0), gpu="T4", teacher_cfg=teacher, student_cfg=student)
+    # fp16 KV cache of SmolLM-135M: 2 (k, v) x 30 layers x 3 KV heads x 64 x 4 rows x (128 prompt + 129 new) x 2 B
+    kv = 2 * student.num_hidden_layers * student.num_key_value_heads * 64 * 4 * (128 + 129) * 2
+    assert on_policy.parts["generation_kv_cache"] == kv
+    assert on_policy.total == plain.total + kv and any("on-policy generation" in note for note in on_policy.notes)

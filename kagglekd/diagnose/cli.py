@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from kagglekd import gpus
+from kagglekd import gpus, rundir
 from kagglekd.config import PRESETS_DIR, preset_names
 from kagglekd.diagnose.findings import Report
 from kagglekd.diagnose.fix import fix_config
@@ -118,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.fix:
         fixed = fix_config(report)
         Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.output).write_text(json.dumps(fixed, indent=2) + "\n", encoding="utf-8")
+        Path(args.output).write_text(rundir.to_json_text(fixed), encoding="utf-8")
         extra["fixed_config"] = str(args.output)
         extra["fixes"] = fixed["_fixes"]
     if args.plots:
