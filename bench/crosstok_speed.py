@@ -9,7 +9,8 @@ what the weights learned, and the pretrained ``tiny-moe-8k`` takes ~20 min to bu
 
 Each case trains ``--steps`` optimizer steps, ``--repeats`` times, interleaved (same, cross, same, cross, ...) so
 that load on a shared machine hits both alike. A step's time is ``tokens / tokens_per_s`` of its ``history.csv``
-row; the first ``--warmup`` steps of each run are dropped and the median over the rest is reported. The
+row; the first ``--warmup`` steps of each run are dropped and the median over the rest is reported, with the
+teacher's part of each step (``TeacherSide.outputs``, timed around the call) and the rest apart. The
 alignment of every block is precomputed in setup (outside the timed steps); its one-off cost is timed apart,
 with a cold cache. Run: ``OMP_NUM_THREADS=1 python bench/crosstok_speed.py`` (prints one JSON object); to time
 another checkout of the package, ``PYTHONPATH=<checkout>`` in front.
@@ -44,18 +45,32 @@ def random_teacher(folder: Path, vocab: int, pre_tokenizer: str) -> str:
     return str(out)
 
 
-def step_seconds(teacher: str, cross: bool, steps: int, warmup: int, subset: int) -> tuple[list[float], dict]:
-    """Per-step seconds after warmup of one run, and its alignment.json (cross) or {}."""
+def step_seconds(teacher: str, cross: bool, steps: int, warmup: int, subset: int) -> tuple[list, list, dict]:
+    """Per-step seconds after warmup of one run, the teacher's share of each (``TeacherSide.outputs``: its
+    forward, and for ``cross`` the alignment lookup), and the run's alignment.json (cross) or {}."""
     with tempfile.TemporaryDirectory() as out:
         config = DistillConfig.load("tiny-cpu").replace(
             teacher_model=teacher, tokenizer="tiny-random-dense", cross_tokenizer=cross, max_steps=steps,
             dataset_subset_size=subset, eval_steps=None, eval_max_blocks=16, save_steps=None, output_dir=out,
             resume="never",
         )  # fmt: skip
-        Distiller(config).train()
+        distiller = Distiller(config).setup()
+        teacher_seconds: list[float] = []
+        outputs = distiller.teacher_side.outputs
+
+        def timed_outputs(*args, **kwargs):
+            started = time.perf_counter()
+            result = outputs(*args, **kwargs)
+            teacher_seconds.append(time.perf_counter() - started)
+            return result
+
+        distiller.teacher_side.outputs = timed_outputs
+        distiller.train()
         rows = pd.read_csv(Path(out) / "history.csv")
         report = json.loads((Path(out) / "alignment.json").read_text()) if cross else {}
-    return (rows["tokens"] / rows["tokens_per_s"]).iloc[warmup:].tolist(), report
+    per_step = len(teacher_seconds) // steps  # micro-batches per step (the final eval does not call outputs)
+    teacher = [sum(teacher_seconds[i * per_step : (i + 1) * per_step]) for i in range(steps)]
+    return (rows["tokens"] / rows["tokens_per_s"]).iloc[warmup:].tolist(), teacher[warmup:], report
 
 
 def precompute_seconds(teacher: str, subset: int) -> dict:
@@ -86,19 +101,29 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as folder:
         teachers = {name: random_teacher(Path(folder), *spec) for name, spec in CASES.items()}
         seconds: dict[str, list[float]] = {name: [] for name in CASES}
+        teacher: dict[str, list[float]] = {name: [] for name in CASES}
         report: dict = {}
         for _ in range(args.repeats):
             for name in CASES:
-                run, found = step_seconds(teachers[name], name == "cross", args.steps, args.warmup, args.subset)
+                run, forward, found = step_seconds(
+                    teachers[name], name == "cross", args.steps, args.warmup, args.subset
+                )
                 seconds[name] += run
+                teacher[name] += forward
                 report = found or report
         # (a checkout from before the precompute has none to time: the bench then runs there for the step times)
         has_precompute = hasattr(alignment, "precompute_alignment")
         precompute = precompute_seconds(teachers["cross"], args.subset) if has_precompute else None
     tokens = 16 * 128
     median = {name: statistics.median(values) for name, values in seconds.items()}
+    rest = {name: statistics.median(s - t for s, t in zip(seconds[name], teacher[name])) for name in CASES}
     result = {
         "step_s": {name: round(value, 4) for name, value in median.items()},
+        # the teacher's forward (its own vocabulary's output layer included) and the rest of the step (student
+        # forward, the KD mapping and loss, backward, optimizer): the rest is what the cross-tokenizer path adds
+        "teacher_s": {name: round(statistics.median(values), 4) for name, values in teacher.items()},
+        "rest_s": {name: round(value, 4) for name, value in rest.items()},
+        "rest_cross_over_same": round(rest["same"] / rest["cross"], 3),
         "tokens_per_s": {name: round(tokens / value) for name, value in median.items()},
         "cross_over_same": round(median["same"] / median["cross"], 3),
         "steps_timed": {name: len(values) for name, values in seconds.items()},

@@ -194,6 +194,7 @@ def cmd_train(args) -> int:
 
 def cmd_cache_teacher(args) -> int:
     from kagglekd import teacher_cache
+    from kagglekd.env import local_path
     from kagglekd.errors import ConfigError
     from kagglekd.trainer import Distiller
 
@@ -202,7 +203,7 @@ def cmd_cache_teacher(args) -> int:
         raise ConfigError("cache-teacher stores the teacher's top-k tokens; set kd_top_k (e.g. --set kd_top_k=64).")
     config = config.replace(teacher_cache=None, alpha_kd=max(config.alpha_kd, 1e-9))
     distiller = Distiller(config, write_run_dir=False).setup()
-    output = Path(args.output or Path(config.output_dir) / "teacher_cache")
+    output = Path(local_path(args.output) if args.output else Path(config.output_dir) / "teacher_cache")
     tokens = distiller.blocks.train.shape[0] * (distiller.blocks.train.shape[1] - 1)
     size = teacher_cache.estimate_cache_bytes(tokens, config.kd_top_k)
     print(

@@ -313,32 +313,48 @@ def _ablation_table(summary_rows: list[dict]) -> str:
     return format_table(table, columns)
 
 
-def _plot_ablation(summary_rows: list[dict], path: Path, seeds: int, steps: int) -> None:
-    """Two bar charts, held-out perplexity and top-1 agreement, mean with ± sd error bars over the seeds."""
+def _plot_ablation(summary_rows: list[dict], path: Path | None, seeds: int, steps: int | None):
+    """Two bar charts, held-out perplexity and top-1 agreement, mean with ± sd error bars over the seeds; returns
+    the Figure (written to ``path`` as a PNG when given). Every axes has a title and a y label, like ``plots``."""
     import matplotlib
     from matplotlib.figure import Figure
 
+    from kagglekd.schedule import count_noun
+
     names = [row["variant"] for row in summary_rows]
     colours = matplotlib.colormaps["tab10"](range(len(names)))
-    fig = Figure(figsize=(max(8, 2.2 * len(names)), 4))
+    fig = Figure(figsize=(max(8, 2.2 * len(names)), 4.2), layout="constrained")
     panels = (
         ("eval_ppl", "held-out perplexity (lower is better)", "perplexity"),
-        ("top1_agreement", "top-1 agreement with the teacher (higher is better)", "agreement"),
+        ("top1_agreement", "top-1 agreement with the teacher (higher is better)", "top-1 agreement (fraction)"),
     )
-    for index, (metric, label, unit) in enumerate(panels, 1):
+    for index, (metric, title, unit) in enumerate(panels, 1):
         ax = fig.add_subplot(1, 2, index)
-        means = [row[f"{metric}_mean"] for row in summary_rows]
-        sds = [0.0 if math.isnan(row[f"{metric}_sd"]) else row[f"{metric}_sd"] for row in summary_rows]
+        means = [float(row[f"{metric}_mean"]) for row in summary_rows]
+        sds = [0.0 if math.isnan(row[f"{metric}_sd"]) else float(row[f"{metric}_sd"]) for row in summary_rows]
         ax.bar(names, means, yerr=sds, capsize=4, color=colours)
-        low = min(m - s for m, s in zip(means, sds))
-        high = max(m + s for m, s in zip(means, sds))
-        ax.set_ylim(low - 0.15 * (high - low + 1e-9), high + 0.15 * (high - low + 1e-9))
-        ax.set_title(label, fontsize=10)
+        ax.set_ylim(*_ablation_limits(means, sds))
+        ax.set_title(title, fontsize=10)
         ax.set_ylabel(unit)
         ax.tick_params(axis="x", labelrotation=30, labelsize=8)
         ax.grid(axis="y", alpha=0.3)
-    fig.suptitle(f"Ablation: student after {steps} steps, mean ± sd over {seeds} seed(s)", fontsize=11)
-    fig.savefig(path, dpi=110, bbox_inches="tight")
+    after = f"after {count_noun(steps, 'step')}" if steps else "after its planned steps"
+    fig.suptitle(f"Ablation: student {after}, mean ± sd over {count_noun(seeds, 'seed')}", fontsize=11)
+    if path is not None:
+        fig.savefig(path, dpi=110, bbox_inches="tight")
+    return fig
+
+
+def _ablation_limits(means: list[float], sds: list[float]) -> tuple[float, float]:
+    """y limits around the error bars with 15 % room; a span under 10 % of the values (one variant, one seed,
+    equal means) widens to that, so bars of equal height do not sit on a 1e-9 axis; no numbers: 0..1."""
+    ends = [value for m, s in zip(means, sds) for value in (m - s, m + s) if math.isfinite(value)]
+    if not ends:
+        return 0.0, 1.0
+    low, high = min(ends), max(ends)
+    span = max(high - low, 0.1 * max(abs(low), abs(high)), 1e-6)
+    middle = (low + high) / 2
+    return middle - 0.65 * span, middle + 0.65 * span
 
 
 def _prepare(output_dir: str | Path, preset: str, max_steps: int | None) -> tuple[Path, DistillConfig]:

@@ -54,6 +54,9 @@ LOCAL_WORKING_VAR = "KAGGLEKD_WORKING"  # off Kaggle: the folder /kaggle/working
 # A commit run's bars write a line when both a tenth of the bar and a minute have passed since their last line.
 COMMIT_BAR_FRACTION = 0.1
 COMMIT_BAR_INTERVAL_S = 60.0
+# A training child's bars relayed into a watched (interactive) cell: a line per 5 % or 10 s, whichever is rarer.
+INTERACTIVE_BAR_FRACTION = 0.05
+INTERACTIVE_BAR_INTERVAL_S = 10.0
 LIBRARIES = ("torch", "transformers", "accelerate", "datasets", "tokenizers", "pandas", "matplotlib")
 T4X2_FIX = "choose 'GPU T4 x2' (notebook Settings > Accelerator; kernel-metadata.json machine_shape NvidiaTeslaT4)"
 
@@ -251,15 +254,21 @@ def commit_run() -> bool:
     return run_type() == "Batch"
 
 
-def progress_line_due(done: float, total: float | None, last_done: float, seconds_since: float) -> bool:
-    """Whether a bar in a commit run writes a line now, ``seconds_since`` its last line at ``last_done`` of
-    ``total``: when a tenth of the bar (``COMMIT_BAR_FRACTION``) AND a minute (``COMMIT_BAR_INTERVAL_S``) have both
-    passed, i.e. every 10 % or every minute, whichever is rarer. So a bar writes at most 12 lines (its first, ten,
-    its final) however long it runs, and a minute-long bar no more than one a minute. Without a total: every minute.
-    """
-    if seconds_since < COMMIT_BAR_INTERVAL_S:
+def progress_line_due(
+    done: float,
+    total: float | None,
+    last_done: float,
+    seconds_since: float,
+    fraction: float = COMMIT_BAR_FRACTION,
+    interval_s: float = COMMIT_BAR_INTERVAL_S,
+) -> bool:
+    """Whether a bar writes a line now, ``seconds_since`` its last line at ``last_done`` of ``total``: when
+    ``fraction`` of the bar AND ``interval_s`` have both passed. A commit run's defaults: every 10 % or every
+    minute, whichever is rarer, so a bar writes at most 12 lines (its first, ten, its final) however long it runs,
+    and a minute-long bar no more than one a minute. Without a total: every ``interval_s``."""
+    if seconds_since < interval_s:
         return False
-    return not total or done - last_done >= COMMIT_BAR_FRACTION * total
+    return not total or done - last_done >= fraction * total
 
 
 class CommitProgressBar(_TextBar):
@@ -318,9 +327,11 @@ class ProgressRelay:
     Each tqdm line is told apart by its bar's description; a bar's line is passed on when it is the bar's first,
     its first at 100 %, or ``progress_line_due`` by the bar's own percentage and elapsed time (read from the line,
     so pipe delays do not matter); the others are held back, and ``finish`` returns each bar's last held-back
-    line (its final state). Every other line passes unchanged."""
+    line (its final state). Every other line passes unchanged. ``fraction`` / ``interval_s``: as in
+    ``progress_line_due`` (``progress_relay`` picks them for the session)."""
 
-    def __init__(self):
+    def __init__(self, fraction: float = COMMIT_BAR_FRACTION, interval_s: float = COMMIT_BAR_INTERVAL_S):
+        self.fraction, self.interval_s = fraction, interval_s
         self.bars: dict[str, dict] = {}  # description -> {"pct", "elapsed" of the last passed line, "held"}
 
     def lines(self, line: str) -> list[str]:
@@ -335,7 +346,7 @@ class ProgressRelay:
         if (
             bar is None
             or (pct >= 100 > bar["pct"])
-            or progress_line_due(pct, 100, bar["pct"], elapsed - bar["elapsed"])
+            or progress_line_due(pct, 100, bar["pct"], elapsed - bar["elapsed"], self.fraction, self.interval_s)
         ):
             self.bars[match["desc"]] = {"pct": pct, "elapsed": elapsed, "held": None}
             return [*out, line]
@@ -347,6 +358,16 @@ class ProgressRelay:
         held = [bar["held"] for bar in self.bars.values() if bar["held"]]
         self.bars.clear()
         return held
+
+
+def progress_relay() -> ProgressRelay:
+    """The relay of a training child's output for this session. The child's stdout is a pipe, so its tqdm bar
+    redraws on every step (``set_postfix`` refreshes bypass ``mininterval``) and each redraw relayed would be a
+    line of the cell: a commit run's saved notebook keeps a line per 10 % or minute, a watched cell one per 5 %
+    or 10 s (``INTERACTIVE_BAR_*``)."""
+    if commit_run():
+        return ProgressRelay()
+    return ProgressRelay(INTERACTIVE_BAR_FRACTION, INTERACTIVE_BAR_INTERVAL_S)
 
 
 def _seconds(clock: str) -> int:
@@ -402,7 +423,7 @@ def local_path(path: str | os.PathLike) -> str:
             if (text, mapped) not in _MAPPED:
                 _MAPPED.add((text, mapped))
                 log.warning(
-                    "not a Kaggle session (none of %s is set): %s is written to %s instead (%s chooses the folder "
+                    "not a Kaggle session (none of %s is set): %s maps to %s (%s chooses the folder "
                     "for /kaggle/working; default the current directory)",
                     ", ".join(KAGGLE_MARKERS), text, mapped, LOCAL_WORKING_VAR,
                 )  # fmt: skip
@@ -414,10 +435,18 @@ def _local_temp() -> Path:
     return Path(tempfile.gettempdir()) / "kaggle-temp"
 
 
+LOCAL_PATH_FIELDS = ("output_dir", "teacher_cache")  # config paths a run writes or reads under /kaggle/working
+
+
 def local_config(config):
-    """``config`` with its ``output_dir`` through ``local_path`` (the same object when nothing changes)."""
-    output_dir = local_path(config.output_dir)
-    return config if output_dir == config.output_dir else config.replace(output_dir=output_dir)
+    """``config`` with each path of ``LOCAL_PATH_FIELDS`` through ``local_path`` (the same object when nothing
+    changes): off Kaggle a /kaggle/working teacher cache is read where ``cache-teacher`` wrote it."""
+    changes = {}
+    for name in LOCAL_PATH_FIELDS:
+        value = getattr(config, name)
+        if value is not None and local_path(value) != value:
+            changes[name] = local_path(value)
+    return config.replace(**changes) if changes else config
 
 
 def _path_info(path: Path) -> dict:
@@ -568,22 +597,27 @@ def smoke_run_dir(run_dir: str | os.PathLike) -> str:
     return str(path.with_name(f"{path.name}-smoke"))
 
 
-def notebook_config(preset: str | dict, run_dir: str | os.PathLike | None = None, smoke: bool = False):
+def notebook_config(
+    preset: str | dict, run_dir: str | os.PathLike | None = None, smoke: bool = False, max_steps: int | None = None
+):
     """The config a notebook runs: ``preset`` (name, JSON path or dict), in ``run_dir`` (None = the preset's
-    ``output_dir``), with ``SMOKE_OVERRIDES`` under ``smoke``.
+    ``output_dir``), with ``SMOKE_OVERRIDES`` under ``smoke`` and then ``max_steps`` (a notebook's ``MAX_STEPS``,
+    the plan's length: 01 diagnoses the plan 02 trains) when given.
 
     A SMOKE run writes to ``smoke_run_dir(run dir)``, never to the run dir itself: its checkpoints belong to a
     4-step plan, and a real run of the same preset in that dir would resume them (and refuse: 4 vs N planned
-    steps). Off Kaggle a /kaggle/working run dir maps to a local folder (``local_path``)."""
+    steps). Off Kaggle a /kaggle/working run dir and teacher cache map to a local folder (``local_config``)."""
     from kagglekd.config import DistillConfig
 
     config = DistillConfig.from_dict(dict(preset)) if isinstance(preset, dict) else DistillConfig.load(preset)
     changes: dict[str, Any] = dict(SMOKE_OVERRIDES) if smoke else {}
+    if max_steps is not None:
+        changes["max_steps"] = max_steps
     output_dir = str(run_dir) if run_dir is not None else config.output_dir
-    output_dir = local_path(smoke_run_dir(output_dir) if smoke else output_dir)
+    output_dir = smoke_run_dir(output_dir) if smoke else output_dir
     if output_dir != config.output_dir:
         changes["output_dir"] = output_dir
-    return config.replace(**changes) if changes else config
+    return local_config(config.replace(**changes) if changes else config)
 
 
 def free_accelerator_memory() -> None:

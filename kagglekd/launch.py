@@ -52,7 +52,7 @@ from pathlib import Path
 
 from kagglekd import gpus, rundir
 from kagglekd.config import DistillConfig
-from kagglekd.env import ProgressRelay, commit_run
+from kagglekd.env import progress_relay
 from kagglekd.errors import ConfigError, KaggleKDError
 from kagglekd.gpus import GpuProfile
 from kagglekd.memory import TIGHT_FRACTION, GiB, MemoryPlan, StrategyChoice, choose_strategy
@@ -534,10 +534,10 @@ def _start_child(command: list[str], env: dict[str, str]) -> subprocess.Popen:
 
 def _stream(lines: queue.Queue, last_lines: deque, kit_errors: list[str], live, chart_every_s: float, redraw) -> None:
     """Echo the child's output lines until it ends, keeping the last lines and the kit's own one-line reasons,
-    and call ``redraw`` every ``chart_every_s`` seconds when there is a live chart. In a commit run its progress
-    bars' lines are thinned (``env.ProgressRelay``): each would be a line of the saved notebook."""
+    and call ``redraw`` every ``chart_every_s`` seconds when there is a live chart. The child's progress bars'
+    lines are thinned (``env.progress_relay``): a few per bar in a commit run, a handful more interactively."""
     next_chart = time.monotonic() + chart_every_s
-    relay = ProgressRelay() if commit_run() else None
+    relay = progress_relay()
     while True:
         try:
             line = lines.get(timeout=min(1.0, max(chart_every_s, 0.05)))

@@ -37,7 +37,9 @@ kd_intermediates       per row block (``losses.rows_per_block``: ``min(loss_chun
                        float32 [V_s, H] + [B, T, H] gradients. With cross_tokenizer: the mapped targets over the k
                        shared tokens (``shared_tokens``; float32 log-probs + tail, int64 ids when only top-k of them)
                        and the mapping's [chunk, V_t] float32 buffers; unfused forward KL over every shared token
-                       builds dense [B, T, V_s] float32 targets instead, from four [chunk, V_s] buffers at a time.
+                       computes the closed form per row block instead, adding the block's [block, V_t] rows.
+cpu_heap_kept          on a CPU run that keeps freed memory for reuse (``cputhreads``): one more copy of the step's
+                       largest [B, T, V] logits, which the heap holds beside the live tensors.
 sar_router_states      SAR: teacher router weights' grads + AdamW states + fp32 master copy.
 =====================  ==================================================================================
 

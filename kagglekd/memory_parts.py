@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from kagglekd import cputhreads
 from kagglekd.config import DistillConfig
 from kagglekd.gpus import GiB
 from kagglekd.losses import rows_per_block
@@ -182,21 +183,22 @@ def loss_parts(step: Step) -> tuple[dict[str, int], str]:
         held = (int(kd) + int(config.alpha_ce > 0)) * tokens * s.vocab * step.b
         intermediates = block * (3 * s.vocab * 4 + (2 * teacher_width * 4 if kd else 0)) + held
     if cross:
-        # ``alignment.cross_targets``: float32 log-probs [B, T, k] and tail over the k mapped tokens for every
-        # position, their int64 student ids [B, T, k] unless k is every shared token (then one [k] vector is
-        # expanded), and one row chunk of the teacher's float32 log-probs and probabilities while mapping
-        k = step.mapped_width
         every_shared = not top_k or top_k >= step.mapped_width_bound
-        mapping = chunk * teacher_vocab * 4 * 2
-        intermediates += tokens * (k * (4 if every_shared else 12) + 4)
         if _dense_cross(step, every_shared):
-            # ``alignment._dense_forward_kl``: the targets become a dense float32 [B, T, V_s] distribution, built a
-            # chunk at a time after the mapping (which has freed its buffers by then) from four float32 [chunk, V_s]
-            # buffers: the student's rows, their spread, the block and the block scaled by the temperature
-            intermediates += tokens * s.vocab * 4 + max(mapping, 4 * chunk * s.vocab * 4)
+            # ``alignment._dense_forward_kl``: the closed form per block of rows (the losses' blocks above), plus
+            # the block's float32 teacher rows and their exp [block, V_t]; no targets are built
+            intermediates += block * teacher_vocab * 4 * 2
         else:
-            intermediates += mapping
+            # ``alignment.cross_targets``: float32 log-probs [B, T, k] and tail over the k mapped tokens for every
+            # position, their int64 student ids [B, T, k] unless k is every shared token (then one [k] vector is
+            # expanded), and one row chunk of the teacher's float32 log-probs and probabilities while mapping
+            k = step.mapped_width
+            intermediates += tokens * (k * (4 if every_shared else 12) + 4) + chunk * teacher_vocab * 4 * 2
     parts = {"student_logits": student_logits, "teacher_logits": teacher_logits, "kd_intermediates": intermediates}
+    if not step.on_gpu and cputhreads.keeps_freed_memory():
+        # a CPU run keeps freed blocks for reuse (``cputhreads.keep_freed_memory``): the heap holds up to one more
+        # copy of the step's largest transient tensor, the teacher's or the student's [B, T, V] logits
+        parts["cpu_heap_kept"] = max(teacher_logits if step.live else 0, tokens * s.vocab * step.b)
     return parts, kd_mode
 
 

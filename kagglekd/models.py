@@ -33,7 +33,7 @@ import transformers
 from packaging.version import Version
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Qwen3MoeConfig
 
-from kagglekd import corpus, data, env, gguf, moe, rundir
+from kagglekd import corpus, cputhreads, data, env, gguf, moe, rundir
 from kagglekd.errors import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -462,6 +462,7 @@ def pretrain_tiny_moe(
         source=data.STDLIB_DATASET,
     )  # fmt: skip
     model = _seeded_model(config, seed)
+    cputhreads.keep_freed_memory()  # each step's large tensors reuse freed memory (a CPU run; see cputhreads)
     logger.info(
         "Pretraining %s: %.2f M parameters, %d experts top-%d, %d steps of %d x %d tokens", TINY_MOE,
         count_parameters(model) / 1e6, config.num_experts, config.num_experts_per_tok, steps, batch_size, max_length,

@@ -114,6 +114,11 @@ class Objective:
             alpha_kd=self.weight("kd"), alpha_ce=self.weight("ce"), num_items=num_items,
             chunk_size=cfg.loss_chunk_size, lm_head_bias=head.bias, kd_mask=kd_mask,
         )  # fmt: skip
+        if stats is not None and cfg.cross_tokenizer_loss == "hybrid":  # ULD at the context positions
+            uld, stats.context = alignment.context_uld(hidden, head, teacher.logits, teacher.aligned, labels,
+                                                       self.options, chunk_size=cfg.loss_chunk_size)  # fmt: skip
+            uld = uld / losses._normaliser(num_items, losses.valid_count(labels))
+            total, parts["kd"] = total + self.weight("kd") * uld, parts["kd"] + uld.detach()
         return total, parts, stats
 
     def transfer_terms(self, student_hidden, student_maps, teacher: TeacherOutputs, labels, num_items) -> dict:

@@ -14,6 +14,8 @@ ended) with its own labels ``[b, P + G' - 1]``: ``-100`` at prompt targets and a
 (the EOS itself is a target: the student learns to stop). Every loss component reads those labels, so the KD
 target positions are exactly the generated tokens; the teacher reads the whole generated sequence (across
 tokenizers: its text in the teacher's own tokens, through the same ``CrossTokenizer.align`` as data blocks).
+Under SAR the teacher's regularisers read ``sar_scope`` instead (its CE only the prompt: the real data), weighted
+like a data block's per counted target (``TeacherSide.outputs``).
 
 Determinism: which micro-batches are generated, and the sampling itself, are seeded from ``(seed, step, micro-batch
 index[, rank])``, never from a running generator: a resumed run (or another process count's rank 0) makes the same
@@ -33,7 +35,15 @@ import torch
 from kagglekd.config import DistillConfig
 from kagglekd.losses import IGNORE_INDEX
 
-__all__ = ["GENERATION_COLUMNS", "GenerationPlan", "OnPolicy", "continuation_labels", "generation_plan"]
+__all__ = [
+    "GENERATION_COLUMNS",
+    "GenerationPlan",
+    "OnPolicy",
+    "continuation_labels",
+    "generation_plan",
+    "sar_scope",
+    "teacher_scope",
+]
 
 # history.csv columns of a run that generates: the share of the step's wall time spent in ``generate`` and the
 # mean generated length (tokens up to and including EOS) of the step's generated rows (NaN: none this step).
@@ -74,6 +84,48 @@ def continuation_labels(sequences: torch.Tensor, prompt: int, eos_id: int | None
         after_eos = (is_eos.long().cumsum(1) - is_eos.long()) > 0  # an EOS strictly before this token
         labels[:, prompt - 1 :][after_eos] = IGNORE_INDEX
     return labels
+
+
+def sar_scope(sequences: torch.Tensor, generated: torch.Tensor, prompt: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """What SAR's regularisers read on a generated micro-batch, in its own positions: ``sequences`` ``[b, S]``
+    ids and their ``generated`` ``[b, S - 1]`` labels (``continuation_labels``) -> ``(teacher_labels, positions)``.
+
+    ``teacher_labels`` ``[b, S - 1]``: the targets of the teacher's CE, the prompt's own next tokens (targets
+    ``0 .. prompt - 2``), -100 elsewhere. The prompt is the only real data in the micro-batch: the continuation
+    was sampled (by the student, or under seq_kd by the teacher itself), and a CE on it would train the teacher
+    to predict those samples instead of keeping it good on the data. The data block's own labels past the prompt
+    are real tokens, but the teacher never read their real context there (its inputs are generated tokens), so
+    they are no target either. Causal attention makes the prompt's logits the ones a forward on the data block
+    gives, so this regulariser costs no second forward.
+
+    ``positions`` ``[b, S - 1]`` bool: the positions whose routing the load balance and the router entropy
+    average over: every position that reads real text, the prompt and the generated tokens up to each row's
+    end (the position whose target is its EOS), never the padding after it (a data block: every position).
+    """
+    teacher_labels = sequences[:, 1:].clone()
+    teacher_labels[:, prompt - 1 :] = IGNORE_INDEX
+    in_prompt = torch.arange(generated.shape[1], device=generated.device) < prompt
+    return teacher_labels, in_prompt[None, :] | (generated != IGNORE_INDEX)
+
+
+def teacher_scope(aligned, prompt: int, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``sar_scope`` in the teacher's own tokens (cross-tokenizer): ``aligned`` (``AlignedBatch`` of the generated
+    sequences), ``positions`` ``[b, S - 1]`` from ``sar_scope`` -> ``(teacher_labels, positions)``, ``[b, T_t]``.
+
+    A teacher position counts as having read only the prompt when it has read no more text than student position
+    ``prompt - 1`` (``aligned.context``, the last teacher position that has read no more than each student
+    position; its running maximum stands in where one is unset). The CE keeps the teacher's targets that are
+    tokens wholly inside the prompt's text; the balance reads the teacher positions that have read no more than
+    the last of ``positions`` (a token straddling the prompt's end, or the row's end, is left out)."""
+    context = aligned.context if aligned.context is not None else aligned.target
+    read = context.cummax(1).values  # [b, S - 1] last teacher position that has read no more than t (-1: none)
+    teacher_positions = torch.arange(aligned.teacher_ids.shape[1], device=read.device)[None, :]
+    prompt_read = read[:, prompt - 1 : prompt]  # [b, 1]: teacher tokens 0 .. this one lie inside the prompt
+    labels = aligned.teacher_labels.masked_fill(teacher_positions >= prompt_read, IGNORE_INDEX)
+    steps = torch.arange(positions.shape[1], device=positions.device)
+    last = torch.where(positions, steps, -1).max(1, keepdim=True).values.to(read.device)  # [b, 1]
+    ends = read.gather(1, last.clamp(min=0)).masked_fill(last < 0, -1)
+    return labels, teacher_positions <= ends
 
 
 class _VocabLimit:

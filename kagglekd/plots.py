@@ -26,6 +26,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from kagglekd.config import COMPONENTS
+from kagglekd.schedule import count_noun
 
 GiB = 1024**3
 MiB = 1024**2
@@ -43,6 +44,7 @@ _PART_LABELS = {
     "teacher_logits": "teacher logits",
     "kd_intermediates": "KD intermediates (chunk)",
     "sar_router_states": "SAR router states",
+    "cpu_heap_kept": "freed memory kept for reuse (CPU)",
 }
 # On a CPU the planner's runtime overhead is allocator arenas and thread-pool buffers, not a CUDA context.
 _CPU_PART_LABELS = {**_PART_LABELS, "runtime_overhead": "CPU runtime (allocator, thread pools)"}
@@ -63,11 +65,6 @@ def _save(fig: Figure, path: str | Path | None) -> Figure:
     return fig
 
 
-def _count(number: int, singular: str, plural: str | None = None) -> str:
-    """``1 step`` / ``3 steps``: the noun agrees with the number."""
-    return f"{number} {singular if number == 1 else plural or singular + 's'}"
-
-
 def _size(num_bytes: float) -> str:
     """Bytes as GiB, or as MiB below 0.1 GiB (so small parts do not all read 0.00 GiB)."""
     return f"{num_bytes / GiB:.2f} GiB" if num_bytes >= 0.1 * GiB else f"{num_bytes / MiB:.1f} MiB"
@@ -81,11 +78,12 @@ def _value_label(value: float) -> str:
 
 def plot_lr_plan(plan, path: str | Path | None = None) -> Figure:
     """LR against optimizer step (integer ticks); warmup shaded with its share; micro-batches on a secondary x
-    axis; a marker where the LR first reaches 0 before the end. Short plans mark every step."""
+    axis; a marker where the LR first reaches 0 before the end. Short plans mark every step. The step axis is
+    padded (the first and last dots are whole) and the dots are not clipped at LR 0 (warmup starts there)."""
     fig = Figure(figsize=(9, 4.2), layout="constrained")
     ax = fig.add_subplot(1, 1, 1)
     steps = list(range(plan.optimizer_steps))
-    dots = dict(marker="o", ms=4) if plan.optimizer_steps <= 30 else {}  # one step is one dot, not a line
+    dots = dict(marker="o", ms=4, clip_on=False) if plan.optimizer_steps <= 30 else {}  # a step is a dot
     ax.plot(
         steps, plan.lrs, color="tab:blue", lw=1.8, label=f"{plan.scheduler_type} (peak {plan.learning_rate:g})", **dots
     )
@@ -95,7 +93,7 @@ def plot_lr_plan(plan, path: str | Path | None = None) -> Figure:
             plan.warmup_steps,
             color="tab:orange",
             alpha=0.18,
-            label=f"warmup: {_count(plan.warmup_steps, 'step')} ({plan.warmup_fraction:.1%})",
+            label=f"warmup: {count_noun(plan.warmup_steps, 'step')} ({plan.warmup_fraction:.1%})",
         )
     zero = plan.first_zero_lr_step()
     if zero is not None and zero < plan.optimizer_steps - 1:
@@ -106,11 +104,12 @@ def plot_lr_plan(plan, path: str | Path | None = None) -> Figure:
             color="tab:red",
             ms=10,
             ls="none",
+            clip_on=False,  # on the axis line: a whole cross, not its upper half
             label=f"LR hits 0 at step {zero} of {plan.optimizer_steps}",
         )
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("learning rate")
-    ax.set_xlim(0, max(1, plan.optimizer_steps - 1))
+    ax.set_xlim(*_step_limits(pd.Series(steps)))
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylim(bottom=0)
     ax.grid(alpha=0.3)
@@ -119,8 +118,8 @@ def plot_lr_plan(plan, path: str | Path | None = None) -> Figure:
     top.xaxis.set_major_locator(MaxNLocator(integer=True))
     top.set_xlabel(f"micro-batches (step x accumulation {ga})")
     ax.set_title(
-        f"LR plan: {_count(plan.optimizer_steps, 'optimizer step')}, "
-        f"{_count(plan.batches_per_epoch, 'batch', 'batches')} per epoch",
+        f"LR plan: {count_noun(plan.optimizer_steps, 'optimizer step')}, "
+        f"{count_noun(plan.batches_per_epoch, 'batch', 'batches')} per epoch",
         fontsize=11,
     )
     ax.legend(**_LEGEND)
@@ -131,7 +130,8 @@ def plot_memory(memory_plan, path: str | Path | None = None) -> Figure:
     """One stacked bar of the predicted parts against the device's capacity line, the fraction annotated.
 
     The device of the plan decides the words: on ``cpu`` the capacity is system RAM and the runtime overhead
-    is the CPU allocator's, not a CUDA context."""
+    is the CPU allocator's, not a CUDA context. A plan under ``ZOOM_BELOW`` of the capacity (a SMOKE run's tiny
+    models) also gets an inset of its parts on their own scale (``_zoom_parts``)."""
     on_cpu = memory_plan.gpu == "cpu"
     part_labels = _CPU_PART_LABELS if on_cpu else _PART_LABELS
     device = "CPU (system RAM)" if on_cpu else memory_plan.gpu
@@ -167,7 +167,30 @@ def plot_memory(memory_plan, path: str | Path | None = None) -> Figure:
     ax.set_title(f"Predicted peak memory on {device} ({memory_plan.kd_mode} KD)", fontsize=11)
     handles, labels = ax.get_legend_handles_labels()
     ax.legend(handles[::-1], labels[::-1], **{**_LEGEND, "loc": "center left", "bbox_to_anchor": (1.02, 0.5)})
+    if 0 < memory_plan.total < ZOOM_BELOW * memory_plan.capacity:  # a sliver against the capacity: zoom in
+        _zoom_parts(ax, [value for _, value in parts], [colors(i % 20) for i in range(len(parts))])
     return _save(fig, path)
+
+
+ZOOM_BELOW = 0.15  # a memory plan under this fraction of the capacity gets the zoomed inset of its parts
+
+
+def _zoom_parts(ax, values: list[float], colours: list) -> None:
+    """An inset in the empty middle of the memory chart (under the 85 % line): the same stacked parts on their
+    own scale, in MiB below 1 GiB, so a plan of 1 % of the capacity still shows what it is made of."""
+    total = sum(values)
+    unit, scale = ("MiB", MiB) if total < GiB else ("GiB", GiB)
+    inset = ax.inset_axes((0.3, 0.2, 0.4, 0.45))
+    bottom = 0.0
+    for value, colour in zip(values, colours):
+        inset.bar([0], [value / scale], bottom=bottom, width=0.5, color=colour)
+        bottom += value / scale
+    inset.set_xlim(-0.6, 0.6)
+    inset.set_xticks([])
+    inset.set_ylim(0, bottom * 1.1)
+    inset.set_ylabel(unit, fontsize=8)
+    inset.tick_params(labelsize=8)
+    inset.set_title(f"zoom: the {_size(total)} to scale", fontsize=9)
 
 
 # ---- history -------------------------------------------------------------------------------------------
@@ -252,6 +275,13 @@ def _step_limits(steps: pd.Series) -> tuple[float, float]:
     return low - pad, high + pad
 
 
+def _in_a_dip(points: list[tuple[float, float]], index: int) -> bool:
+    """Whether point ``index`` lies below the mean of its neighbours: the line comes down to it, so a label above
+    it would sit on the line (an eval perplexity falling from one eval to the next)."""
+    neighbours = [points[i][1] for i in (index - 1, index + 1) if 0 <= i < len(points)]
+    return bool(neighbours) and points[index][1] < sum(neighbours) / len(neighbours)
+
+
 def _draw_panel(ax, panel: _Panel, history: pd.DataFrame, steps: pd.Series) -> None:
     for column, label, style in panel.series:
         values = _numeric(history, column)
@@ -261,9 +291,13 @@ def _draw_panel(ax, panel: _Panel, history: pd.DataFrame, steps: pd.Series) -> N
         line = ax.plot(steps[keep], values[keep], label=label, **style)[0]
         if panel.markers:
             points = list(zip(steps[keep], values[keep]))
-            for x, y in points if len(points) <= 6 else points[-1:]:  # many evals: the last value only
-                ax.annotate(_value_label(float(y)), xy=(x, y), xytext=(0, 7), textcoords="offset points",
-                            ha="center", fontsize=8, color=line.get_color())  # fmt: skip
+            shown = range(len(points)) if len(points) <= 6 else [len(points) - 1]  # many evals: the last only
+            for index in shown:
+                x, y = points[index]
+                below = _in_a_dip(points, index)  # a value the line reaches from above: its label under it
+                ax.annotate(_value_label(float(y)), xy=(x, y), xytext=(0, -8 if below else 7),
+                            textcoords="offset points", ha="center", va="top" if below else "baseline",
+                            fontsize=8, color=line.get_color())  # fmt: skip
     if panel.markers:  # room for the values above the points; one value: a +-10 % band around it
         ax.margins(y=0.15)
         values = pd.concat([_numeric(history, c) for c, _, _ in panel.series]).dropna()

@@ -321,7 +321,7 @@ def write_model_card(
     teacher = evaluation.distiller.teacher_side.describe() if evaluation.distiller.teacher is not None else {}
     lines += _card_training(cfg, _read_json(run_dir / SUMMARY_FILE), teacher)
     lines += _card_results(evaluation, eval_rows, size_rows, samples)
-    lines += _card_use_and_limitations(student)
+    lines += _card_use_and_limitations(student, run_dir / STUDENT_DIR)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines))
     return path
@@ -430,18 +430,27 @@ def _card_results(
     return lines
 
 
-def _card_use_and_limitations(student: dict) -> list[str]:
-    """How to load the student, and what the card's numbers do not show."""
+KAGGLE_WORKING_DIR = Path("/kaggle/working")  # a kernel's saved output; attached elsewhere under /kaggle/input
+
+
+def _card_use_and_limitations(student: dict, student_dir: Path) -> list[str]:
+    """How to load the student from ``student_dir`` (the exported folder, as an absolute path; under
+    /kaggle/working also where it appears once the kernel's output is attached), and what the numbers do not show."""
+    where = student_dir.resolve()
+    use = ["```python", "from transformers import AutoModelForCausalLM, AutoTokenizer", ""]
+    if KAGGLE_WORKING_DIR in where.parents:
+        relative = where.relative_to(KAGGLE_WORKING_DIR)
+        use.append(f"# in another notebook (Add Input > this notebook's output): /kaggle/input/<notebook>/{relative}")
+    use += [
+        f"model = AutoModelForCausalLM.from_pretrained({json.dumps(str(where))})",
+        f"tokenizer = AutoTokenizer.from_pretrained({json.dumps(str(where))})",
+        "```",
+    ]
     return [
         "",
         "## Use",
         "",
-        "```python",
-        "from transformers import AutoModelForCausalLM, AutoTokenizer",
-        "",
-        'model = AutoModelForCausalLM.from_pretrained("path/to/student")',
-        'tokenizer = AutoTokenizer.from_pretrained("path/to/student")',
-        "```",
+        *use,
         "",
         "## Limitations",
         "",

@@ -82,6 +82,11 @@ def batches_per_epoch(blocks: int, batch_size: int, processes: int = 1) -> int:
     return blocks // (batch_size * processes)
 
 
+def count_noun(number: int, singular: str, plural: str | None = None) -> str:
+    """``1 step`` / ``3 steps``: the number and its noun in agreement (``plural`` default: ``singular + "s"``)."""
+    return f"{number} {singular if number == 1 else plural or singular + 's'}"
+
+
 def optimizer_steps_per_epoch(batches_per_epoch: int, gradient_accumulation_steps: int) -> int:
     """Optimizer steps in one epoch: the final partial accumulation window steps too."""
     return math.ceil(batches_per_epoch / gradient_accumulation_steps)
@@ -107,9 +112,10 @@ def plan_schedule(config: DistillConfig, batches_per_epoch: int) -> SchedulePlan
         warmup, field = math.ceil(config.warmup_ratio * total), "warmup_ratio"
     if warmup >= total and warmup > 0:
         raise ConfigError(
-            f"{field} gives {warmup} warmup steps but the run has only {total} optimizer steps "
-            f"({batches_per_epoch} batches/epoch / accumulation {ga} = {steps_per_epoch} steps/epoch): the LR "
-            "would never leave warmup. Lower the warmup (e.g. warmup_ratio 0.05) or train longer.",
+            f"{field} gives {count_noun(warmup, 'warmup step')} but the run has only "
+            f"{count_noun(total, 'optimizer step')} ({count_noun(batches_per_epoch, 'batch', 'batches')}/epoch / "
+            f"accumulation {ga} = {count_noun(steps_per_epoch, 'step')}/epoch): the LR would never leave warmup. "
+            "Lower the warmup (e.g. warmup_ratio 0.05) or train longer.",
             field=field,
         )
     kwargs = scheduler_kwargs(config, total)

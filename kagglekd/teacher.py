@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from kagglekd import alignment, data, losses, models, moe
+from kagglekd import alignment, data, losses, models, moe, onpolicy
 from kagglekd.config import DistillConfig
 from kagglekd.errors import ConfigError
 
@@ -138,33 +138,63 @@ class TeacherSide:
         logits = logits.to(self.student_device, non_blocking=True)
         return logits if self.cross is not None else match_vocab(logits, self.student_vocab)
 
-    def outputs(self, micro_batch: torch.Tensor, num_items: int, rows: torch.Tensor | None = None):
-        """``TeacherOutputs`` of one ``[b, L + 1]`` micro-batch (``rows``: its train-block indices, for a cache);
-        None when the run has no teacher signal (CE-only)."""
+    def outputs(
+        self,
+        micro_batch: torch.Tensor,
+        num_items: int,
+        rows: torch.Tensor | None = None,
+        generated: torch.Tensor | None = None,
+    ):
+        """``TeacherOutputs`` of one ``[b, S]`` micro-batch (``rows``: its train-block indices, for a cache);
+        None when the run has no teacher signal (CE-only).
+
+        ``generated``: the ``[b, S - 1]`` labels of a generated micro-batch (``onpolicy.continuation_labels``; its
+        first ``prompt_length`` tokens are a data block's), None for a data block. SAR's regularisers then read
+        ``onpolicy.sar_scope``: the teacher's CE covers the prompt's own targets only (real data), the balance and
+        entropy the positions up to each row's end. The router term is the micro-batch's per-position mean of the
+        regularisers times its share of the window's count, ``valid targets / num_items``, with the targets
+        counted exactly as the window counts them (a generated micro-batch's: its generated tokens). So every
+        counted position carries 1/num_items of its micro-batch's mean, data block or generated, and the terms'
+        weights sum to 1 over a window whatever ``lmbda`` and ``prompt_length`` are."""
         if self.model is None:
             if self.cache is None or self.config.alpha_kd == 0:
                 return None
             return TeacherOutputs(logits=self.cache.get(rows, device=self.student_device))
         input_ids, labels = data.next_token_batch(micro_batch)
-        micro_tokens = max(losses.valid_count(labels), 1)
+        micro_tokens = max(losses.valid_count(labels if generated is None else generated), 1)
+        cfg, positions = self.config, None
+        scoped = generated is not None and cfg.sar
+        if scoped:
+            labels, positions = onpolicy.sar_scope(micro_batch, generated, onpolicy.prompt_length(cfg))
         aligned = None
         if self.cross is not None:
             # the teacher reads the same text in its own tokens; labels are its own next tokens (SAR's CE)
             aligned = self.cross.align(micro_batch)
             input_ids, labels = aligned.teacher_ids, aligned.teacher_labels
-        cfg = self.config
+            if scoped:
+                labels, positions = onpolicy.teacher_scope(aligned, onpolicy.prompt_length(cfg), positions)
         if not (cfg.sar or cfg.ka_samples or self.hidden_wanted or self.attention_layers):
             out = TeacherOutputs(logits=self.logits(input_ids))
         else:
-            out = self._instrumented(input_ids.to(self.device), labels.to(self.device), micro_tokens, num_items)
+            move = lambda t: t.to(self.device) if t is not None else None
+            out = self._instrumented(move(input_ids), move(labels), micro_tokens, num_items, move(positions))
             out = out.to(self.student_device) if self.device != self.student_device else out
             if self.cross is None:
                 out.logits = match_vocab(out.logits, self.student_vocab)
         out.aligned = aligned.to(self.student_device) if aligned is not None else None
         return out
 
-    def _instrumented(self, input_ids: torch.Tensor, labels: torch.Tensor, micro_tokens: int, num_items: int):
-        """The forward with hooks: hidden states, attention maps, KA sampling, SAR's router term (with grad)."""
+    def window_outputs(self, window, index: int, num_items: int):
+        """``outputs`` of micro-batch ``index`` of the trainer's ``Window`` (a generated one's labels in
+        ``window.micro_labels``)."""
+        generated = window.micro_labels[index] if window.micro_labels is not None else None
+        return self.outputs(window.micro_batches[index], num_items, window.micro_rows[index], generated)
+
+    def _instrumented(self, input_ids, labels, micro_tokens: int, num_items: int, positions=None):
+        """The forward with hooks: hidden states, attention maps, KA sampling, SAR's router term (with grad).
+
+        ``input_ids`` / ``labels`` ``[b, T]`` (the teacher's CE targets), ``positions`` ``[b, T]`` bool or None
+        (all): whose routing balance and entropy read; ``micro_tokens``: the micro-batch's counted targets."""
         cfg = self.config
         grad = torch.enable_grad() if cfg.sar else torch.no_grad()
         routers = moe.capture_router_logits(self.model, self.patterns) if cfg.sar else nullcontext()
@@ -185,10 +215,10 @@ class TeacherSide:
                 out.hidden = result.hidden_states if self.hidden_wanted else None
                 out.maps = [m.detach() for m in capture.maps()] if layers else None
             if cfg.sar:
-                regs = moe.router_regularisers(
-                    self.model, self.initial_routers, routed, patterns=self.patterns, top_k=self.own_top_k
-                )
-                teacher_ce = losses.ce_loss(out.logits, labels, num_items=micro_tokens)
+                regs = moe.router_regularisers(self.model, self.initial_routers, routed, token_mask=positions,
+                                               patterns=self.patterns, top_k=self.own_top_k)  # fmt: skip
+                # a mean over the CE's own targets: a generated micro-batch's are its prompt's, not its counted ones
+                teacher_ce = losses.ce_loss(out.logits, labels)  # num_items None: / its own valid targets
                 mean = (
                     cfg.sar_anchor_weight * regs["anchor"]
                     + cfg.sar_balance_weight * regs["balance"]

@@ -199,7 +199,7 @@ class Distiller:
         if cfg.teacher_cache is not None:
             from kagglekd.teacher_cache import open_cache
 
-            cache = open_cache(cfg.teacher_cache, self.cache_manifest())
+            cache = open_cache(kit_env.local_path(cfg.teacher_cache), self.cache_manifest())
         self.teacher_cache = cache
         self.eval_blocks = self.blocks.eval if cfg.eval_max_blocks is None else self.blocks.eval[: cfg.eval_max_blocks]
 
@@ -267,14 +267,14 @@ class Distiller:
         # Sums stay on the device until the window ends: no host sync between micro-batches, so under split the
         # teacher's prefetched forward (its own GPU) runs while the student's backward runs on the other.
         sums = torch.zeros(1 + len(COMPONENTS), dtype=torch.float64, device=self.device)  # loss, *COMPONENTS
-        batches, rows, prefetch = window.micro_batches, window.micro_rows, self.strategy == "split"
-        upcoming = self.teacher_side.outputs(batches[0], num_items, rows[0]) if prefetch else None
+        batches, prefetch = window.micro_batches, self.strategy == "split"
+        upcoming = self.teacher_side.window_outputs(window, 0, num_items) if prefetch else None
         for index, micro_batch in enumerate(batches):
             last = index == len(batches) - 1
             with nullcontext() if last else self.accelerator.no_sync(self.student):
-                teacher = upcoming if prefetch else self.teacher_side.outputs(micro_batch, num_items, rows[index])
+                teacher = upcoming if prefetch else self.teacher_side.window_outputs(window, index, num_items)
                 if prefetch and not last:  # queued on the teacher's GPU before the student's backward
-                    upcoming = self.teacher_side.outputs(batches[index + 1], num_items, rows[index + 1])
+                    upcoming = self.teacher_side.window_outputs(window, index + 1, num_items)
                 loss, parts = self._loss_step(micro_batch, teacher, num_items, window.targets(index))
                 # DDP averages gradients over ranks; the loss is already a global mean, so undo that average.
                 self.accelerator.backward(loss * self.world)

@@ -199,9 +199,28 @@ def _real_batch(student_tok, metaspace_tok, dtype=torch.float64):
     return cross, aligned, labels, student.requires_grad_(), teacher
 
 
+def _with_extras_and_missing(vocab_map, teacher):
+    """The map with two unmapped teacher ids added to shared slots 0 and 1 (slots spelled by several teacher
+    ids) and the teacher's logits cut before the last mapped id (a slot with no teacher id within the width)."""
+    to_shared = vocab_map.teacher_to_shared.clone()
+    unmapped = (to_shared < 0).nonzero().squeeze(-1)
+    to_shared[unmapped[:2]] = torch.tensor([0, 1])
+    mapped = (to_shared >= 0).nonzero().squeeze(-1)
+    width = int(mapped[-1])  # the last mapped teacher id falls outside the logits
+    assert int((to_shared == to_shared[mapped[-1]]).sum()) == 1
+    changed = alignment.VocabMap(to_shared, vocab_map.shared, vocab_map.teacher_vocab, vocab_map.student_vocab)
+    return changed, teacher[..., :width].detach().clone()
+
+
+@pytest.mark.parametrize("variant", ["plain", "extras-and-missing"])
 @pytest.mark.parametrize("temperature", [1.0, 2.0])
-def test_dense_forward_kl_equals_the_tail_bucket_loss(student_tok, metaspace_tok, temperature):
+def test_dense_forward_kl_equals_the_tail_bucket_loss(student_tok, metaspace_tok, temperature, variant):
     cross, aligned, labels, student, teacher = _real_batch(student_tok, metaspace_tok)
+    if variant != "plain":
+        vocab_map, teacher = _with_extras_and_missing(cross.vocab_map, teacher)
+        primary, missing, extras, _ = vocab_map.gather_plan(teacher.shape[-1], teacher.device)
+        assert extras and missing is not None and int(missing.sum()) == 1
+        cross.vocab_map = vocab_map
     options = KDOptions(temperature=temperature)
     assert alignment._dense_applies(student, teacher, cross.vocab_map, options)
     dense, stats = alignment.cross_kd_loss(student, teacher, aligned, labels, cross.vocab_map, options)

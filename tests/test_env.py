@@ -190,6 +190,28 @@ def test_off_kaggle_a_presets_kaggle_working_dir_maps_to_a_local_folder(monkeypa
     assert env.local_path(preset.output_dir) == preset.output_dir  # on Kaggle: unchanged
 
 
+def test_off_kaggle_a_teacher_cache_under_kaggle_working_maps_like_the_output_dir(monkeypatch, tmp_path):
+    """cache-teacher writes <output_dir>/teacher_cache, mapped off Kaggle; a config naming that cache by its
+    /kaggle/working path must read it from the same local folder (it was left unmapped: a missing-cache error)."""
+    from kagglekd.__main__ import _load_config, build_parser
+    from kagglekd.config import DistillConfig
+    from kagglekd.launch import run_config
+
+    preset = DistillConfig.load("smollm2-360m-to-135m-t4x2").to_dict()
+    preset.update(kd_top_k=8, teacher_cache="/kaggle/working/kd/teacher_cache")
+    mapped = str(tmp_path / "kd" / "teacher_cache")
+    assert env.notebook_config(preset).teacher_cache == mapped
+    config = DistillConfig.from_dict(preset)
+    assert run_config(config).teacher_cache == mapped  # launch.train's config
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(preset))
+    assert _load_config(build_parser().parse_args(["train", "--config", str(path)])).teacher_cache == mapped
+    for outside in ("/kaggle/input/cache", "caches/mine", None):  # read-only inputs and other paths: unchanged
+        assert env.local_config(config.replace(teacher_cache=outside)).teacher_cache == outside
+    monkeypatch.setenv("KAGGLE_KERNEL_RUN_TYPE", "Interactive")
+    assert env.notebook_config(preset).teacher_cache == "/kaggle/working/kd/teacher_cache"  # on Kaggle: as given
+
+
 # ---- SMOKE and the real run in one session -----------------------------------------------------------------
 def test_a_smoke_run_then_the_real_run_of_the_same_preset_does_not_resume_the_smoke_checkpoint(tmp_path, use_kit_cache):
     """Mend: 02_train with SMOKE = True, then SMOKE = False in the same session, shared the run dir: the real run
@@ -252,6 +274,27 @@ def test_the_real_commit_bar_and_interactive_bars_unchanged(monkeypatch):
         else:
             monkeypatch.setenv("KAGGLE_KERNEL_RUN_TYPE", run_type)
         assert env.progress_bar() is tqdm.auto.tqdm  # behaviour unchanged outside commit runs
+
+
+@pytest.mark.parametrize("run_type, most", [("Batch", 12), ("Interactive", 22), (None, 22)])
+def test_the_sessions_relay_passes_a_few_lines_per_bar(monkeypatch, run_type, most):
+    """env.progress_relay: a training child's bar redraws on every step (set_postfix refreshes bypass
+    mininterval), 601 lines for 600 steps at 1 s. A commit run's relay passes a line per 10 % / minute, a watched
+    cell's per 5 % / 10 s, each with the bar's first and final state; other lines all pass."""
+    if run_type is None:
+        monkeypatch.delenv("KAGGLE_KERNEL_RUN_TYPE", raising=False)
+    else:
+        monkeypatch.setenv("KAGGLE_KERNEL_RUN_TYPE", run_type)
+    steps = 600
+    lines = [tqdm.std.tqdm.format_meter(n, steps, n * 1.0, prefix="distil", unit="step") for n in range(steps + 1)]
+    lines.insert(300, "error: something the kit says")
+    relay = env.progress_relay()
+    shown = [out for line in lines for out in relay.lines(line)] + relay.finish()
+    bars = [line for line in shown if "%|" in line]
+    assert bars[0].startswith("distil:   0%") and "600/600" in bars[-1] and len(bars) <= most, len(bars)
+    assert "error: something the kit says" in shown
+    if run_type != "Batch":  # a watched cell: more often than a commit run's log
+        assert len(bars) > 12
 
 
 def test_progress_relay_thins_a_childs_bar_lines_in_commit_runs():

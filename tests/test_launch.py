@@ -327,7 +327,7 @@ def test_the_relay_of_a_childs_bars_is_thinned_in_commit_runs_only(tmp_path, mon
     if run_type == "Batch":
         assert len(bars) <= 12 and bars[0].startswith("distil:   0%")
     else:
-        assert len(bars) == 301
+        assert 12 < len(bars) <= 22
 
 
 def test_launch_max_steps_sets_the_plan_and_stop_after_pauses(tmp_path, use_kit_cache):

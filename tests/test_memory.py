@@ -436,8 +436,9 @@ def test_unfused_logits_are_counted_once_their_gradient_is_the_losses_held_buffe
 
 
 def test_unfused_cross_tokenizer_forward_kl_plans_dense_targets():
-    """Unfused forward KL over every shared token builds dense float32 [B, T, V_s] targets (and four [chunk, V_s]
-    buffers while building them); another divergence keeps the k-wide mapped targets."""
+    """Unfused forward KL over every shared token computes its closed form per row block (plus the block's two
+    [block, V_t] teacher buffers) and builds no targets; another divergence keeps the k-wide mapped targets and
+    the mapping's [chunk, V_t] buffers."""
     teacher = AutoConfig.for_model(**{**MID["teacher"], "vocab_size": 8192})
     student = AutoConfig.for_model(**MID["student"])
     config = DistillConfig(batch_size=4, max_length=256, loss_chunk_size=512, cross_tokenizer=True, use_amp=False)
@@ -445,7 +446,8 @@ def test_unfused_cross_tokenizer_forward_kl_plans_dense_targets():
     dense = plan_memory(config, **kw).parts["kd_intermediates"]
     mapped = plan_memory(config.replace(divergence="reverse_kl"), **kw).parts["kd_intermediates"]
     tokens, vocab, chunk = 4 * 256, 16384, 512
-    assert dense - mapped == tokens * vocab * 4 + 4 * chunk * vocab * 4 - chunk * 8192 * 8
+    block = rows_per_block(vocab, chunk, torch.device("cpu"))
+    assert dense - mapped == block * 8192 * 8 - (tokens * (3000 * 4 + 4) + chunk * 8192 * 8)
 
 
 def test_on_policy_generation_adds_the_kv_cache_of_the_generating_model():

@@ -21,6 +21,7 @@ REPO = Path(__file__).resolve().parents[1]
 NOTEBOOKS = ["00_setup", "01_diagnostics", "02_train", "03_evaluate"]
 PNG = b"\x89PNG\r\n\x1a\n"
 TIMINGS: dict[str, float] = {}
+BUNDLE_MAX_STEPS = 3  # the executed bundle's plan: not SMOKE's 4 steps
 
 
 def execute(source: Path, out: Path, cwd: Path, **parameters) -> nbformat.NotebookNode:
@@ -177,10 +178,33 @@ def bundled(child_env, staged, tmp_path_factory):
     work = tmp_path_factory.mktemp("bundled")
     meta = json.loads((REPO / "kaggle_kernel" / "kernel-metadata.json").read_text())
     child_env.delenv("PYTHONPATH", raising=False)  # only the embedded kit
-    notebook = execute(
-        REPO / "kaggle_kernel" / meta["code_file"], work / "bundle.out.ipynb", work, RUN_DIR=str(work / "run")
+    notebook = execute(  # MAX_STEPS 3 (SMOKE plans 4): the bundle passes its parameter through to the plan
+        REPO / "kaggle_kernel" / meta["code_file"],
+        work / "bundle.out.ipynb",
+        work,
+        RUN_DIR=str(work / "run"),
+        MAX_STEPS=BUNDLE_MAX_STEPS,
     )
     return smoke_run_dir(work / "run"), notebook
+
+
+def test_02_train_pauses_at_stop_after_and_a_second_run_finishes_the_plan(child_env, tmp_path):
+    """02's STOP_AFTER pauses the session with a checkpoint and no export; running 02 again (STOP_AFTER unset)
+    resumes and finishes the plan that MAX_STEPS set (5 steps here, SMOKE plans 4)."""
+    child_env.setenv("PYTHONPATH", str(REPO))
+    source, run_dir = REPO / "notebooks" / "02_train.ipynb", tmp_path / "run"
+    first = execute(source, tmp_path / "first.ipynb", tmp_path, RUN_DIR=str(run_dir), MAX_STEPS=5, STOP_AFTER=2)
+    run_dir = smoke_run_dir(run_dir)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert (summary["optimizer_steps"], summary["planned_steps"], summary["paused"]) == (2, 5, True)
+    assert not (run_dir / "student").exists() and "paused after optimizer step 2 of 5" in output_text(first)
+    shown = assert_tables_whole(first, "summary.items()")  # the resume command whole in the summary table
+    assert summary["resume"] in shown and summary["resume"].endswith("with resume 'auto').")
+    second = execute(source, tmp_path / "second.ipynb", tmp_path, RUN_DIR=str(tmp_path / "run"), MAX_STEPS=5)
+    child_env.delenv("PYTHONPATH", raising=False)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert (summary["optimizer_steps"], summary["planned_steps"], summary["paused"]) == (5, 5, False)
+    assert "resuming from" in output_text(second) and (run_dir / "student" / "config.json").is_file()
 
 
 # ---- committed notebooks: thin, parameterised, without outputs ---------------------------------------------
@@ -215,6 +239,8 @@ def test_00_setup(staged):
     assert json.loads((run_dir / "doctor.json").read_text())["exit_code"] == 0
     assert "torch build" in assert_tables_whole(executed["00_setup"], "table(doctor.rows())")
     assert assert_tables_whole(executed["00_setup"], "doctor.checks")[:3] == ["severity", "message", "fix"]
+    presets = assert_tables_whole(executed["00_setup"], "preset_names()")  # a table, not a DataFrame with its index
+    assert presets[:3] == ["preset", "teacher_model", "student_model"] and "tiny-cpu" in presets
     config = assert_tables_whole(executed["00_setup"], "config.to_dict()")
     assert config[:2] == ["key", "value"] and len(config) == 2 + 2 * len(env.notebook_config("tiny-cpu").to_dict())
 
@@ -251,6 +277,8 @@ def test_02_train(staged):
     header, rows = cells[:width], [cells[i : i + width] for i in range(width, len(cells), width)]
     ppl = [row[header.index("eval_ppl")] for row in rows]
     assert len(rows) == 4 and "" in ppl and any(ppl), ppl  # blank on steps without an eval, a number on the others
+    summaries = assert_tables_whole(notebook, "summary.items()")  # the CE-only twin has no agreement: a blank
+    assert summaries.count("optimizer_steps") == 2 and summaries.count("eval_top1_agreement") == 2
 
 
 def test_03_evaluate(staged):
@@ -309,6 +337,9 @@ def test_bundled_kernel_notebook(bundled):
     for expected in ("severity", "tokens_per_s", "eval_ppl", "top1_agreement", "mb_on_disk", "launch: in-process"):
         assert expected in text, expected
     assert (run_dir / "student" / "README.md").is_file()
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["optimizer_steps"] == summary["planned_steps"] == BUNDLE_MAX_STEPS  # MAX_STEPS set the plan
+    assert json.loads((run_dir / "train_config.json").read_text())["max_steps"] == BUNDLE_MAX_STEPS  # and 01's
     # the charts are in the notebook itself: LR plan, memory, component shares, dry-run history (01), the live
     # chart (02), perplexity, size/speed, history (03)
     assert png_outputs(notebook) >= 8

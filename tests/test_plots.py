@@ -5,6 +5,7 @@ writes its PNG and updates one handle."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import math
 import sys
@@ -19,7 +20,7 @@ from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 from transformers import LlamaConfig
 
-from kagglekd import plots, report
+from kagglekd import demo, plots, report
 from kagglekd.config import COMPONENTS, DistillConfig
 from kagglekd.memory import plan_memory
 from kagglekd.metrics import HISTORY_COLUMNS
@@ -207,6 +208,9 @@ def kit_figures(directory, monkeypatch) -> dict[str, object]:
         {"model": "student (KD)", "parameters_m": 0.643, "forward_tokens_per_s": 376.0, "generate_tokens_per_s": 40},
     ]
     makers["size_speed"] = (report.plot_size_speed, sizes)
+    for name, runs in ablation_runs().items():  # demo's ablation chart, outside plots.py
+        chart = functools.partial(demo._plot_ablation, seeds=len({run["seed"] for run in runs}), steps=60)
+        makers[f"ablation_{name}"] = (chart, demo.summarise_ablation(runs))
     figures = {name: make(data, directory / f"{name}.png") for name, (make, data) in makers.items()}
     recorded = []
 
@@ -222,6 +226,20 @@ def kit_figures(directory, monkeypatch) -> dict[str, object]:
     return figures
 
 
+def ablation_runs() -> dict[str, list[dict]]:
+    """Rows of ``demo.run_ablation``'s runs: three variants over three seeds, and one variant with one seed (sd
+    NaN, all bars one height)."""
+    three = [
+        {"variant": variant, "seed": seed, "eval_ppl": 200.0 + 4 * index + seed, "top1_agreement": 0.3 + 0.01 * seed,
+         "train_time_s": 60.0, "tokens_per_s": 900.0}
+        for index, variant in enumerate(("CE-only", "KD", "SAR+KA"))
+        for seed in range(3)
+    ]  # fmt: skip
+    one = [{"variant": "KD", "seed": 0, "eval_ppl": 31.7, "top1_agreement": 0.72, "train_time_s": 9.0,
+            "tokens_per_s": 800.0}]  # fmt: skip
+    return {"seeds": three, "one": one}
+
+
 @pytest.fixture(scope="module")
 def figures(tmp_path_factory):
     with pytest.MonkeyPatch.context() as patch:
@@ -230,7 +248,7 @@ def figures(tmp_path_factory):
 
 def test_the_figure_walk_covers_every_plot_function(figures):
     made = {name.split("_")[0] for name in figures}
-    assert {"lr", "memory", "history", "shares", "eval", "size", "diagnose"} <= made
+    assert {"lr", "memory", "history", "shares", "eval", "size", "diagnose", "ablation"} <= made
     functions = {name for name in dir(plots) if name.startswith("plot_")}
     assert functions == {"plot_lr_plan", "plot_memory", "plot_history", "plot_component_shares", "plot_eval_comparison"}
     assert len([n for n in figures if n.startswith("diagnose_")]) == 8  # 4 figures x (cpu, T4x2)
@@ -354,6 +372,25 @@ def test_a_single_eval_is_a_marked_value_on_sensible_axes(figures):
         assert f"{value:,.0f}" in [text.get_text() for text in ax.texts]
 
 
+def test_eval_values_are_written_off_their_line(figures):
+    """Each eval's value is written beside its point; a falling perplexity's last value was written above its
+    point, on the line coming down to it. No value's text may cross its own line."""
+    checked = 0
+    for name in ("history_kd", "diagnose_cpu_dry_run_history"):
+        fig = figures[name]
+        renderer = _drawn(fig)
+        ax = next(ax for ax in fig.axes if ax.get_title().startswith("eval perplexity"))
+        (line,) = ax.get_lines()
+        xy = ax.transData.transform(np.column_stack([line.get_xdata(), line.get_ydata()]).astype(float))
+        along = np.concatenate([np.linspace(a, b, 400) for a, b in zip(xy[:-1], xy[1:])]) if len(xy) > 1 else xy
+        for text in ax.texts:
+            box = text.get_window_extent(renderer)
+            inside = (along[:, 0] > box.x0) & (along[:, 0] < box.x1) & (along[:, 1] > box.y0) & (along[:, 1] < box.y1)
+            assert not inside.any(), (name, text.get_text())
+            checked += 1
+    assert checked >= 3
+
+
 def test_lr_plan_ticks_are_whole_steps_and_counts_agree(figures):
     for name in ("lr_1", "lr_3", "lr_7", "lr_400"):
         fig = figures[name]
@@ -367,6 +404,40 @@ def test_lr_plan_ticks_are_whole_steps_and_counts_agree(figures):
     assert figures["lr_3"].axes[0].get_title().startswith("LR plan: 3 optimizer steps, ")
     assert "warmup: 1 step (" in " ".join(_labels(figures["lr_3"].axes[0]))
     assert "warmup: 10 steps (" in " ".join(_labels(figures["lr_400"].axes[0]))
+
+
+def test_lr_plan_points_are_drawn_whole(figures):
+    """The LR plan's first and last steps lay on the x limits (the last dot was cut in half at the right edge) and
+    warmup's LR 0 on the bottom one: every point sits inside the x limits, and one on a y limit is not clipped."""
+    for name in ("lr_1", "lr_3", "lr_7", "lr_400", "diagnose_cpu_lr_plan"):
+        ax = figures[name].axes[0]
+        (left, right), (bottom, top) = ax.get_xlim(), ax.get_ylim()
+        for line in ax.get_lines():
+            xs, ys = np.asarray(line.get_xdata(), float), np.asarray(line.get_ydata(), float)
+            assert (xs > left).all() and (xs < right).all(), (name, line.get_label(), (left, right))
+            on_edge = np.isclose(ys, bottom) | np.isclose(ys, top)
+            if line.get_marker() not in ("None", "", None) and on_edge.any():
+                assert not line.get_clip_on(), (name, line.get_label())
+
+
+def test_a_small_memory_plan_shows_its_parts_zoomed(figures):
+    """A plan of 1 % of the capacity was a sliver at the bottom of the bar chart: an inset shows the same stacked
+    parts on their own scale; a plan that fills the chart gets none."""
+    from kagglekd.memory import plan_memory
+
+    plan = plan_memory(DistillConfig(), gpu="cpu", teacher_cfg=_tiny_config(), student_cfg=_tiny_config())
+    assert plan.total < 0.05 * plan.capacity
+    for fig in (plots.plot_memory(plan), figures["memory_cpu"], figures["memory_T4"]):
+        (main,) = fig.axes
+        (inset,) = main.child_axes
+        assert inset.get_title().startswith("zoom: the ") and inset.get_ylabel() in ("MiB", "GiB")
+        heights = sum(patch.get_height() for patch in inset.patches)
+        assert inset.get_ylim()[1] >= heights > 0
+    heights = sum(patch.get_height() for patch in plots.plot_memory(plan).axes[0].child_axes[0].patches)
+    assert heights == pytest.approx(plan.total / plots.MiB)  # the parts, in MiB
+    full = dataclasses.replace(plan, capacity=plan.total / 0.6)
+    assert plots.plot_memory(full).axes[0].child_axes == []
+    assert figures["diagnose_T4x2_memory"].axes[0].child_axes == []  # 36 % of a T4: the bar speaks for itself
 
 
 def test_memory_labels_follow_the_plan_device(figures):
@@ -384,6 +455,15 @@ def test_size_speed_panels_are_named_by_their_measure(figures):
     assert [ax.get_title() for ax in axes] == [t for _, t, _ in report.SIZE_SPEED_PANELS]
     assert [ax.get_ylabel() for ax in axes] == [y for _, _, y in report.SIZE_SPEED_PANELS]
     assert "0.643" in [text.get_text() for text in axes[0].texts]  # the value is on its bar, not in the title
+
+
+def test_ablation_chart_names_its_counts_and_keeps_equal_bars_on_a_sensible_axis(figures):
+    assert figures["ablation_seeds"]._suptitle.get_text().endswith("over 3 seeds")
+    one = figures["ablation_one"]
+    assert one._suptitle.get_text() == "Ablation: student after 60 steps, mean ± sd over 1 seed"
+    for ax, value in zip(one.axes, (31.7, 0.72)):  # one variant, one seed: no sd, one bar
+        bottom, top = ax.get_ylim()
+        assert bottom < value < top and top - bottom >= 0.1 * value, (ax.get_title(), ax.get_ylim())
 
 
 class _FakeHandle:

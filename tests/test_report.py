@@ -3,6 +3,7 @@ generations are greedy (deterministic), and the model card lists data, config an
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -129,6 +130,22 @@ def test_model_card(evaluation, tmp_path):
         assert expected in text, expected
     default = report.write_model_card(evaluation, rows)
     assert default == evaluation.run_dir / "student" / "README.md"
+
+
+def test_model_card_use_section_loads_the_exported_student(evaluation, tmp_path, monkeypatch):
+    """The card's "Use" code runs as written: it names the exported folder (it said "path/to/student")."""
+    card = report.write_model_card(evaluation, report.perplexity_rows(evaluation)).read_text()
+    code = card.split("## Use", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+    monkeypatch.chdir(tmp_path)  # an absolute path: the code works from any directory
+    namespace: dict = {}
+    exec(code, namespace)
+    student = evaluation.models[report.STUDENT]
+    loaded = namespace["model"].state_dict()
+    assert all(torch.equal(loaded[name], value) for name, value in student.state_dict().items())
+    assert namespace["tokenizer"]("def main():")["input_ids"] == evaluation.tokenizer("def main():")["input_ids"]
+    on_kaggle = "\n".join(report._card_use_and_limitations({}, Path("/kaggle/working/runs/kd/student")))
+    assert 'from_pretrained("/kaggle/working/runs/kd/student")' in on_kaggle
+    assert "/kaggle/input/<notebook>/runs/kd/student" in on_kaggle  # where the saved output is attached
 
 
 def test_plot_size_speed(tmp_path):

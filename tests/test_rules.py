@@ -62,7 +62,7 @@ def only(cfg: DistillConfig, facts: Facts | None = None) -> Finding:
             {"cross_tokenizer": True, "fused_kd": True, "cross_tokenizer_loss": "uld"},
             "config-conflict",
             "cross_tokenizer_loss",
-            {"cross_tokenizer_loss": "exact"},
+            {"cross_tokenizer_loss": "hybrid"},
         ),
         ({"alpha_kd": 0.0, "alpha_feature": 0.2}, "loss-prerequisite", "alpha_feature", {"alpha_feature": 0.0}),
         ({"strategy": "split", "alpha_kd": 0.0, "alpha_ce": 1.0}, "strategy", "strategy", {"strategy": "single"}),

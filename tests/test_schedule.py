@@ -74,6 +74,19 @@ def test_warmup_not_shorter_than_run_is_an_error():
     assert err.value.field == "warmup_steps" and "10 optimizer steps" in str(err.value)
 
 
+def test_warmup_error_counts_agree_with_their_nouns():
+    """A one-step plan with one warmup step said "1 warmup steps ... only 1 optimizer steps"."""
+    with pytest.raises(ConfigError) as err:
+        plan_schedule(DistillConfig(max_steps=1, warmup_steps=1), batches_per_epoch=1)
+    message = str(err.value)
+    assert "gives 1 warmup step but the run has only 1 optimizer step (1 batch/epoch" in message, message
+    assert "= 1 step/epoch)" in message and "1 steps" not in message, message
+    with pytest.raises(ConfigError) as err:
+        plan_schedule(DistillConfig(max_steps=3, warmup_steps=3, gradient_accumulation_steps=2), batches_per_epoch=6)
+    assert "gives 3 warmup steps but the run has only 3 optimizer steps (6 batches/epoch" in str(err.value)
+    assert "= 3 steps/epoch)" in str(err.value)
+
+
 def test_lr_at_outside_plan():
     plan = plan_schedule(DistillConfig(max_steps=5), batches_per_epoch=5)
     with pytest.raises(IndexError):
