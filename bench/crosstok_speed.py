@@ -27,6 +27,7 @@ from pathlib import Path
 
 import pandas as pd
 import torch
+from trainer_step import time_teacher
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from kagglekd import alignment, corpus, data, models
@@ -55,21 +56,10 @@ def step_seconds(teacher: str, cross: bool, steps: int, warmup: int, subset: int
             resume="never",
         )  # fmt: skip
         distiller = Distiller(config).setup()
-        teacher_seconds: list[float] = []
-        outputs = distiller.teacher_side.outputs
-
-        def timed_outputs(*args, **kwargs):
-            started = time.perf_counter()
-            result = outputs(*args, **kwargs)
-            teacher_seconds.append(time.perf_counter() - started)
-            return result
-
-        distiller.teacher_side.outputs = timed_outputs
+        teacher = time_teacher(distiller)
         distiller.train()
         rows = pd.read_csv(Path(out) / "history.csv")
         report = json.loads((Path(out) / "alignment.json").read_text()) if cross else {}
-    per_step = len(teacher_seconds) // steps  # micro-batches per step (the final eval does not call outputs)
-    teacher = [sum(teacher_seconds[i * per_step : (i + 1) * per_step]) for i in range(steps)]
     return (rows["tokens"] / rows["tokens_per_s"]).iloc[warmup:].tolist(), teacher[warmup:], report
 
 

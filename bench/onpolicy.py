@@ -14,11 +14,10 @@ import json
 import statistics
 import sys
 import tempfile
-import time
 
 import pandas as pd
 import torch
-from trainer_step import BASE
+from trainer_step import BASE, time_teacher
 
 from kagglekd.config import DistillConfig
 from kagglekd.trainer import Distiller
@@ -32,22 +31,7 @@ def step_split(lmbda: float) -> dict:
     with tempfile.TemporaryDirectory() as out:
         config = DistillConfig.from_dict({**BASE, **SETTINGS, "lmbda": lmbda, "output_dir": out})
         distiller = Distiller(config).setup()
-        teacher_seconds: list[float] = []
-        outputs = distiller.teacher_side.outputs
-
-        def timed_outputs(*args, **kwargs):
-            started = time.perf_counter()
-            result = outputs(*args, **kwargs)
-            teacher_seconds[-1] += time.perf_counter() - started
-            return result
-
-        step = distiller._train_step
-
-        def timed_step(*args, **kwargs):
-            teacher_seconds.append(0.0)
-            return step(*args, **kwargs)
-
-        distiller.teacher_side.outputs, distiller._train_step = timed_outputs, timed_step
+        teacher_seconds = time_teacher(distiller)
         distiller.train()
         rows = pd.read_csv(f"{out}/history.csv")
     total = rows["tokens"] / rows["tokens_per_s"]
