@@ -8,7 +8,9 @@ what the weights learned, and the pretrained ``tiny-moe-8k`` takes ~20 min to bu
 * ``cross``: ``tiny-moe-8k``'s 8,192-token tokenizer (digits split): offset alignment + vocabulary map.
 
 Each case trains ``--steps`` optimizer steps, ``--repeats`` times, interleaved (same, cross, same, cross, ...) so
-that load on a shared machine hits both alike. A step's time is ``tokens / tokens_per_s`` of its ``history.csv``
+that load on a shared machine hits both alike, each run in a fresh process (``--one``): a run in a process that
+has already trained the other case inherits its heap (CPU runs keep freed memory), which moved the ratio of one
+run by up to 10 % (0.74-0.84 on the idle machine). A step's time is ``tokens / tokens_per_s`` of its ``history.csv``
 row; the first ``--warmup`` steps of each run are dropped and the median over the rest is reported, with the
 teacher's part of each step (``TeacherSide.outputs``, timed around the call) and the rest apart. The
 alignment of every block is precomputed in setup (outside the timed steps); its one-off cost is timed apart,
@@ -21,6 +23,8 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -80,27 +84,44 @@ def precompute_seconds(teacher: str, subset: int) -> dict:
     return {"blocks": len(every), "cold_s": round(cold, 2), "warm_s": round(warm, 2)}
 
 
+def fresh_process(teacher: str, cross: bool, args) -> tuple[list, list, dict]:
+    """``step_seconds`` in a new process of this script (``--one``), so no run starts on another run's heap."""
+    command = [sys.executable, __file__, "--one", teacher, *(["--cross"] if cross else []), "--steps", str(args.steps),
+               "--warmup", str(args.warmup), "--subset", str(args.subset)]  # fmt: skip
+    out = subprocess.run(command, capture_output=True, text=True, check=False)
+    if out.returncode != 0:
+        raise RuntimeError(f"run failed ({' '.join(command)}):\n{out.stderr[-3000:]}")
+    return tuple(json.loads(out.stdout.strip().splitlines()[-1]))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=25)
     parser.add_argument("--warmup", type=int, default=5)
-    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--subset", type=int, default=60, help="stdlib-docs documents (60: ~2,800 blocks)")
+    parser.add_argument("--one", metavar="TEACHER_DIR", help=argparse.SUPPRESS)  # one run, JSON on stdout
+    parser.add_argument("--cross", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.set_num_threads(1)
+    if args.one:
+        print(json.dumps(step_seconds(args.one, args.cross, args.steps, args.warmup, args.subset)))
+        return
     with tempfile.TemporaryDirectory() as folder:
         teachers = {name: random_teacher(Path(folder), *spec) for name, spec in CASES.items()}
         seconds: dict[str, list[float]] = {name: [] for name in CASES}
         teacher: dict[str, list[float]] = {name: [] for name in CASES}
         report: dict = {}
+        per_repeat: list[float] = []  # same / cross of each repeat's medians: the spread the overall figure hides
         for _ in range(args.repeats):
+            medians = {}
             for name in CASES:
-                run, forward, found = step_seconds(
-                    teachers[name], name == "cross", args.steps, args.warmup, args.subset
-                )
+                run, forward, found = fresh_process(teachers[name], name == "cross", args)
+                medians[name] = statistics.median(run)
                 seconds[name] += run
                 teacher[name] += forward
                 report = found or report
+            per_repeat.append(round(medians["same"] / medians["cross"], 3))
         # (a checkout from before the precompute has none to time: the bench then runs there for the step times)
         has_precompute = hasattr(alignment, "precompute_alignment")
         precompute = precompute_seconds(teachers["cross"], args.subset) if has_precompute else None
@@ -116,6 +137,7 @@ def main() -> None:
         "rest_cross_over_same": round(rest["same"] / rest["cross"], 3),
         "tokens_per_s": {name: round(tokens / value) for name, value in median.items()},
         "cross_over_same": round(median["same"] / median["cross"], 3),
+        "cross_over_same_per_repeat": per_repeat,
         "steps_timed": {name: len(values) for name, values in seconds.items()},
         "alignment_precompute": precompute,
         "coverage": report.get("blocks"),

@@ -25,6 +25,12 @@ configs, ``gradient_checkpointing``, ``sar``, the placement of the strategy), on
 ``cpu``. tokens/s: the trainer's own per-step ``tokens_per_s`` (valid targets of the window over all ranks / step
 time), median over the steps after the first (the first warms kernels up).
 
+Generation. The on-policy rows (``lmbda`` 1: every micro-batch is the student's own continuation of its block's
+first half) time ``generate`` per step: the history's ``generation_share`` x step time (``tokens / tokens_per_s``),
+median over the steps after the first, against ``onpolicy.generation_plan`` on the run's device profile with the
+loaded models' configs. On a GPU that is the first measurement of ``DECODE_OVERHEAD_S["gpu"]`` and ``BANDWIDTH``
+in ``kagglekd/onpolicy.py`` (a second table in the Markdown; on CPU it checks their ``"cpu"`` entries).
+
 Precision. ``fp16`` rows force the kit's T4 plan (fp16 autocast + GradScaler, fp16 teacher, fp32 student) by giving
 ``models.precision_for`` compute capability 7.5; ``bf16`` rows force 8.0 and run only where the GPU is >= sm_80
 (``torch.cuda.is_bf16_supported()`` is True on a T4 through emulation, which the kit never trains with). On a CPU
@@ -44,6 +50,7 @@ import contextlib
 import ctypes
 import gc
 import json
+import math
 import os
 import platform
 import shutil
@@ -65,7 +72,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))  # the kit of this checkout, installed or not (also in the ddp workers)
 
-from kagglekd import corpus, memory, models  # noqa: E402
+from kagglekd import corpus, memory, models, onpolicy  # noqa: E402
 from kagglekd.config import DistillConfig  # noqa: E402
 from kagglekd.gpus import GiB  # noqa: E402
 
@@ -109,6 +116,11 @@ class Variant:
         return self.id.replace(":", "-").replace("/", "-").replace(",", "-")
 
 
+# On-policy (GKD) as the kit's rules recommend it: every micro-batch is the student's own continuation of the
+# block's first half (prompt_length / max_new_tokens unset: max_length // 2, then as many as fill the block), and
+# no CE on those samples (alpha_ce 0). These rows time ``generate`` against ``onpolicy.generation_plan``.
+ON_POLICY = {"lmbda": 1.0, "alpha_ce": 0.0}
+
 # In order of importance: a time budget that runs out skips the last ones. "same": the SmolLM2 preset as shipped
 # (fused KD, top-256); "cross": the Huihui-MoE preset as shipped (cross-tokenizer, fused KD, top-256).
 VARIANTS = (
@@ -119,6 +131,8 @@ VARIANTS = (
     Variant("same:unfused,full-vocab", "same", {"fused_kd": False, "kd_top_k": None}),
     Variant("cross:sar", "cross", {"sar": True}),
     Variant("cross:unfused", "cross", {"fused_kd": False}),
+    Variant("same:on-policy", "same", ON_POLICY),
+    Variant("cross:on-policy", "cross", ON_POLICY),
     Variant("same:preset", "same", dtype="bf16"),
     Variant("cross:preset", "cross", dtype="bf16"),
     Variant("same:split", "same", {"strategy": "split"}, gpus=2),
@@ -341,14 +355,21 @@ class Meter:
 
 
 class StepRecorder:
-    """Trainer callback: each optimizer step's history row, and the meter's per-step peak."""
+    """Trainer callback: each optimizer step's history row, and the meter's per-step peak. A run that generates
+    (on-policy / seq_kd) adds the step's seconds in ``generate`` (``generation_share`` x step time, the step time
+    being ``tokens / tokens_per_s``) and its mean generated length."""
 
     def __init__(self, meter: Meter):
         self.meter, self.rows = meter, []
 
     def on_log(self, row: dict) -> None:
         self.meter.step()
-        self.rows.append({k: row.get(k) for k in ("step", "loss", "tokens", "tokens_per_s", "skipped")})
+        recorded = {k: row.get(k) for k in ("step", "loss", "tokens", "tokens_per_s", "skipped")}
+        if "generation_share" in row:
+            step_seconds = row["tokens"] / row["tokens_per_s"] if row["tokens_per_s"] else float("nan")
+            recorded["generation_s"] = row["generation_share"] * step_seconds
+            recorded["generated_length"] = row["generated_length"]
+        self.rows.append(recorded)
 
 
 def trainer_facts(distiller) -> dict:
@@ -363,6 +384,8 @@ def trainer_facts(distiller) -> dict:
         "processes": distiller.world,
         "fused_kd": cfg.fused_kd,
         "kd_top_k": cfg.kd_top_k,
+        "lmbda": cfg.lmbda,
+        "seq_kd": cfg.seq_kd,
         "cross_tokenizer": distiller.cross is not None,
         "sar_router_parameters": sum(p.numel() for p in distiller.teacher_side.router_params),
         "teacher_parameters": sum(p.numel() for p in teacher.parameters()) if teacher is not None else 0,
@@ -374,21 +397,36 @@ def trainer_facts(distiller) -> dict:
     }
 
 
-def planned(distiller) -> list[memory.MemoryPlan]:
-    """The planner's per-device plans for the run (one; two under split: student GPU, teacher GPU)."""
+def planner_inputs(distiller) -> dict:
+    """What the planner reads of a loaded run: the profile of its device and the loaded models' configs."""
     from kagglekd import gpus
 
-    cfg = distiller.config
-    profile = gpus.resolve(distiller.device)
-    kw = dict(
-        gpu=profile,
+    return dict(
+        gpu=gpus.resolve(distiller.device),
         teacher_cfg=distiller.teacher.config if distiller.teacher is not None else None,
         student_cfg=distiller.accelerator.unwrap_model(distiller.student).config,
-        gradient_checkpointing=cfg.gradient_checkpointing,
-        sar=cfg.sar,
     )
+
+
+def planned(distiller) -> list[memory.MemoryPlan]:
+    """The planner's per-device plans for the run (one; two under split: student GPU, teacher GPU)."""
+    cfg = distiller.config
+    kw = dict(planner_inputs(distiller), gradient_checkpointing=cfg.gradient_checkpointing, sar=cfg.sar)
     placements = ("student", "teacher") if distiller.strategy == "split" else ("both",)
     return [memory.plan_memory(cfg, placement=placement, **kw) for placement in placements]
+
+
+def planned_generation(distiller) -> dict | None:
+    """The planner's generation estimate of the run (``onpolicy.generation_plan``: KV cache, seconds per step) and
+    the tokens it assumes each prompt gets; None when the run never generates."""
+    cfg = distiller.config
+    if not onpolicy.active(cfg):
+        return None
+    inputs = planner_inputs(distiller)
+    plan = onpolicy.generation_plan(cfg, **inputs)
+    profile = inputs["gpu"]
+    return {**plan.to_dict(), "new_tokens": onpolicy.new_tokens(cfg), "profile": profile.name,
+            "peak_flops": profile.peak_flops}  # fmt: skip
 
 
 def reset_accelerate() -> None:
@@ -438,6 +476,7 @@ def measure(config: DistillConfig, dtype: str, steps: int, finish=None) -> dict:
                 "skipped": summary["skipped"],
                 "facts": trainer_facts(distiller),
                 "plans": [plan.to_dict() for plan in planned(distiller)],
+                "generation_plan": planned_generation(distiller),
                 "seconds": time.perf_counter() - started,
             }
             if finish is not None:
@@ -498,6 +537,30 @@ def _dtype_label(facts: dict) -> str:
     )
 
 
+def generation_figures(result: dict) -> dict:
+    """Planned vs measured ``generate`` time of a run that generates (nothing otherwise): the medians, over the steps
+    after the first (the first warms up), of each step's seconds in ``generate`` and mean generated length, against
+    ``onpolicy.generation_plan``'s seconds per step, which assume every prompt gets ``new_tokens`` tokens."""
+    plan = result.get("generation_plan")
+    if plan is None:
+        return {}
+    steps = result["rows"][1:] or result["rows"]
+    seconds = [r["generation_s"] for r in steps if math.isfinite(r.get("generation_s", math.nan))]
+    lengths = [r["generated_length"] for r in steps if math.isfinite(r.get("generated_length", math.nan))]
+    measured, planned_s = (statistics.median(seconds) if seconds else None), plan["seconds_per_step"]
+    return {
+        "generation_s_measured": measured,
+        "generation_s_planned": planned_s,
+        "generation_ratio": measured / planned_s if measured is not None and planned_s > 0 else None,
+        "generated_length": statistics.median(lengths) if lengths else None,
+        "generation_new_tokens": plan["new_tokens"],
+        "generation_kv_cache_gib": plan["kv_cache_bytes"] / GiB,
+        "generation_profile": plan["profile"],
+        "generation_peak_flops": plan["peak_flops"],
+        "generation_s_steps": [r.get("generation_s") for r in result["rows"]],
+    }
+
+
 def make_row(variant: Variant, results: list[dict], cuda: bool) -> dict:
     """The row of a variant that ran: per device (or rank) planned vs measured, tokens/s, what the trainer ran."""
     results = sorted(results, key=lambda r: r["rank"])
@@ -535,6 +598,7 @@ def make_row(variant: Variant, results: list[dict], cuda: bool) -> dict:
         "facts": main["facts"],
         "seconds": max(r["seconds"] for r in results),
         "note": main["unmeasured"] and f"measured None: {main['unmeasured']}",
+        **generation_figures(main),
     }
 
 
@@ -567,6 +631,8 @@ def _note(row: dict) -> str:
         parts.append("cross-tokenizer")
     if facts["sar_router_parameters"]:
         parts.append(f"SAR ({facts['sar_router_parameters']:,} router params)")
+    if facts["lmbda"] or facts["seq_kd"]:
+        parts.append(f"on-policy lmbda {facts['lmbda']:g}" + (", seq_kd" if facts["seq_kd"] else ""))
     if row["skipped_steps"]:
         parts.append(f"{row['skipped_steps']} step(s) skipped (non-finite)")
     if row.get("note"):
@@ -601,8 +667,50 @@ def _header(info: dict, args, elapsed: float) -> list[str]:
     ]
 
 
+def _constants_checked(row: dict) -> str:
+    """The constants of ``onpolicy`` that the row's planned generation time used (the planner's own lookups)."""
+    profile = row["generation_profile"]
+    if profile.lower() == "cpu":
+        return '`DECODE_OVERHEAD_S["cpu"]` and `BANDWIDTH["cpu"]` (no GPU: not the GPU constants)'
+    base = profile.split("x")[0]  # as onpolicy._bandwidth reads it: the profile's name, else a listed GPU in it
+    keys = [base] if base in onpolicy.BANDWIDTH else [k for k in onpolicy.BANDWIDTH if k != "cpu" and k in profile]
+    bandwidth = f'`BANDWIDTH["{keys[0]}"]`' if keys else f'`BANDWIDTH["T4"]` ({profile} has none)'
+    if not row["generation_peak_flops"]:  # generation_plan then plans the weights' traffic alone
+        bandwidth += f" (no peak_flops for {profile}: no compute bound in the plan)"
+    return f'`DECODE_OVERHEAD_S["gpu"]` and {bandwidth}'
+
+
+def _generation_table(rows: list[dict]) -> list[str]:
+    """Planned vs measured seconds in ``generate`` of the rows that generated (none: no section)."""
+    rows = [row for row in rows if row.get("generation_s_planned") is not None]
+    if not rows:
+        return []
+    checked = "; ".join(sorted({_constants_checked(row) for row in rows}))
+    lines = [
+        "",
+        "## On-policy generation: planned vs measured seconds in generate per optimizer step",
+        "",
+        'This is what checks `DECODE_OVERHEAD_S["gpu"]` and `BANDWIDTH` of `kagglekd/onpolicy.py` (the planner\'s '
+        f"decode-time constants, not measured on a GPU before this check); this run checks {checked}. "
+        "Measured = generation_share x step time (tokens / tokens_per_s) from the trainer's history, median over "
+        "the steps after the first; planned = `onpolicy.generation_plan(config, gpu=<the run's device profile>, "
+        "teacher_cfg, student_cfg)`.seconds_per_step, which assumes every prompt gets all max new tokens (the "
+        "generated length is the mean per row up to its EOS; generate runs until every row ended).",
+        "",
+        "| variant | dtype | generation s measured | generation s planned | ratio | generated length | max new tokens "
+        "| KV cache GiB (planned) |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for row in rows:
+        cells = [row["id"], row["dtype"], _cell(row["generation_s_measured"]), _cell(row["generation_s_planned"])]
+        cells += [_cell(row["generation_ratio"], 2), _cell(row["generated_length"], 1)]
+        cells += [str(row["generation_new_tokens"]), _cell(row["generation_kv_cache_gib"])]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
 def write_results(out: Path, rows: list[dict], info: dict, args, elapsed: float) -> None:
-    """``out`` (Markdown table) and ``out`` with .json (every figure)."""
+    """``out`` (Markdown tables) and ``out`` with .json (every figure)."""
     lines = _header(info, args, elapsed)
     for row in rows:
         ok = row["status"] == "ok"
@@ -612,6 +720,7 @@ def write_results(out: Path, rows: list[dict], info: dict, args, elapsed: float)
         cells += [f"{row['tokens_per_s']:.0f}" if ok and row["tokens_per_s"] else "", str(row.get("steps", ""))]
         cells.append(_note(row).replace("|", "/"))
         lines.append("| " + " | ".join(cells) + " |")
+    lines += _generation_table(rows)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("\n".join(lines) + "\n", encoding="utf-8")
     payload = {"machine": info, "argv": args.argv, "tiny": args.tiny, "steps": args.steps, "seconds": elapsed,

@@ -280,6 +280,34 @@ def cross_targets(
     return full, kd_labels.reshape(shape), AlignmentStats(batch_valid, int(flat.numel()), mass_sum)
 
 
+def alignment_stats(
+    teacher_logits: Tensor,
+    aligned: AlignedBatch,
+    labels: Tensor,
+    vocab_map: VocabMap,
+    temperature: float = 1.0,
+    *,
+    chunk_size: int = 1024,
+) -> AlignmentStats:
+    """``AlignmentStats`` of a batch without its targets (what ``alignment.json`` reports): the valid and aligned
+    student positions, and the teacher probability (at ``temperature``) on tokens the student can spell, summed
+    over the aligned rows, as ``cross_targets`` counts it (1 - the unmapped tokens' mass). One cache-sized block
+    of aligned teacher rows ``[c, V_t]`` is alive at a time: no ``[N, V_t]`` copy and no ``[B, T, k]`` targets
+    (at setup those cost more memory than a training step, 49,152 wide)."""
+    flat, sources, batch_valid = _aligned_positions(aligned, labels, teacher_logits)
+    rows = teacher_logits.detach().flatten(0, 1)
+    unmapped_ids = vocab_map.gather_plan(rows.shape[-1], rows.device)[3]
+    is_unmapped = torch.zeros(rows.shape[-1], device=rows.device).index_fill_(0, unmapped_ids, 1.0)
+    block, mass = rows_per_block(rows.shape[-1], chunk_size, rows.device), rows.new_zeros((), dtype=torch.float64)
+    for start in range(0, sources.numel(), block):
+        x = _upcast(rows.index_select(0, sources[start : start + block]))
+        x = x / temperature if temperature != 1 else x
+        weights = (x - x.amax(dim=-1, keepdim=True)).exp_()
+        unmapped = (weights @ is_unmapped.to(weights.dtype)) / weights.sum(dim=-1)
+        mass += (1 - unmapped).sum()
+    return AlignmentStats(batch_valid, int(flat.numel()), float(mass))
+
+
 def _dense_applies(student_logits: Tensor, teacher_logits: Tensor, vocab_map: VocabMap, options: KDOptions) -> bool:
     """Whether ``_dense_forward_kl`` gives the bucket KD exactly: forward KL over every shared token, a detached
     teacher, and student tokens outside the shared ones to spread the teacher's tail over."""

@@ -108,9 +108,9 @@ class Evaluator:
             _, labels = data.next_token_batch(batch.to(self.device))
             aligned = cross.align(batch).to(self.device)
             logits = self.teacher.logits(aligned.teacher_ids)
-            stats += alignment.cross_targets(
-                logits, aligned, labels, cross.vocab_map, self.objective.options, chunk_size=self.chunk_size
-            )[2]
+            stats += alignment.alignment_stats(
+                logits, aligned, labels, cross.vocab_map, self.objective.options.temperature, chunk_size=self.chunk_size
+            )
         vocab_map, cfg = cross.vocab_map, self.objective.config
         return {
             "teacher_tokenizer": cfg.teacher_tokenizer or cfg.teacher_model,

@@ -234,7 +234,7 @@ class OnPolicy:
 
 # ---- planning --------------------------------------------------------------------------------------------
 # Memory bandwidth per device in bytes/s (vendor figures): a decode step reads every weight once, so generation is
-# bandwidth-bound on these GPUs at Kaggle batch sizes. Profiles not listed count as a T4.
+# bandwidth-bound on these GPUs at Kaggle batch sizes. GPUs not listed count as a T4 (``_bandwidth``).
 BANDWIDTH = {"cpu": 20e9, "T4": 320e9, "P100": 732e9, "L4": 300e9, "A10G": 600e9, "A100": 1.55e12,
              "H100": 3.35e12, "H200": 4.8e12}  # fmt: skip
 # Per generated token, on top of the weights' traffic: (fixed, per decoder layer) seconds of generate's Python loop,
@@ -258,14 +258,25 @@ class GenerationPlan:
         return dataclasses.asdict(self)
 
 
+def _bandwidth(gpu_name: str) -> float:
+    """``BANDWIDTH`` of a profile name (``T4x2`` -> T4's), or of a listed GPU inside an unknown profile's name
+    (``unknown (NVIDIA H200)``); a T4's (the slowest listed GPU) for anything else."""
+    base = gpu_name.split("x")[0]
+    if base in BANDWIDTH:
+        return BANDWIDTH[base]
+    return next((value for key, value in BANDWIDTH.items() if key != "cpu" and key in gpu_name), BANDWIDTH["T4"])
+
+
 def _kv_and_time(model_cfg, batch: int, length: int, new: int, dtype_bytes: int, gpu_name: str, peak_flops: float):
     from kagglekd.memory import Shape, count_parameters
 
     shape = Shape.of(model_cfg)
     kv_bytes = 2 * shape.layers * shape.kv_heads * shape.head_dim * batch * length * dtype_bytes
     params = count_parameters(model_cfg)
-    bandwidth = BANDWIDTH.get(gpu_name.split("x")[0], BANDWIDTH["T4"])
-    per_token = max(params.total * dtype_bytes / bandwidth, 2 * params.active * batch / max(peak_flops, 1.0))
+    bandwidth = _bandwidth(gpu_name)
+    per_token = params.total * dtype_bytes / bandwidth
+    if peak_flops > 0:  # an unknown GPU has no peak figure: the weights' traffic alone
+        per_token = max(per_token, 2 * params.active * batch / peak_flops)
     fixed, per_layer = DECODE_OVERHEAD_S["cpu" if gpu_name == "cpu" else "gpu"]
     return kv_bytes, new * (per_token + fixed + shape.layers * per_layer)
 

@@ -341,3 +341,24 @@ def test_kd_uses_teacher_topk_tail_when_nothing_is_outside():
     assert got.item() == pytest.approx(expected.item(), rel=1e-9)
     got.backward()
     assert torch.isfinite(student.grad).all()
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_alignment_stats_count_and_mass_without_targets(temperature):
+    # teacher id 1 has no student spelling; positions 0 and 2 read teacher rows 1 and 2, position 1 none
+    vocab_map = alignment.VocabMap(torch.tensor([2, -1, 0, 1]), torch.tensor([3, 0, 1]), 4, 5)
+    aligned = alignment.AlignedBatch(*(torch.zeros(1, 3, dtype=torch.long),) * 2, torch.tensor([[1, -1, 2]]),
+                                     *(torch.zeros(1, 3, dtype=torch.long),) * 2)  # fmt: skip
+    teacher = torch.randn(1, 3, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 3
+    labels = torch.tensor([[1, 2, -100]])  # position 2 has no target: not counted, aligned or not
+    stats = alignment.alignment_stats(teacher, aligned, labels, vocab_map, temperature, chunk_size=1)
+    unmapped = torch.softmax(teacher[0, 1] / temperature, -1)[1]  # the only aligned valid row's id-1 share
+    assert (stats.positions, stats.aligned) == (2, 1)
+    assert stats.mapped_mass_sum == pytest.approx(float(1 - unmapped), rel=1e-12)
+    # the same figures as the targets' own count (cross_targets), over every valid row
+    labels = torch.tensor([[1, 2, 3]])
+    options = KDOptions(temperature=temperature)
+    reference = alignment.cross_targets(teacher, aligned, labels, vocab_map, options)[2]
+    got = alignment.alignment_stats(teacher, aligned, labels, vocab_map, temperature, chunk_size=1)
+    assert (got.positions, got.aligned) == (reference.positions, reference.aligned) == (3, 2)
+    assert got.mapped_mass_sum == pytest.approx(reference.mapped_mass_sum, rel=1e-12)

@@ -241,6 +241,28 @@ def test_generation_plan_counts_the_kv_cache_of_the_generating_model():
     assert off.kv_cache_bytes == 0 and off.seconds_per_step == 0.0
 
 
+def test_generation_plan_of_an_unknown_gpu_reads_its_bandwidth_by_name():
+    """A GPU without a kagglekd profile (peak FLOPS 0, e.g. an H200 read off the device): the plan is the weights'
+    traffic at the bandwidth of the GPU its name holds plus the per-token overhead, not a compute term divided by
+    zero FLOPS; a name holding no listed GPU counts as a T4."""
+    from transformers import LlamaConfig
+
+    from kagglekd import gpus
+    from kagglekd.memory import Shape, count_parameters
+
+    student = LlamaConfig(hidden_size=64, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+                          intermediate_size=128, vocab_size=1000)  # fmt: skip
+    config = DistillConfig(lmbda=1.0, alpha_ce=0.0, batch_size=4, max_length=32, prompt_length=8, max_new_tokens=20)
+    fixed, per_layer = onpolicy.DECODE_OVERHEAD_S["gpu"]
+    weights = count_parameters(student).total * 2  # fp16 bytes read per generated token
+    for label, bandwidth in (("NVIDIA H200", 4.8e12), ("Some Future GPU", 320e9)):
+        profile = gpus._unknown(label, 1, capacity=140 * gpus.GiB, capability=(9, 0))
+        assert profile.peak_flops == 0
+        plan = onpolicy.generation_plan(config, gpu=profile, teacher_cfg=None, student_cfg=student)
+        per_token = weights / bandwidth + fixed + Shape.of(student).layers * per_layer
+        assert plan.seconds_per_step == pytest.approx(20 * per_token, rel=1e-9), label
+
+
 def test_two_processes_each_generate_their_share(tmp_path, kagglekd_cache):
     """DDP (gloo, CPU): every rank replaces its own micro-batch by generated sequences. The window's target count
     (``tokens``, summed over ranks) is then at most 2 ranks x 2 rows x 17 generated tokens; a rank training on its
