@@ -66,6 +66,14 @@ class AlignedBatch:
         """``[B, T]`` bool: student positions with an aligned teacher prediction."""
         return self.target >= 0
 
+    @property
+    def teacher_tokens(self) -> Tensor:
+        """``[B, T_teacher]`` bool: the rows' real teacher tokens, not their right padding (a token is real when it
+        is the first or the label of the one before it; padding has no label and is no label)."""
+        before = self.teacher_labels[:, :-1] != IGNORE_INDEX
+        first = torch.ones((before.shape[0], 1), dtype=torch.bool, device=before.device)
+        return torch.cat([first, before], dim=1)
+
 
 def _trim_to_utf8(raw: bytes) -> tuple[int, int]:
     """(start, end) of the longest valid UTF-8 run after dropping a character cut at either edge."""

@@ -173,6 +173,8 @@ class TeacherSide:
             input_ids, labels = aligned.teacher_ids, aligned.teacher_labels
             if scoped:
                 labels, positions = onpolicy.teacher_scope(aligned, onpolicy.prompt_length(cfg), positions)
+            elif cfg.sar:  # the balance and entropy read the real teacher tokens, not the rows' padding
+                positions = aligned.teacher_tokens
         if not (cfg.sar or cfg.ka_samples or self.hidden_wanted or self.attention_layers):
             out = TeacherOutputs(logits=self.logits(input_ids))
         else:

@@ -133,3 +133,22 @@ def test_alignment_totals_survive_a_resume(tmp_path, metaspace_teacher):
     assert summary["alignment"]["student_positions"] == summary["train_tokens"]
     report = json.loads((tmp_path / "resumed" / "alignment.json").read_text())
     assert report["training"] == summary["alignment"]
+
+
+def test_sar_regularisers_across_tokenizers_read_no_row_padding(tmp_path, metaspace_teacher):
+    """A cross-tokenizer batch's teacher rows are right-padded to its longest: SAR's balance and entropy read the
+    real teacher tokens only, so the pad id cannot change the router term (causal attention: the real positions
+    never see the padding after them; the padded positions' routing does depend on it)."""
+    weights = dict(sar_anchor_weight=0.0, sar_teacher_ce_weight=0.0, sar_balance_weight=1.0, sar_entropy_weight=1.0)
+    config = tiny(tmp_path, teacher_model=str(metaspace_teacher), cross_tokenizer=True, sar=True, **weights)
+    distiller = Distiller(config).setup()
+    side, blocks = distiller.teacher_side, distiller.blocks.train[:4]
+    aligned = side.cross.align(blocks)
+    width, real = aligned.teacher_ids.shape[1], [int(row.sum()) for row in aligned.teacher_tokens]
+    assert min(real) < max(real) == width  # some rows are padded
+    assert aligned.teacher_tokens.tolist() == [[t < n for t in range(width)] for n in real]  # a prefix per row
+    terms = []
+    for pad in (side.cross.teacher_pad, 7):
+        side.cross.teacher_pad = pad
+        terms.append(float(side.outputs(blocks, num_items=100).router.detach()))
+    assert terms[1] == pytest.approx(terms[0], rel=1e-6)
