@@ -121,7 +121,9 @@ def format_table(rows: list[dict], columns: list[str]) -> str:
         if isinstance(value, float):
             if math.isnan(value):
                 return "-"
-            return f"{value:,.4g}" if abs(value) < 1e5 else f"{value:,.0f}"
+            # 4 significant digits below 1,000; whole numbers with separators above (".4g" turns 12,345 into
+            # 1.234e+04 and 9,999.7 into 1e+04)
+            return f"{value:,.4g}" if abs(value) < 1000 else f"{value:,.0f}"
         return str(value)
 
     body = [[cell(r.get(c, "")) for c in columns] for r in rows]

@@ -180,3 +180,12 @@ def test_card_front_matter_is_valid_yaml_with_hub_ids_only(tmp_path):
     ):
         header = _front_matter(DistillConfig(student_model=student, dataset=dataset))
         assert "base_model" not in header and "datasets" not in header, header
+
+
+def test_table_cells_never_turn_scientific_in_the_thousands():
+    from kagglekd.metrics import format_table
+
+    rows = [{"a": 12345.6, "b": 9999.7, "c": 376.25, "d": 0.64321, "e": float("nan"), "f": 1234567.0}]
+    body = format_table(rows, list("abcdef")).splitlines()[-1]
+    assert [cell.strip() for cell in body.strip("| ").split("|")] == ["12,346", "10,000", "376.2", "0.6432", "-",
+                                                                      "1,234,567"]  # fmt: skip
