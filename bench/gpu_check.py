@@ -672,9 +672,8 @@ def _constants_checked(row: dict) -> str:
     profile = row["generation_profile"]
     if profile.lower() == "cpu":
         return '`DECODE_OVERHEAD_S["cpu"]` and `BANDWIDTH["cpu"]` (no GPU: not the GPU constants)'
-    base = profile.split("x")[0]  # as onpolicy._bandwidth reads it: the profile's name, else a listed GPU in it
-    keys = [base] if base in onpolicy.BANDWIDTH else [k for k in onpolicy.BANDWIDTH if k != "cpu" and k in profile]
-    bandwidth = f'`BANDWIDTH["{keys[0]}"]`' if keys else f'`BANDWIDTH["T4"]` ({profile} has none)'
+    key = onpolicy.bandwidth_key(profile)
+    bandwidth = f'`BANDWIDTH["{key}"]`' if key else f'`BANDWIDTH["T4"]` ({profile} has none)'
     if not row["generation_peak_flops"]:  # generation_plan then plans the weights' traffic alone
         bandwidth += f" (no peak_flops for {profile}: no compute bound in the plan)"
     return f'`DECODE_OVERHEAD_S["gpu"]` and {bandwidth}'

@@ -296,15 +296,12 @@ def alignment_stats(
     (at setup those cost more memory than a training step, 49,152 wide)."""
     flat, sources, batch_valid = _aligned_positions(aligned, labels, teacher_logits)
     rows = teacher_logits.detach().flatten(0, 1)
-    unmapped_ids = vocab_map.gather_plan(rows.shape[-1], rows.device)[3]
-    is_unmapped = torch.zeros(rows.shape[-1], device=rows.device).index_fill_(0, unmapped_ids, 1.0)
+    unmapped = _unmapped_mask(vocab_map, rows.shape[-1], rows.device)
     block, mass = rows_per_block(rows.shape[-1], chunk_size, rows.device), rows.new_zeros((), dtype=torch.float64)
     for start in range(0, sources.numel(), block):
         x = _upcast(rows.index_select(0, sources[start : start + block]))
-        x = x / temperature if temperature != 1 else x
-        weights = (x - x.amax(dim=-1, keepdim=True)).exp_()
-        unmapped = (weights @ is_unmapped.to(weights.dtype)) / weights.sum(dim=-1)
-        mass += (1 - unmapped).sum()
+        tail = _exp_pass(x / temperature if temperature != 1 else x, unmapped)[3]
+        mass += (1 - tail).sum()
     return AlignmentStats(batch_valid, int(flat.numel()), float(mass))
 
 
@@ -362,8 +359,7 @@ def _dense_forward_kl(student_logits, teacher_logits, aligned, labels, vocab_map
 class _StudentOrderPlan:
     """``VocabMap.gather_plan`` in student-id order: ``columns`` ``[V_s]`` the teacher id read for each student
     id (0 for the ``rest``, which is overwritten), ``extras`` ``(student ids, teacher ids)`` log-added on top,
-    ``missing`` student ids with no teacher id within the width, ``unmapped`` ``[V_t]`` 1.0 at the teacher ids
-    of the tail (a mask: the tail's mass is one matrix-vector product, ~5x faster than a gather and a sum)."""
+    ``missing`` student ids with no teacher id within the width, ``unmapped`` ``_unmapped_mask``."""
 
     columns: Tensor
     rest: Tensor
@@ -372,10 +368,29 @@ class _StudentOrderPlan:
     unmapped: Tensor
 
 
+def _unmapped_mask(vocab_map: VocabMap, width: int, device) -> Tensor:
+    """``[V_t]`` float32, 1.0 at the teacher ids no student token spells (the tail), cached on ``vocab_map``."""
+    key = ("unmapped-mask", width, str(device))
+    if key not in vocab_map._plans:
+        unmapped = vocab_map.gather_plan(width, device)[3]
+        vocab_map._plans[key] = torch.zeros(width, device=device).index_fill_(0, unmapped, 1.0)
+    return vocab_map._plans[key]
+
+
+def _exp_pass(x: Tensor, unmapped: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """One exp pass over teacher rows ``x`` ``[c, V_t]`` (temperature applied): ``exp(x - max)``, its row sums
+    ``[c, 1]``, the row max ``[c, 1]`` and the share of the ``unmapped`` ids ``[c, 1]`` (a matrix-vector product
+    with the 0/1 mask, ~5x faster than a gather and a sum)."""
+    peak = x.amax(dim=-1, keepdim=True)
+    weights = (x - peak).exp_()
+    total = weights.sum(dim=-1, keepdim=True)
+    return weights, total, peak, (weights @ unmapped.to(x.dtype)).unsqueeze(-1).div_(total)
+
+
 def _student_order_plan(vocab_map: VocabMap, width: int, vocab: int, device) -> _StudentOrderPlan:
     key = ("student-order", width, vocab, str(device))
     if key not in vocab_map._plans:
-        primary, missing, extras, unmapped = vocab_map.gather_plan(width, device)
+        primary, missing, extras, _ = vocab_map.gather_plan(width, device)
         shared = vocab_map.shared.to(device)
         columns = torch.zeros(vocab, dtype=torch.long, device=device).index_copy_(0, shared, primary)
         is_rest = torch.ones(vocab, dtype=torch.bool, device=device)
@@ -385,7 +400,7 @@ def _student_order_plan(vocab_map: VocabMap, width: int, vocab: int, device) -> 
             is_rest.nonzero().squeeze(-1),
             [(shared[slots], ids) for slots, ids in extras],
             shared[missing] if missing is not None else None,
-            torch.zeros(width, device=device).index_fill_(0, unmapped, 1.0),
+            _unmapped_mask(vocab_map, width, device),
         )
     return vocab_map._plans[key]
 
@@ -398,9 +413,7 @@ def _forward_kl_rows(student: Tensor, teacher: Tensor, plan: _StudentOrderPlan, 
     dtype = torch.promote_types(torch.promote_types(student.dtype, teacher.dtype), torch.float32)
     x = teacher.to(dtype)
     x = x / temperature if temperature != 1 else x
-    peak = x.amax(dim=-1, keepdim=True)
-    weights = (x - peak).exp_()
-    total = weights.sum(dim=-1, keepdim=True)
+    weights, total, peak, tail = _exp_pass(x, plan.unmapped)
     lse_t = total.log() + peak
     log_p = x.index_select(1, plan.columns).sub_(lse_t)
     p = weights.index_select(1, plan.columns).div_(total)
@@ -409,7 +422,6 @@ def _forward_kl_rows(student: Tensor, teacher: Tensor, plan: _StudentOrderPlan, 
         p[:, cols] += weights.index_select(1, ids) / total
     if plan.missing is not None:
         log_p[:, plan.missing], p[:, plan.missing] = _LOG_ZERO, 0.0
-    tail = (weights @ plan.unmapped.to(dtype)).unsqueeze(-1).div_(total)
     s = student.to(dtype)
     s = s / temperature if temperature != 1 else s
     q, lse_s = _softmax_and_lse(s)

@@ -99,13 +99,10 @@ def keeps_freed_memory(environ: Mapping[str, str] = os.environ) -> bool:
 def keep_freed_memory(environ: Mapping[str, str] = os.environ) -> bool:
     """Make glibc's malloc keep freed blocks up to 1 GiB for reuse instead of unmapping them (see the module
     docstring). Returns whether it took effect: False off glibc, or with ``KAGGLEKD_KEEP_FREED_MEMORY=0``."""
-    if environ.get("KAGGLEKD_KEEP_FREED_MEMORY", "1").strip() == "0":
-        return False
-    name = ctypes.util.find_library("c")
-    if name is None:
+    if not keeps_freed_memory(environ):
         return False
     try:
-        libc = ctypes.CDLL(name)
+        libc = ctypes.CDLL(ctypes.util.find_library("c"))
         mallopt = libc.mallopt
     except (OSError, AttributeError):  # not glibc (musl, macOS, Windows)
         return False

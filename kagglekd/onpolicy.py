@@ -234,7 +234,7 @@ class OnPolicy:
 
 # ---- planning --------------------------------------------------------------------------------------------
 # Memory bandwidth per device in bytes/s (vendor figures): a decode step reads every weight once, so generation is
-# bandwidth-bound on these GPUs at Kaggle batch sizes. GPUs not listed count as a T4 (``_bandwidth``).
+# bandwidth-bound on these GPUs at Kaggle batch sizes. GPUs not listed count as a T4 (``bandwidth_key``).
 BANDWIDTH = {"cpu": 20e9, "T4": 320e9, "P100": 732e9, "L4": 300e9, "A10G": 600e9, "A100": 1.55e12,
              "H100": 3.35e12, "H200": 4.8e12}  # fmt: skip
 # Per generated token, on top of the weights' traffic: (fixed, per decoder layer) seconds of generate's Python loop,
@@ -258,13 +258,13 @@ class GenerationPlan:
         return dataclasses.asdict(self)
 
 
-def _bandwidth(gpu_name: str) -> float:
-    """``BANDWIDTH`` of a profile name (``T4x2`` -> T4's), or of a listed GPU inside an unknown profile's name
-    (``unknown (NVIDIA H200)``); a T4's (the slowest listed GPU) for anything else."""
+def bandwidth_key(gpu_name: str) -> str | None:
+    """The ``BANDWIDTH`` entry a profile name reads: its own (``T4x2`` -> ``T4``), or a listed GPU inside an unknown
+    profile's name (``unknown (NVIDIA H200)`` -> ``H200``); None for anything else (planned as a T4, the slowest)."""
     base = gpu_name.split("x")[0]
     if base in BANDWIDTH:
-        return BANDWIDTH[base]
-    return next((value for key, value in BANDWIDTH.items() if key != "cpu" and key in gpu_name), BANDWIDTH["T4"])
+        return base
+    return next((key for key in BANDWIDTH if key != "cpu" and key in gpu_name), None)
 
 
 def _kv_and_time(model_cfg, batch: int, length: int, new: int, dtype_bytes: int, gpu_name: str, peak_flops: float):
@@ -273,7 +273,7 @@ def _kv_and_time(model_cfg, batch: int, length: int, new: int, dtype_bytes: int,
     shape = Shape.of(model_cfg)
     kv_bytes = 2 * shape.layers * shape.kv_heads * shape.head_dim * batch * length * dtype_bytes
     params = count_parameters(model_cfg)
-    bandwidth = _bandwidth(gpu_name)
+    bandwidth = BANDWIDTH[bandwidth_key(gpu_name) or "T4"]
     per_token = params.total * dtype_bytes / bandwidth
     if peak_flops > 0:  # an unknown GPU has no peak figure: the weights' traffic alone
         per_token = max(per_token, 2 * params.active * batch / peak_flops)
