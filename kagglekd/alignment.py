@@ -335,14 +335,15 @@ def _dense_forward_kl(student_logits, teacher_logits, aligned, labels, vocab_map
     source_of[flat] = sources
     teacher_rows, student_rows = teacher_logits.detach().flatten(0, 1), student_logits.reshape(-1, vocab)
     plan = _student_order_plan(vocab_map, teacher_rows.shape[-1], vocab, student_rows.device)
+    # teacher rows at the student's positions (AlignedBatch.at_student_positions): a block's are a slice
+    in_place = teacher_logits.shape[:2] == labels.shape and torch.equal(sources, flat)
     masses = []
 
     def row_fn(start: int, end: int, need_grad: bool) -> tuple[Tensor, Tensor | None]:
         with torch.no_grad():
             source = source_of[start:end]
-            value, grad, mass = _forward_kl_rows(
-                student_rows[start:end], teacher_rows.index_select(0, source.clamp_min(0)), plan, temperature
-            )
+            teacher = teacher_rows[start:end] if in_place else teacher_rows.index_select(0, source.clamp_min(0))
+            value, grad, mass = _forward_kl_rows(student_rows[start:end], teacher, plan, temperature)
             keep = source >= 0
             masses.append((mass * keep).sum())
             return value * keep, grad.mul_(keep.unsqueeze(-1).to(grad.dtype)) if need_grad else None

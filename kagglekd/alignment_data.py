@@ -13,7 +13,7 @@ import difflib
 import hashlib
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import datasets
@@ -65,6 +65,23 @@ class AlignedBatch:
     def aligned(self) -> Tensor:
         """``[B, T]`` bool: student positions with an aligned teacher prediction."""
         return self.target >= 0
+
+    def at_student_positions(self) -> tuple[Tensor, AlignedBatch]:
+        """The teacher rows the student's positions read, one per position, and this batch pointing at them.
+
+        Returns ``rows`` ``[B, T]``: the teacher position whose prediction student position t reads (its
+        ``target``, else its ``context``, else 0: no row is read there), and a copy whose ``target`` and
+        ``context`` are t itself wherever they were set. Teacher logits taken at ``rows`` (``[B, T, V_t]``)
+        then go with the copy: a loss reads student position t's teacher row at t, so blocks of positions are
+        slices of the teacher's logits (no row gather), and the teacher's output layer runs on ``B x T`` rows
+        whatever its own tokenisation's length. ``span_lo`` / ``span_hi`` still index teacher positions (its
+        hidden states)."""
+        read = self.target if self.context is None else torch.where(self.target >= 0, self.target, self.context)
+        here = torch.arange(self.target.shape[1], device=self.target.device).expand_as(self.target)
+        moved = {"target": torch.where(self.target >= 0, here, -1)}
+        if self.context is not None:  # (context equals target wherever target is set)
+            moved["context"] = torch.where(self.context >= 0, here, -1)
+        return read.clamp_min(0), replace(self, **moved)
 
     @property
     def teacher_tokens(self) -> Tensor:

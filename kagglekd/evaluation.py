@@ -70,8 +70,9 @@ class Evaluator:
     def _against_teacher(self, batch, input_ids, logits, labels) -> tuple[float, int, int]:
         """KD sum, agreeing positions and compared positions (0 = every valid one) of one batch."""
         if self.teacher.cross is not None:
-            aligned = self.teacher.cross.align(batch).to(self.device)
-            teacher = TeacherOutputs(logits=self.teacher.logits(aligned.teacher_ids), aligned=aligned)
+            teacher_logits, aligned = self.teacher.aligned_logits(self.teacher.cross.align(batch))
+            aligned = aligned.to(self.device)
+            teacher = TeacherOutputs(logits=teacher_logits.to(self.device), aligned=aligned)
             kd_sum = float(self.objective.kd(logits, teacher, labels, 1)[0])
             vocab_map = self.teacher.cross.vocab_map
             agree, compared = alignment.top1_agreement(logits, teacher.logits, aligned, labels, vocab_map)
@@ -106,8 +107,8 @@ class Evaluator:
         for start in range(0, len(blocks), self.batch_size):
             batch = blocks[start : start + self.batch_size]
             _, labels = data.next_token_batch(batch.to(self.device))
-            aligned = cross.align(batch).to(self.device)
-            logits = self.teacher.logits(aligned.teacher_ids)
+            logits, aligned = self.teacher.aligned_logits(cross.align(batch))
+            logits, aligned = logits.to(self.device), aligned.to(self.device)
             stats += alignment.alignment_stats(
                 logits, aligned, labels, cross.vocab_map, self.objective.options.temperature, chunk_size=self.chunk_size
             )

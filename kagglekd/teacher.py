@@ -28,9 +28,11 @@ class TeacherOutputs:
     """What one micro-batch's losses read from the teacher, on the student's device.
 
     ``logits``: ``[B, T, V]`` (vocabulary matched to the student's unless the tokenizers differ, then
-    ``[B, T_teacher, V_teacher]``) or a cached ``TeacherTopK``; ``hidden``: the teacher's hidden states (feature
-    transfer); ``maps``: attention maps of the matched layers; ``router``: the SAR router term (already a
-    share of the window's mean); ``aligned``: the teacher's own tokens and the offset alignment (cross-tokenizer).
+    ``[B, T, V_teacher]`` at the rows the student's positions read, ``aligned`` pointing there, or from the
+    instrumented forward (SAR, KA, features) ``[B, T_teacher, V_teacher]``) or a cached ``TeacherTopK``;
+    ``hidden``: the teacher's hidden states (feature transfer); ``maps``: attention maps of the matched layers;
+    ``router``: the SAR router term (already a share of the window's mean); ``aligned``: the teacher's own tokens
+    and the offset alignment (cross-tokenizer).
     """
 
     logits: torch.Tensor | losses.TeacherTopK | None
@@ -76,6 +78,7 @@ class TeacherSide:
         self.attention_layers: list[int] = []  # teacher layers whose attention maps are matched
         self.own_top_k: int | None = None  # the teacher's own experts per token (before all-experts)
         self.routers_source = "original"  # or the adapted routers' file, once loaded for evaluation
+        self.head_apart: bool | None = None  # logits == output layer(decoder's last hidden states)? (first batch)
 
     @property
     def live(self) -> bool:
@@ -138,6 +141,45 @@ class TeacherSide:
         logits = logits.to(self.student_device, non_blocking=True)
         return logits if self.cross is not None else match_vocab(logits, self.student_vocab)
 
+    def aligned_logits(self, aligned: alignment.AlignedBatch) -> tuple[torch.Tensor, alignment.AlignedBatch]:
+        """Across tokenizers: the teacher's logits ``[B, T, V_t]`` at the rows the student's ``[B, T]`` positions
+        read (``AlignedBatch.at_student_positions``), without grad, on the student's device, and ``aligned``
+        pointing at them there. The output layer runs on those rows only: the decoder's last hidden states are
+        gathered first, once the first batch has shown that the model's logits are its output layer applied to
+        them (``head_apart``; a model that scales or caps its logits after the output layer is not). Otherwise the
+        full logits are computed and their rows gathered."""
+        rows, moved = aligned.at_student_positions()
+        ids, rows = aligned.teacher_ids.to(self.device), rows.to(self.device)
+        with torch.no_grad(), self.autocast():
+            if self.head_apart is None:
+                self.head_apart = self._head_apart(ids)
+            if self.head_apart:
+                hidden = self.model.get_decoder()(input_ids=ids, use_cache=False).last_hidden_state
+                logits = self.model.get_output_embeddings()(take_rows(hidden, rows))
+            else:
+                logits = take_rows(self.model(input_ids=ids, use_cache=False).logits, rows)
+        return logits.to(self.student_device, non_blocking=True), moved.to(self.student_device)
+
+    def _head_apart(self, ids: torch.Tensor) -> bool:
+        """Whether the output layer applied to the decoder's last hidden states gives the model's logits, read on
+        the first 32 tokens of the batch's first row (within float rounding: 1e-4 of the logits' scale in
+        float32, 1e-2 in 16-bit; a short probe, so the check adds no memory peak to the first step)."""
+        probe = ids[:1, :32]
+        try:
+            decoder, head = self.model.get_decoder(), self.model.get_output_embeddings()
+            apart = head(decoder(input_ids=probe, use_cache=False).last_hidden_state)
+        except (AttributeError, NotImplementedError, TypeError) as err:
+            log.info("teacher logits: full forward (no decoder / output layer apart: %s)", err)
+            return False
+        whole = self.model(input_ids=probe, use_cache=False).logits
+        exact = apart.dtype == whole.dtype == torch.float32
+        tolerance = (1e-4 if exact else 1e-2) * max(1.0, float(whole.float().abs().max()))
+        same = apart.shape == whole.shape and float((apart.float() - whole.float()).abs().max()) <= tolerance
+        if not same:
+            log.info("teacher logits: full forward (%s's logits are not its output layer's alone)",
+                     type(self.model).__name__)  # fmt: skip
+        return same
+
     def outputs(
         self,
         micro_batch: torch.Tensor,
@@ -176,7 +218,11 @@ class TeacherSide:
             elif cfg.sar:  # the balance and entropy read the real teacher tokens, not the rows' padding
                 positions = aligned.teacher_tokens
         if not (cfg.sar or cfg.ka_samples or self.hidden_wanted or self.attention_layers):
-            out = TeacherOutputs(logits=self.logits(input_ids))
+            if aligned is not None:  # the rows the student's positions read, at those positions
+                logits, aligned = self.aligned_logits(aligned)
+                out = TeacherOutputs(logits=logits)
+            else:
+                out = TeacherOutputs(logits=self.logits(input_ids))
         else:
             move = lambda t: t.to(self.device) if t is not None else None
             out = self._instrumented(move(input_ids), move(labels), micro_tokens, num_items, move(positions))
@@ -324,6 +370,11 @@ def load(config: DistillConfig, student_tokenizer, *, device, dtype, student_dev
         # once, not per chunk
         cross.vocab_map = cross.vocab_map.to(student_device)
     return model, cross, relation
+
+
+def take_rows(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """``x[b, rows[b, t]]``: ``[B, T_x, D]``, ``[B, T]`` -> ``[B, T, D]``."""
+    return x.gather(1, rows.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
 
 
 def match_vocab(logits: torch.Tensor, vocab: int) -> torch.Tensor:

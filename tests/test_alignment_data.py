@@ -6,6 +6,7 @@ accent like its composed twin except inside the characters NFC changed (an oracl
 """
 
 import copy
+import dataclasses
 import unicodedata
 
 import numpy as np
@@ -17,6 +18,7 @@ from tokenizers import normalizers
 from kagglekd import alignment, alignment_data
 from kagglekd.config import KDOptions
 from kagglekd.losses import kd_loss
+from kagglekd.teacher import take_rows
 
 
 def _blocks(tok, texts, length=48):
@@ -268,3 +270,36 @@ def test_hybrid_adds_uld_against_the_context_position(student_tok, metaspace_tok
     assert float(hybrid) == pytest.approx(float(exact) + 4.0 * float(uld) / valid, rel=1e-10)
     report = stats.to_dict()
     assert report["covered_fraction"] == (stats.aligned + context_positions) / valid > report["aligned_fraction"]
+
+
+@pytest.mark.parametrize("mode", ["exact", "hybrid", "uld"])
+def test_teacher_rows_at_student_positions_give_the_same_losses(student_tok, metaspace_tok, mode):
+    """The teacher's rows taken at the student's positions (``at_student_positions``, what a live teacher now
+    hands the losses) give every cross loss, its gradient and the step's statistics exactly as the teacher's own
+    positions do."""
+    cross, aligned, labels, student, teacher = _real_batch(student_tok, metaspace_tok)
+    target, context = aligned.target.clone(), aligned.context.clone()
+    target[1, 3] = context[1, 3] = -1  # a position with no teacher signal at all
+    aligned = dataclasses.replace(aligned, target=target, context=context)
+    rows, moved = aligned.at_student_positions()
+    here = torch.arange(labels.shape[1]).expand_as(labels)
+    exact, context = aligned.target >= 0, (aligned.target < 0) & (aligned.context >= 0)
+    assert exact.any() and context.any() and (~exact & ~context).any()
+    # each student position reads its exact target, else its context row, at its own index
+    assert torch.equal(rows[exact], aligned.target[exact]) and torch.equal(rows[context], aligned.context[context])
+    assert torch.equal(moved.target, torch.where(exact, here, -1))
+    assert torch.equal(moved.context, torch.where(aligned.context >= 0, here, -1))
+    at_positions = take_rows(teacher, rows)
+    assert at_positions.shape == (*labels.shape, teacher.shape[-1])
+    options = KDOptions(temperature=2.0)
+    results = []
+    for logits, batch in ((teacher, aligned), (at_positions, moved)):
+        loss, stats = alignment.cross_kd_loss(student, logits, batch, labels, cross.vocab_map, options, mode=mode)
+        (grad,) = torch.autograd.grad(loss, student)
+        seen = alignment.alignment_stats(logits, batch, labels, cross.vocab_map, options.temperature)
+        agreement = alignment.top1_agreement(student, logits, batch, labels, cross.vocab_map)
+        results.append((float(loss), grad, stats.to_dict(), seen.to_dict(), agreement))
+    (loss_a, grad_a, stats_a, seen_a, agree_a), (loss_b, grad_b, stats_b, seen_b, agree_b) = results
+    assert loss_b == pytest.approx(loss_a, rel=1e-12) and torch.allclose(grad_b, grad_a, rtol=0, atol=1e-15)
+    assert stats_b == pytest.approx(stats_a, rel=1e-12) and seen_b == pytest.approx(seen_a, rel=1e-12)
+    assert agree_b == agree_a and agree_a[1] > 0

@@ -2,17 +2,20 @@
 
 import json
 import math
+from contextlib import nullcontext
 
 import pandas as pd
 import pytest
 import torch
 from conftest import TINY_RUN
 from test_alignment import _permuted_tokenizer
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer, Gemma2Config
 
 from kagglekd import corpus, models
+from kagglekd.alignment_data import AlignedBatch
 from kagglekd.config import DistillConfig
 from kagglekd.errors import ConfigError
+from kagglekd.teacher import TeacherSide, take_rows
 from kagglekd.trainer import Distiller
 
 pytestmark = pytest.mark.usefixtures("use_kit_cache")
@@ -152,3 +155,55 @@ def test_sar_regularisers_across_tokenizers_read_no_row_padding(tmp_path, metasp
         side.cross.teacher_pad = pad
         terms.append(float(side.outputs(blocks, num_items=100).router.detach()))
     assert terms[1] == pytest.approx(terms[0], rel=1e-6)
+
+
+def _head_rows(model) -> list[int]:
+    """The positions per row of every call of ``model``'s output layer, recorded from now on."""
+    seen: list[int] = []
+    model.get_output_embeddings().register_forward_hook(lambda _m, args, _out: seen.append(args[0].shape[1]))
+    return seen
+
+
+def test_a_live_teacher_runs_its_output_layer_at_the_student_positions_only(tmp_path, metaspace_teacher):
+    """Across tokenizers the teacher's output layer (its widest matmul) runs on the rows the student's positions
+    read, gathered from its decoder's last hidden states, and gives the full forward's logits there."""
+    distiller = Distiller(tiny(tmp_path, teacher_model=str(metaspace_teacher), cross_tokenizer=True)).setup()
+    side, blocks = distiller.teacher_side, distiller.blocks.train[:4]
+    aligned = side.cross.align(blocks)
+    student_length, teacher_length = blocks.shape[1] - 1, aligned.teacher_ids.shape[1]
+    assert teacher_length != student_length
+    seen = _head_rows(side.model)
+    out = side.outputs(blocks, num_items=100)  # a training step's teacher pass
+    assert side.head_apart is True and seen == [student_length]  # (setup's alignment report checked the split)
+    rows, expected = aligned.at_student_positions()
+    with torch.no_grad():
+        whole = side.model(input_ids=aligned.teacher_ids).logits
+    assert out.logits.shape == (*rows.shape, whole.shape[-1])
+    assert torch.allclose(out.logits, take_rows(whole, rows), rtol=0, atol=1e-5)
+    for name in ("target", "context"):
+        assert torch.equal(getattr(out.aligned, name), getattr(expected, name))
+
+
+def test_a_teacher_that_caps_its_logits_keeps_its_full_forward(tmp_path):
+    """A model whose logits are not its output layer's alone (Gemma 2 soft-caps them) is found out on the first
+    batch: the teacher then runs its whole forward and the rows are gathered from its logits."""
+    shape = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, head_dim=8)
+    config = Gemma2Config(vocab_size=96, num_key_value_heads=1, final_logit_softcapping=2.0, **shape)
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "capped")
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "capped").eval()
+    with torch.no_grad():
+        model.get_output_embeddings().weight.mul_(20.0)  # logits well past the cap
+    side = TeacherSide(DistillConfig.load("tiny-cpu"), model, cross=None, cache=None, device=torch.device("cpu"),
+                       student_device=torch.device("cpu"), student_vocab=96, autocast=nullcontext)  # fmt: skip
+    ids = torch.randint(0, 96, (2, 10), generator=torch.Generator().manual_seed(0))
+    target = torch.tensor([[0, 2, -1, 3, 5, 9], [1, -1, 4, 6, 7, 8]])
+    spans = torch.zeros_like(target)
+    aligned = AlignedBatch(ids, torch.full_like(ids, -100), target, spans, spans)
+    logits, moved = side.aligned_logits(aligned)
+    assert side.head_apart is False
+    with torch.no_grad():
+        whole = model(input_ids=ids).logits
+        uncapped = model.get_output_embeddings()(model.get_decoder()(input_ids=ids).last_hidden_state)
+    assert float(whole.abs().max()) <= 2.0 < float(uncapped.abs().max())
+    assert torch.allclose(logits, take_rows(whole, target.clamp_min(0)), rtol=0, atol=1e-6)
+    assert torch.equal(moved.target, torch.tensor([[0, 1, -1, 3, 4, 5], [0, -1, 2, 3, 4, 5]]))
