@@ -12,17 +12,16 @@ what the weights learned, and the pretrained ``tiny-moe-8k`` takes ~20 min to bu
 Each case trains ``--steps`` optimizer steps, ``--repeats`` times. A repeat runs the cases in fresh processes
 in lockstep: one step of ``same``, one of ``cross``, one of ``cross-4096``, one of ``same``, ... (each waits
 while the others step, evaluate or save), so that whatever else slows the machine down in a stretch of time
-slows all alike:
-on these shared 2-core machines a run's step time drifts by up to 40 % within a minute, and cases timed one
-after the other caught different stretches (per-repeat ratios 0.64-0.90 for one build). Each case has its own
-process, since a process that has already trained the other case inherits its heap (CPU runs keep freed
-memory), which moved the ratio of one run by up to 10 %. A step's time is ``tokens / tokens_per_s`` of its
-``history.csv`` row (timed inside the step, not the wait); the first ``--warmup`` steps of each run are dropped
-and the median over the rest is reported, with the teacher's part of each step (``TeacherSide.outputs``, timed
-around the call) and the rest apart. The
-alignment of every block is precomputed in setup (outside the timed steps); its one-off cost is timed apart,
-with a cold cache. Run: ``OMP_NUM_THREADS=1 python bench/crosstok_speed.py`` (prints one JSON object); to time
-another checkout of the package, ``PYTHONPATH=<checkout>`` in front.
+slows all alike: on these shared 2-core machines a run's step time drifts by 40 % and more within a minute, and
+cases timed one after the other caught different stretches (per-repeat ratios 0.64-0.90 for one build). Each
+case has its own process, since a process that has already trained another case inherits its heap (CPU runs
+keep freed memory), which moved the ratio of one run by up to 10 %. A step's time is ``tokens / tokens_per_s``
+of its ``history.csv`` row (timed inside the step, not the wait); the first ``--warmup`` steps of each run are
+dropped and the median over the rest is reported, with the teacher's part of each step (``TeacherSide.outputs``,
+timed around the call) and the rest apart. The alignment of every block is precomputed in setup (outside the
+timed steps); its one-off cost is timed apart, with a cold cache. Run:
+``OMP_NUM_THREADS=1 python bench/crosstok_speed.py`` (prints one JSON object); to time another checkout of the
+package, ``PYTHONPATH=<checkout>`` in front.
 """
 
 from __future__ import annotations
