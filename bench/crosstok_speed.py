@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing
+import queue
 import statistics
 import tempfile
 import time
@@ -58,7 +59,7 @@ def random_teacher(folder: Path, vocab: int, pre_tokenizer: str) -> str:
 def step_seconds(teacher: str, cross: bool, steps: int, warmup: int, subset: int, turns=None) -> tuple:
     """Per-step seconds after warmup of one run, the teacher's share of each (``TeacherSide.outputs``: its
     forward, and for ``cross`` the alignment lookup), and the run's alignment.json (cross) or {}. ``turns``:
-    ``take_turns``' arguments after the distiller (None: step freely)."""
+    ``take_turns``' arguments after the distiller and the step count (None: step freely)."""
     with tempfile.TemporaryDirectory() as out:
         config = DistillConfig.load("tiny-cpu").replace(
             teacher_model=teacher, tokenizer="tiny-random-dense", cross_tokenizer=cross, max_steps=steps,
@@ -67,32 +68,39 @@ def step_seconds(teacher: str, cross: bool, steps: int, warmup: int, subset: int
         )  # fmt: skip
         distiller = Distiller(config).setup()
         teacher = time_teacher(distiller)
-        if turns is not None:
-            take_turns(distiller, *turns)
+        hand_on_last = take_turns(distiller, *turns, steps) if turns is not None else None
         distiller.train()
+        if hand_on_last is not None:  # only now: the run's end (summary, export) overlaps no other run's step
+            hand_on_last()
         rows = pd.read_csv(Path(out) / "history.csv")
         report = json.loads((Path(out) / "alignment.json").read_text()) if cross else {}
     return (rows["tokens"] / rows["tokens_per_s"]).iloc[warmup:].tolist(), teacher[warmup:], report
 
 
-def take_turns(distiller, name: str, messages, mine, theirs) -> None:
+def take_turns(distiller, name: str, messages, mine, theirs, steps: int):
     """Say ``(name, "ready")`` on ``messages``, then let ``distiller`` step only in its turn: ``mine`` is taken
     before each step and ``theirs`` released after the step's bookkeeping (``_after_step``: history,
-    evaluation, checkpoint), so the waiting is timed in neither run."""
+    evaluation, checkpoint), so the waiting is timed in no run. After the last of ``steps`` the turn is not
+    handed on: the caller does that with the returned callable once the run has finished."""
     step, after = distiller._train_step, distiller._after_step
+    done = 0
 
     def in_turn(*args, **kwargs):
         mine.acquire()
         return step(*args, **kwargs)
 
     def hand_on(*args, **kwargs):
+        nonlocal done
         try:
             return after(*args, **kwargs)
         finally:
-            theirs.release()
+            done += 1
+            if done < steps:
+                theirs.release()
 
     distiller._train_step, distiller._after_step = in_turn, hand_on
     messages.put((name, "ready", None))
+    return theirs.release
 
 
 def _run_case(name: str, teacher: str, args, turns) -> None:
@@ -100,7 +108,7 @@ def _run_case(name: str, teacher: str, args, turns) -> None:
     messages = turns[0]
     try:
         found = step_seconds(teacher, name != "same", args.steps, args.warmup, args.subset, (name, *turns))
-    except BaseException as err:  # reported by the parent, which stops the other run (it would wait forever)
+    except BaseException as err:  # reported by the parent, which stops the other runs (they would wait forever)
         messages.put((name, "failed", repr(err)))
         raise
     messages.put((name, "done", found))
@@ -108,7 +116,7 @@ def _run_case(name: str, teacher: str, args, turns) -> None:
 
 def paired_run(teachers: dict, args) -> dict:
     """One repeat: every case in a fresh process, the processes stepping in turn (in ``CASES``' order) once all
-    are set up. Returns ``step_seconds``' result per case."""
+    are set up. Returns ``step_seconds``' result per case. A run that fails or dies stops the others."""
     context = multiprocessing.get_context("spawn")
     messages = context.Queue()
     order = list(CASES)
@@ -118,20 +126,28 @@ def paired_run(teachers: dict, args) -> dict:
     for worker in workers:
         worker.start()
     ready, found = 0, {}
-    while len(found) < len(CASES):
-        name, kind, value = messages.get()
-        if kind == "failed":
-            for worker in workers:
+    try:
+        while len(found) < len(CASES):
+            try:
+                name, kind, value = messages.get(timeout=5.0)
+            except queue.Empty:  # a run killed without a word (out of memory, a crash) would leave us waiting
+                dead = {w.name: w.exitcode for w in workers if w.exitcode not in (None, 0)}
+                if dead:
+                    raise RuntimeError(f"a run died: exit codes {dead}") from None
+                continue
+            if kind == "failed":
+                raise RuntimeError(f"the {name} run failed: {value}")
+            if kind == "ready":
+                ready += 1
+                if ready == len(CASES):
+                    turns[order[0]].release()
+            else:
+                found[name] = value
+    finally:
+        for worker in workers:
+            if worker.is_alive() and len(found) < len(CASES):
                 worker.terminate()
-            raise RuntimeError(f"the {name} run failed: {value}")
-        if kind == "ready":
-            ready += 1
-            if ready == len(CASES):
-                turns[order[0]].release()
-        else:
-            found[name] = value
-    for worker in workers:
-        worker.join()
+            worker.join()
     return found
 
 

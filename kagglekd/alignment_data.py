@@ -79,7 +79,7 @@ class AlignedBatch:
         read = self.target if self.context is None else torch.where(self.target >= 0, self.target, self.context)
         here = torch.arange(self.target.shape[1], device=self.target.device).expand_as(self.target)
         moved = {"target": torch.where(self.target >= 0, here, -1)}
-        if self.context is not None:  # (context equals target wherever target is set)
+        if self.context is not None:  # (losses read it only where target is not set: hybrid mode)
             moved["context"] = torch.where(self.context >= 0, here, -1)
         return read.clamp_min(0), replace(self, **moved)
 

@@ -21,6 +21,9 @@ from kagglekd.errors import ConfigError
 log = logging.getLogger(__name__)
 
 ROUTERS_FILE = "routers.safetensors"  # in the run dir's teacher_routers/
+# config fields of transformers models that change the logits after the output layer (Gemma 2/3's soft cap,
+# Cohere's scale, Granite's divisor): such a teacher's logits are never computed from its output layer alone
+POST_HEAD_FIELDS = ("final_logit_softcapping", "logit_scale", "logits_scaling")
 
 
 @dataclass
@@ -142,42 +145,48 @@ class TeacherSide:
         return logits if self.cross is not None else match_vocab(logits, self.student_vocab)
 
     def aligned_logits(self, aligned: alignment.AlignedBatch) -> tuple[torch.Tensor, alignment.AlignedBatch]:
-        """Across tokenizers: the teacher's logits ``[B, T, V_t]`` at the rows the student's ``[B, T]`` positions
-        read (``AlignedBatch.at_student_positions``), without grad, on the student's device, and ``aligned``
-        pointing at them there. The output layer runs on those rows only: the decoder's last hidden states are
-        gathered first, once the first batch has shown that the model's logits are its output layer applied to
-        them (``head_apart``; a model that scales or caps its logits after the output layer is not). Otherwise the
-        full logits are computed and their rows gathered."""
-        rows, moved = aligned.at_student_positions()
-        ids, rows = aligned.teacher_ids.to(self.device), rows.to(self.device)
+        """Across tokenizers: the teacher's logits without grad, on the student's device, and ``aligned`` pointing
+        at their rows. Where the model's logits are its output layer applied to its decoder's last hidden states
+        (``head_apart``, checked on the first batch), the output layer runs only at the rows the student's
+        ``[B, T]`` positions read (``AlignedBatch.at_student_positions``): ``[B, T, V_t]``, gathered from the hidden
+        states first. A model that caps or scales its logits after the output layer runs its whole forward and
+        keeps the teacher's own positions, ``[B, T_teacher, V_t]`` with ``aligned`` as it was (no second copy of
+        the largest tensor); every loss reads the rows through ``aligned``, so either layout serves."""
+        ids = aligned.teacher_ids.to(self.device)
         with torch.no_grad(), self.autocast():
             if self.head_apart is None:
                 self.head_apart = self._head_apart(ids)
-            if self.head_apart:
-                hidden = self.model.get_decoder()(input_ids=ids, use_cache=False).last_hidden_state
-                logits = self.model.get_output_embeddings()(take_rows(hidden, rows))
-            else:
-                logits = take_rows(self.model(input_ids=ids, use_cache=False).logits, rows)
-        return logits.to(self.student_device, non_blocking=True), moved.to(self.student_device)
+            if not self.head_apart:
+                logits = self.model(input_ids=ids, use_cache=False).logits
+                return logits.to(self.student_device, non_blocking=True), aligned.to(self.student_device)
+            rows, aligned = aligned.at_student_positions()
+            hidden = self.model.get_decoder()(input_ids=ids, use_cache=False).last_hidden_state
+            logits = self.model.get_output_embeddings()(take_rows(hidden, rows.to(self.device)))
+        return logits.to(self.student_device, non_blocking=True), aligned.to(self.student_device)
 
     def _head_apart(self, ids: torch.Tensor) -> bool:
-        """Whether the output layer applied to the decoder's last hidden states gives the model's logits, read on
-        the first 32 tokens of the batch's first row (within float rounding: 1e-4 of the logits' scale in
-        float32, 1e-2 in 16-bit; a short probe, so the check adds no memory peak to the first step)."""
+        """Whether the output layer applied to the decoder's last hidden states gives the model's logits: not for a
+        config that caps or scales them (``POST_HEAD_FIELDS``), else read on the first 32 tokens of the batch's
+        first row (within float rounding: 1e-4 of the logits' scale in float32, 1e-3 in 16-bit; both run the same
+        kernels on the same rows; a short probe, so the check adds no memory peak to the first step)."""
+        config, name = self.model.config, type(self.model).__name__
+        changed = {f: getattr(config, f) for f in POST_HEAD_FIELDS if getattr(config, f, None) not in (None, 1, 1.0)}
+        if changed:
+            log.info("teacher logits: full forward (%s changes its logits after the output layer: %s)", name, changed)
+            return False
         probe = ids[:1, :32]
         try:
             decoder, head = self.model.get_decoder(), self.model.get_output_embeddings()
             apart = head(decoder(input_ids=probe, use_cache=False).last_hidden_state)
-        except (AttributeError, NotImplementedError, TypeError) as err:
-            log.info("teacher logits: full forward (no decoder / output layer apart: %s)", err)
+        except Exception as err:  # noqa: BLE001 -- any model the split does not fit keeps its own forward
+            log.info("teacher logits: full forward (%s: no decoder and output layer apart: %r)", name, err)
             return False
         whole = self.model(input_ids=probe, use_cache=False).logits
         exact = apart.dtype == whole.dtype == torch.float32
-        tolerance = (1e-4 if exact else 1e-2) * max(1.0, float(whole.float().abs().max()))
+        tolerance = (1e-4 if exact else 1e-3) * max(1.0, float(whole.float().abs().max()))
         same = apart.shape == whole.shape and float((apart.float() - whole.float()).abs().max()) <= tolerance
         if not same:
-            log.info("teacher logits: full forward (%s's logits are not its output layer's alone)",
-                     type(self.model).__name__)  # fmt: skip
+            log.info("teacher logits: full forward (%s's logits are not its output layer's alone)", name)
         return same
 
     def outputs(

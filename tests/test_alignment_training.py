@@ -184,26 +184,70 @@ def test_a_live_teacher_runs_its_output_layer_at_the_student_positions_only(tmp_
         assert torch.equal(getattr(out.aligned, name), getattr(expected, name))
 
 
-def test_a_teacher_that_caps_its_logits_keeps_its_full_forward(tmp_path):
-    """A model whose logits are not its output layer's alone (Gemma 2 soft-caps them) is found out on the first
-    batch: the teacher then runs its whole forward and the rows are gathered from its logits."""
-    shape = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, head_dim=8)
-    config = Gemma2Config(vocab_size=96, num_key_value_heads=1, final_logit_softcapping=2.0, **shape)
-    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "capped")
-    model = AutoModelForCausalLM.from_pretrained(tmp_path / "capped").eval()
-    with torch.no_grad():
-        model.get_output_embeddings().weight.mul_(20.0)  # logits well past the cap
+def _side_and_batch(tmp_path, config):
+    """A ``TeacherSide`` of ``config``'s model (saved and loaded) and a hand-made two-row ``AlignedBatch``."""
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "teacher")
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "teacher").eval()
     side = TeacherSide(DistillConfig.load("tiny-cpu"), model, cross=None, cache=None, device=torch.device("cpu"),
                        student_device=torch.device("cpu"), student_vocab=96, autocast=nullcontext)  # fmt: skip
     ids = torch.randint(0, 96, (2, 10), generator=torch.Generator().manual_seed(0))
     target = torch.tensor([[0, 2, -1, 3, 5, 9], [1, -1, 4, 6, 7, 8]])
     spans = torch.zeros_like(target)
-    aligned = AlignedBatch(ids, torch.full_like(ids, -100), target, spans, spans)
-    logits, moved = side.aligned_logits(aligned)
+    return side, AlignedBatch(ids, torch.full_like(ids, -100), target, spans, spans)
+
+
+_SHAPE = dict(vocab_size=96, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+              num_key_value_heads=1, head_dim=8)  # fmt: skip
+
+
+def _keeps_its_full_forward(side, aligned) -> None:
+    """``aligned_logits`` ran the model's whole forward: its logits at the teacher's own positions, ``aligned``
+    unchanged."""
+    logits, kept = side.aligned_logits(aligned)
     assert side.head_apart is False
     with torch.no_grad():
-        whole = model(input_ids=ids).logits
-        uncapped = model.get_output_embeddings()(model.get_decoder()(input_ids=ids).last_hidden_state)
-    assert float(whole.abs().max()) <= 2.0 < float(uncapped.abs().max())
-    assert torch.allclose(logits, take_rows(whole, target.clamp_min(0)), rtol=0, atol=1e-6)
+        whole = side.model(input_ids=aligned.teacher_ids).logits
+    assert torch.allclose(logits, whole, rtol=0, atol=1e-6)
+    assert torch.equal(kept.target, aligned.target)
+
+
+def test_a_teacher_that_caps_its_logits_keeps_its_full_forward(tmp_path):
+    """A model whose config caps its logits after the output layer (Gemma 2's soft cap at 30) runs its whole
+    forward, even where the first batch's logits are too small for the probe to see the cap."""
+    side, aligned = _side_and_batch(tmp_path, Gemma2Config(final_logit_softcapping=30.0, **_SHAPE))
+    with torch.no_grad():
+        capped = side.model(input_ids=aligned.teacher_ids).logits
+        uncapped = side.model.get_output_embeddings()(side.model.get_decoder()(input_ids=aligned.teacher_ids)[0])
+    assert 0 < float((capped - uncapped).abs().max()) < 1e-4 * max(1.0, float(capped.abs().max()))
+    _keeps_its_full_forward(side, aligned)
+
+
+@pytest.mark.parametrize("change", ["rescaled after the output layer", "no decoder apart"])
+def test_a_teacher_the_split_does_not_fit_keeps_its_full_forward(tmp_path, change):
+    """Found out on the first batch's probe, whatever the config says: logits changed after the output layer
+    (a forward hook doubles them), or a model whose decoder cannot be called apart."""
+    side, aligned = _side_and_batch(tmp_path, Gemma2Config(final_logit_softcapping=None, **_SHAPE))
+
+    def no_decoder():
+        raise RuntimeError("no decoder apart")
+
+    def double(_model, _args, out) -> None:
+        out.logits.mul_(2.0)
+
+    if change == "no decoder apart":
+        side.model.get_decoder = no_decoder
+    else:
+        side.model.register_forward_hook(double)
+    _keeps_its_full_forward(side, aligned)
+
+
+def test_a_teacher_whose_logits_are_its_output_layers_runs_it_at_the_student_positions(tmp_path):
+    """The same model without the cap: the output layer runs at the rows the student's positions read."""
+    side, aligned = _side_and_batch(tmp_path, Gemma2Config(final_logit_softcapping=None, **_SHAPE))
+    seen = _head_rows(side.model)
+    logits, moved = side.aligned_logits(aligned)
+    assert side.head_apart is True and seen[-1] == aligned.target.shape[1]
+    with torch.no_grad():
+        whole = side.model(input_ids=aligned.teacher_ids).logits
+    assert torch.allclose(logits, take_rows(whole, aligned.target.clamp_min(0)), rtol=0, atol=1e-5)
     assert torch.equal(moved.target, torch.tensor([[0, 1, -1, 3, 4, 5], [0, -1, 2, 3, 4, 5]]))
