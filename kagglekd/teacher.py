@@ -156,13 +156,14 @@ class TeacherSide:
         with torch.no_grad(), self.autocast():
             if self.head_apart is None:
                 self.head_apart = self._head_apart(ids)
-            if not self.head_apart:
-                logits = self.model(input_ids=ids, use_cache=False).logits
-                return logits.to(self.student_device, non_blocking=True), aligned.to(self.student_device)
-            rows, aligned = aligned.at_student_positions()
-            hidden = self.model.get_decoder()(input_ids=ids, use_cache=False).last_hidden_state
-            logits = self.model.get_output_embeddings()(take_rows(hidden, rows.to(self.device)))
-        return logits.to(self.student_device, non_blocking=True), aligned.to(self.student_device)
+            if self.head_apart:
+                rows, aligned = aligned.at_student_positions()
+                hidden = self.model.get_decoder()(input_ids=ids, use_cache=False).last_hidden_state
+                logits = self.model.get_output_embeddings()(take_rows(hidden, rows.to(self.device)))
+                logits = logits.to(self.student_device, non_blocking=True)
+        if not self.head_apart:
+            logits = self.logits(ids)  # the whole forward, the teacher's own positions
+        return logits, aligned.to(self.student_device)
 
     def _head_apart(self, ids: torch.Tensor) -> bool:
         """Whether the output layer applied to the decoder's last hidden states gives the model's logits: not for a
